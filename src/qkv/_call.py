@@ -1,0 +1,309 @@
+"""One attention call, validated and normalised: the semantics every engine shares.
+
+``prepare`` checks every argument before any work (ValueError/TypeError naming the argument and what it saw)
+and returns a :class:`Call`. Engines ask the Call, one tile at a time, for what DESIGN §2 defines:
+``visible`` (the AND of all visibility rules), ``scores`` (softcap → ALiBi → bias → score_mod),
+``scores_backward`` (the chain rule back through them), ``keep`` (the dropout mask) and ``block_state``
+(which tiles can be skipped). Writing these once is what keeps the engines in agreement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import _hash
+from .masks import EMPTY, FULL, BlockMask, MaskMod, _check_window, _mod_state, _tensor_state, causal as _causal, \
+    sliding_window as _sliding_window
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def _broadcastable(shape, target) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _as4(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _slice(t4: torch.Tensor, q0, q1, k0, k1) -> torch.Tensor:
+    """Rows q0:q1 and columns k0:k1 of a (.., .., Nq|1, Nk|1)-broadcastable tensor."""
+    return t4[..., (slice(q0, q1) if t4.shape[-2] != 1 else slice(None)),
+              (slice(k0, k1) if t4.shape[-1] != 1 else slice(None))]
+
+
+@dataclass
+class Call:
+    """A validated call. q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv)."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    causal: bool = False
+    window: tuple | None = None
+    mask: object = None                  # None | bool tensor (4-D view) | mask_mod | BlockMask
+    bias: torch.Tensor | None = None     # 4-D view broadcastable to (B, Hq, Nq, Nk)
+    score_mod: Callable | None = None
+    alibi: torch.Tensor | None = None    # (B|1, Hq) float32
+    softcap: float | None = None
+    dropout_p: float = 0.0
+    seed: int = 0
+    return_lse: bool = False
+    _rules: list = field(default_factory=list)   # bound visibility rules: ("mod", f) | ("tensor", t4) | ("block", bm)
+    _idx: dict = field(default_factory=dict)
+
+    # ---- sizes
+    @property
+    def B(self): return self.q.shape[0]
+    @property
+    def Hq(self): return self.q.shape[1]
+    @property
+    def Hkv(self): return self.k.shape[1]
+    @property
+    def G(self): return self.q.shape[1] // self.k.shape[1]
+    @property
+    def Nq(self): return self.q.shape[2]
+    @property
+    def Nk(self): return self.k.shape[2]
+    @property
+    def D(self): return self.q.shape[3]
+    @property
+    def Dv(self): return self.v.shape[3]
+    @property
+    def offset(self): return self.Nk - self.Nq
+    @property
+    def acc_dtype(self):
+        """Accumulation dtype: fp64 for fp64 inputs, else fp32."""
+        return torch.float64 if self.q.dtype == torch.float64 else torch.float32
+
+    @property
+    def has_mask(self) -> bool:
+        return bool(self._rules)
+
+    @property
+    def has_mods(self) -> bool:
+        return self.softcap is not None or self.alibi is not None or self.bias is not None or self.score_mod is not None
+
+    @property
+    def block_mask(self) -> BlockMask | None:
+        return next((r for kind, r in self._rules if kind == "block"), None)
+
+    # ---- index tensors for a tile, broadcast to (B, Hq, bq, bk)
+    def indices(self, q0, q1, k0, k1):
+        dev = self.q.device
+        if "bh" not in self._idx:
+            self._idx["bh"] = (torch.arange(self.B, device=dev).view(-1, 1, 1, 1),
+                               torch.arange(self.Hq, device=dev).view(1, -1, 1, 1))
+        b, h = self._idx["bh"]
+        return (b, h, torch.arange(q0, q1, device=dev).view(1, 1, -1, 1),
+                torch.arange(k0, k1, device=dev).view(1, 1, 1, -1))
+
+    # ---- visibility
+    def visible(self, q0, q1, k0, k1) -> torch.Tensor | None:
+        """Bool tile broadcastable to (B, Hq, q1-q0, k1-k0): the AND of every rule; None = no rule."""
+        out = None
+        for kind, r in self._rules:
+            if kind == "tensor":
+                m = _slice(r, q0, q1, k0, k1)
+            else:
+                if kind == "block":
+                    if r.tensor is not None:
+                        out = _slice(_as4(r.tensor), q0, q1, k0, k1) if out is None else out & _slice(_as4(r.tensor), q0, q1, k0, k1)
+                        continue
+                    r = r.mask_mod
+                m = torch.as_tensor(r(*self.indices(q0, q1, k0, k1)), device=self.q.device)
+            out = m if out is None else out & m
+        return out
+
+    def block_state(self, bq: int, bk: int) -> torch.Tensor | None:
+        """(Bm, Hm, nqb, nkb) int8 tile states (0 skip, 1 partial, 2 full) for bq×bk tiles; None = no rule."""
+        st = None
+        B, H, Nq, Nk, dev = self.B, self.Hq, self.Nq, self.Nk, self.q.device
+        for kind, r in self._rules:
+            if kind == "tensor":
+                s = _tensor_state(r, Nq, Nk, bq, bk)
+            elif kind == "block":
+                if r.block_size != (bq, bk):
+                    raise ValueError(f"BlockMask block_size {r.block_size} differs from the engine's {(bq, bk)}")
+                s = r.state.to(dev)
+            else:
+                s = _mod_state(r, B, H, Nq, Nk, bq, bk, dev)
+            st = s if st is None else torch.minimum(st, s)   # AND of states: EMPTY < PARTIAL < FULL
+        return st
+
+    # ---- scores
+    def scores(self, s: torch.Tensor, q0, q1, k0, k1) -> torch.Tensor:
+        """Apply softcap → ALiBi → bias → score_mod to scaled scores s: (B, Hq, bq, bk) in the acc dtype."""
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
+        if self.alibi is not None:
+            dist = (torch.arange(q0, q1, device=s.device).view(-1, 1) + self.offset
+                    - torch.arange(k0, k1, device=s.device).view(1, -1)).abs().to(s.dtype)
+            s = s - self.alibi.to(s.dtype)[:, :, None, None] * dist
+        if self.bias is not None:
+            s = s + _slice(self.bias, q0, q1, k0, k1).to(s.dtype)
+        if self.score_mod is not None:
+            s = self.score_mod(s, *self.indices(q0, q1, k0, k1))
+        return s
+
+    def scores_backward(self, s_raw, ds, q0, q1, k0, k1, dbias):
+        """Given dL/d(final scores) ``ds`` of a tile, return dL/d(raw scaled scores) and accumulate the bias
+        gradient into ``dbias`` (a tensor shaped like ``self.bias``) when given. Tensors captured by a
+        score_mod receive their gradients through autograd."""
+        if self.score_mod is not None:
+            with torch.enable_grad():
+                pre = self._pre_score_mod(s_raw, q0, q1, k0, k1).detach().requires_grad_(True)
+                post = self.score_mod(pre, *self.indices(q0, q1, k0, k1))
+                torch.autograd.backward(post, ds.expand_as(post))
+            ds = pre.grad
+        if dbias is not None:
+            _accumulate(dbias, ds, q0, q1, k0, k1)
+        if self.softcap is not None:
+            t = torch.tanh(s_raw / self.softcap)
+            ds = ds * (1 - t * t)
+        return ds
+
+    def _pre_score_mod(self, s, q0, q1, k0, k1):
+        mod, self.score_mod = self.score_mod, None
+        try:
+            return self.scores(s, q0, q1, k0, k1)
+        finally:
+            self.score_mod = mod
+
+    # ---- dropout: a counter-based keep-mask, identical on every engine for the same seed
+    def keep(self, q0, q1, k0, k1) -> torch.Tensor:
+        return _hash.uniform(self.seed, *self.indices(q0, q1, k0, k1)) >= self.dropout_p
+
+
+def _accumulate(dbias: torch.Tensor, ds: torch.Tensor, q0, q1, k0, k1):
+    """Add ds (B, Hq, bq, bk) into the bias-shaped accumulator tile, summing broadcast dims."""
+    tile = _slice(dbias, q0, q1, k0, k1)
+    dims = [i for i in range(4) if tile.shape[i] == 1 and ds.shape[i] != 1]
+    tile += (ds.sum(dims, keepdim=True) if dims else ds).to(tile.dtype)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {_shape(t)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+
+
+def _number(name, x, *, positive=False):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if not math.isfinite(x) or (positive and x <= 0):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {x!r}")
+    return float(x)
+
+
+def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_mod=None, alibi_slopes=None,
+            softcap=None, scale=None, dropout_p=0.0, generator=None, return_lse=False) -> Call:
+    """Validate every argument (before any work) and return the normalised :class:`Call`."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same heads and length, got k {_shape(k)}, v {_shape(v)}")
+    if k.shape[3] != D:
+        raise ValueError(f"q and k must have the same head dim D, got q {_shape(q)}, k {_shape(k)}")
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads must be a multiple of kv heads (GQA), got Hq={Hq}, Hkv={Hkv}")
+    full = (B, Hq, Nq, Nk)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    else:
+        scale = _number("scale", scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is not None:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise ValueError(f"window must be a pair (left, right), got {window!r}")
+        try:
+            _check_window(*window)
+        except ValueError as e:
+            raise ValueError(f"window={tuple(window)!r}: {e}") from None
+        window = tuple(window)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating tensor, got "
+                            f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if not _broadcastable(bias.shape, full):
+            raise ValueError(f"bias of shape {_shape(bias)} does not broadcast to (B, Hq, Nq, Nk) = {full}")
+        if bias.device != q.device:
+            raise ValueError(f"bias is on {bias.device}, q on {q.device}")
+        bias = _as4(bias)
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"score_mod must be callable, got {type(score_mod).__name__}")
+    alibi = None
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
+            raise TypeError(f"alibi_slopes must be a floating tensor, got {type(alibi_slopes).__name__}")
+        if _shape(alibi_slopes) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"alibi_slopes must be (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), got "
+                             f"{_shape(alibi_slopes)}")
+        alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).reshape(-1, Hq)
+    if softcap is not None:
+        softcap = _number("softcap", softcap, positive=True)
+    dropout_p = _number("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+    rules = []
+    if causal:
+        rules.append(("mod", _causal().bind(Nq, Nk)))
+    if window is not None and window != (None, None):
+        rules.append(("mod", _sliding_window(*window).bind(Nq, Nk)))
+    if mask is not None:
+        if isinstance(mask, BlockMask):
+            if mask.shape[2:] != (Nq, Nk) or not _broadcastable(mask.shape[:2], (B, Hq)):
+                raise ValueError(f"BlockMask was built for (B, H, Nq, Nk) = {mask.shape}, the call has {full}")
+            rules.append(("block", mask))
+        elif isinstance(mask, torch.Tensor):
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask tensor must be bool (True = may attend; use bias= for additive "
+                                f"floats), got {mask.dtype}")
+            if not _broadcastable(mask.shape, full):
+                raise ValueError(f"mask of shape {_shape(mask)} does not broadcast to (B, Hq, Nq, Nk) = {full}")
+            if mask.device != q.device:
+                raise ValueError(f"mask is on {mask.device}, q on {q.device}")
+            rules.append(("tensor", _as4(mask)))
+        elif callable(mask):
+            rules.append(("mod", mask.bind(Nq, Nk) if isinstance(mask, MaskMod) else mask))
+        else:
+            raise TypeError(f"mask must be a bool tensor, a mask_mod callable or a BlockMask, got "
+                            f"{type(mask).__name__}")
+    seed = 0
+    if dropout_p > 0:
+        # One draw from the generator (or the global RNG) fixes the whole keep-mask.
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator,
+                                 device=generator.device if generator is not None else "cpu"))
+    return Call(q, k, v, scale, causal, window, mask, bias, score_mod, alibi, softcap, dropout_p, seed,
+                return_lse, rules)
