@@ -12,38 +12,64 @@ import torch
 
 from ._call import Call
 
-__all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "MAX_CHUNK"]
+__all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES"]
 
-BLOCK_Q = 128      # query rows per step
-BLOCK_K = 128      # kv tile (the granularity at which masks are skipped)
-MAX_CHUNK = 1024   # most keys per fused matmul (bounds the temporary score tile at BLOCK_Q × MAX_CHUNK)
+BLOCK_Q = 128            # query rows per step
+BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
+TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_Q·keys): bounds the memory
+MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
 
 
 def _schedule(call: Call, bq: int, bk: int):
-    """Per query block, the kv runs to visit: a list of (k0, k1, partial) with k1 - k0 <= MAX_CHUNK."""
+    """Per query block, the kv runs to visit: a list of (k0, k1, partial), each run a whole number of kv
+    tiles of one kind (full or partial) whose score tile fits in TILE_BYTES."""
     Nq, Nk = call.Nq, call.Nk
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
+    row_bytes = call.B * call.Hq * bq * torch.empty((), dtype=call.acc_dtype).element_size()
+    per_run = max(1, TILE_BYTES // (row_bytes * bk))           # kv tiles per fused matmul
     state = call.block_state(bq, bk)
     if state is None:
-        runs = [(k0, min(k0 + MAX_CHUNK, Nk), False) for k0 in range(0, Nk, MAX_CHUNK)]
+        step = per_run * bk
+        runs = [(k0, min(k0 + step, Nk), False) for k0 in range(0, Nk, step)]
         return [runs] * nqb
     st = state.reshape(-1, nqb, nkb)
     visit = (st > 0).any(0).tolist()
     full = (st == 2).all(0).tolist()
-    per_run = max(1, MAX_CHUNK // bk)
     sched = []
     for i in range(nqb):
+        # Mark each visited tile masked (P) or not (F); a stretch of fewer than MIN_FULL full tiles is cheaper
+        # masked inside its neighbours' run than as runs of its own (fewer, larger ops).
+        marks = [None if not visit[i][j] else ("F" if full[i][j] else "P") for j in range(nkb)]
+        j = 0
+        while j < nkb:
+            if marks[j] == "F":
+                j1 = j
+                while j1 < nkb and marks[j1] == "F":
+                    j1 += 1
+                if j1 - j < MIN_FULL and ((j > 0 and marks[j - 1]) or (j1 < nkb and marks[j1])):
+                    marks[j:j1] = ["P"] * (j1 - j)
+                j = j1
+            else:
+                j += 1
         runs, j = [], 0
         while j < nkb:
-            if not visit[i][j]:
+            if marks[j] is None:
                 j += 1
                 continue
-            j0, f = j, full[i][j]
-            while j < nkb and visit[i][j] and full[i][j] == f and j - j0 < per_run:
+            j0 = j
+            while j < nkb and marks[j] == marks[j0] and j - j0 < per_run:
                 j += 1
-            runs.append((j0 * bk, min(j * bk, Nk), not f))
+            runs.append((j0 * bk, min(j * bk, Nk), marks[j0] == "P"))
         sched.append(runs)
     return sched
+
+
+def _lse_merge(lse_a, o_a, lse_b, o_b):
+    """Merge two softmax-normalised partial results over disjoint key sets by their logsumexps.
+    lse: (..., n, 1); o: (..., n, Dv) (broadcast views). A side with lse = -inf contributes nothing."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.masked_fill(lse == float("-inf"), 0.0)
+    return lse, o_a * torch.exp(lse_a - safe) + o_b * torch.exp(lse_b - safe)
 
 
 def _fwd(call: Call, q, k, v, bq, sched):
@@ -62,33 +88,32 @@ def _fwd(call: Call, q, k, v, bq, sched):
             lse[..., q0:q1] = float("-inf")
             continue
         qb = (q4[..., q0:q1, :].to(acc) * call.scale).reshape(B, Hkv, G * n, D)
-        m = l = o = None
+        lse_i = o = None
         for k0, k1, partial in runs:
+            # One fused softmax per run (each row stays in cache), its lse from the row max: 2 sweeps of the
+            # score tile instead of the 4 of max / subtract / exp / sum; runs are merged by their lse.
             s = torch.matmul(qb, k32[:, :, k0:k1].transpose(-1, -2)).view(B, Hq, n, k1 - k0)
             if call.has_mods:
                 s = call.scores(s, q0, q1, k0, k1)
             if partial:
-                s = s.masked_fill(~call.visible(q0, q1, k0, k1), float("-inf"))
-            m_new = s.amax(-1, keepdim=True)
-            if m is not None:
-                m_new = torch.maximum(m, m_new)
-            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)   # a row with nothing visible yet
-            p = s.sub_(m_safe).exp_() if s.is_contiguous() else torch.exp(s - m_safe)
-            ls = p.sum(-1, keepdim=True)
+                s = s.masked_fill_(~call.visible(q0, q1, k0, k1), float("-inf"))
+            m, arg = s.max(-1, keepdim=True)
+            p = torch.softmax(s, -1)
+            lse_c = m - torch.log(p.gather(-1, arg))
+            if partial:
+                dead = m == float("-inf")                      # rows with no visible key in this run
+                if bool(dead.any()):
+                    p = p.masked_fill_(dead, 0.0)
+                    lse_c = lse_c.masked_fill_(dead, float("-inf"))
             if drop:
-                p = p * call.keep(q0, q1, k0, k1) * (1.0 / (1.0 - drop))
-            pv = torch.matmul(p.view(B, Hkv, G * n, k1 - k0), v32[:, :, k0:k1])
-            if m is None:
-                l, o = ls, pv
+                p = p.mul_(call.keep(q0, q1, k0, k1)).mul_(1.0 / (1.0 - drop))
+            pv = torch.matmul(p.view(B, Hkv, G * n, k1 - k0), v32[:, :, k0:k1]).view(B, Hq, n, Dv)
+            if o is None:
+                lse_i, o = lse_c, pv
             else:
-                alpha = torch.exp(m - m_safe)
-                l = l * alpha + ls
-                o = o.mul_(alpha.view(B, Hkv, G * n, 1)).add_(pv)
-            m, m_last = m_new, m_safe
-        empty = l == 0
-        o = o / l.masked_fill(empty, 1.0).view(B, Hkv, G * n, 1)
+                lse_i, o = _lse_merge(lse_i, o, lse_c, pv)
         out[..., q0:q1, :] = o.view(B, Hkv, G, n, Dv)
-        lse[..., q0:q1] = torch.where(empty, float("-inf"), m_last + torch.log(l.masked_fill(empty, 1.0))).squeeze(-1)
+        lse[..., q0:q1] = lse_i.squeeze(-1)
     return out.view(B, Hq, Nq, Dv), lse
 
 
@@ -122,9 +147,11 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias):
             kc, vc = k32[:, :, k0:k1], v32[:, :, k0:k1]
             s_raw = torch.matmul(qb, kc.transpose(-1, -2)).view(B, Hq, n, c)
             s = call.scores(s_raw, q0, q1, k0, k1) if call.has_mods else s_raw
+            if s is s_raw and call.has_mods:
+                s = s.clone()                                  # s_raw is read again by scores_backward
             if partial:
-                s = s.masked_fill(~call.visible(q0, q1, k0, k1), float("-inf"))
-            p = torch.exp(s - lb)
+                s = s.masked_fill_(~call.visible(q0, q1, k0, k1), float("-inf"))
+            p = s.sub_(lb).exp_()
             dp = torch.matmul(dob, vc.transpose(-1, -2)).view(B, Hq, n, c)
             pd = p
             if drop:
