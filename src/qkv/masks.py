@@ -47,9 +47,13 @@ class MaskMod:
     def __call__(self, b, h, q_idx, kv_idx):
         return self._fn(self, b, h, q_idx, kv_idx)
 
+    _cacheable = False
+
     def bind(self, nq: int, nk: int) -> "MaskMod":
         """A copy aligned for ``Nq`` queries and ``Nk`` keys (offset ``Nk - Nq``)."""
-        return MaskMod(self.name, self._fn, self._blocks, offset=nk - nq, sizes=(nq, nk))
+        m = MaskMod(self.name, self._fn, self._blocks, offset=nk - nq, sizes=(nq, nk))
+        m._cacheable = self._cacheable
+        return m
 
     def block_classes(self, qs, qe, ks, ke):
         """``(any, all)`` per block, or None when this mask has no analytic form."""
@@ -96,7 +100,9 @@ def causal(align: str = "bottom_right") -> MaskMod:
         o = off if br else 0
         return ks <= qe - 1 + o, ke - 1 <= qs + o
 
-    return MaskMod(f"causal(align={align!r})", fn, blocks)
+    m = MaskMod(f"causal(align={align!r})", fn, blocks)
+    m._cacheable = True      # the name says everything: block states may be cached by (name, sizes)
+    return m
 
 
 def _check_window(left, right):
@@ -128,7 +134,9 @@ def sliding_window(left: int | None, right: int | None = 0) -> MaskMod:
             any_, all_ = any_ & (ke - 1 >= qs + off - left), all_ & (ks >= qe - 1 + off - left)
         return any_, all_
 
-    return MaskMod(f"sliding_window({left}, {right})", fn, blocks)
+    m = MaskMod(f"sliding_window({left}, {right})", fn, blocks)
+    m._cacheable = True
+    return m
 
 
 def document(ids: torch.Tensor, q_ids: torch.Tensor | None = None) -> MaskMod:
@@ -438,8 +446,21 @@ def _state_from(any_, all_) -> torch.Tensor:
     return s
 
 
+_STATE_CACHE: dict = {}
+
+
 def _mod_state(mod, B, H, Nq, Nk, bq, bk, device) -> torch.Tensor:
-    """Block states of a mask_mod: analytic when it has a form, else one block-row at a time."""
+    """Block states of a mask_mod: analytic when it has a form, else one block-row at a time. States of
+    causal and window masks (fully described by their names) are cached: decode steps ask every call."""
+    if getattr(mod, "_cacheable", False):
+        key = (mod.name, Nq, Nk, bq, bk, str(device))
+        st = _STATE_CACHE.get(key)
+        if st is None:
+            if len(_STATE_CACHE) > 256:
+                _STATE_CACHE.clear()
+            mod_ = MaskMod(mod.name, mod._fn, mod._blocks, offset=mod.offset, sizes=mod.sizes)
+            st = _STATE_CACHE[key] = _mod_state(mod_, B, H, Nq, Nk, bq, bk, device)
+        return st
     qs, qe = _block_bounds(Nq, bq, device)
     ks, ke = _block_bounds(Nk, bk, device)
     nqb, nkb = len(qs), len(ks)

@@ -19,8 +19,9 @@ def _check_budget(call: Call, dtype, what="reference"):
     if need > SCORE_BUDGET_BYTES:
         raise ValueError(
             f"the {what} engine would materialise {need / 2**30:.1f} GiB of scores for (B, Hq, Nq, Nk) = "
-            f"{(call.B, call.Hq, call.Nq, call.Nk)}, over its budget of {SCORE_BUDGET_BYTES / 2**30:.0f} GiB; "
-            f"use backend='tiled' (O(N) memory)")
+            f"{(call.B, call.Hq, call.Nq, call.Nk)}, over its budget of {SCORE_BUDGET_BYTES / 2**30:.0f} GiB"
+            + ("; use backend='tiled' (O(N) memory)" if what == "reference" else
+               "; ask for fewer rows/heads at a time (the weights themselves are O(N²))"))
 
 
 def _probs(call: Call, q0: int, q1: int, dtype, dropout: bool):

@@ -1,10 +1,18 @@
-"""The tiled engine: FlashAttention's algorithm written in torch ops, so it runs on any torch device.
+"""The tiled engine: FlashAttention's algorithm in torch ops, so it runs on any torch device.
 
-Forward: for each block of queries, an online softmax over the kv tiles the mask leaves visible (runs of
-consecutive tiles are fused into one matmul; full tiles skip per-element masking, empty tiles are never
-touched); only the output and the row logsumexp are kept. Backward recomputes the probabilities tile by
-tile from that logsumexp. Memory is O(N·block), never O(N²). GQA folds the query heads of one kv head into
-the rows of each matmul, so K and V are never repeated.
+Forward: for each block of queries, the kv tiles that the mask leaves visible are grouped into runs
+(consecutive tiles of one kind: *full* runs need no per-element mask, *partial* ones do; empty tiles are
+never touched). Each run yields its softmax-normalised output and row logsumexp; runs are merged by their
+LSE (the online softmax, a run at a time). Only the output and the LSE are kept. Backward recomputes each
+run's probabilities from that global LSE. Memory is O(N·block), never O(N²). GQA folds the query heads of
+one kv head into the rows of each run, so K and V are never repeated.
+
+A run is computed by one of two tile kernels with the same contract:
+* ``_ops`` — plain torch ops (matmul, fused softmax, matmul); every feature (score mods, dropout, bias grads).
+* ``_fused`` — on CPU, for runs with no score mods and no dropout, PyTorch's fused flash kernel for the tile
+  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, which take the global out and LSE,
+  so each run's gradient is exact). It keeps the score tile in cache; the tiling, skipping and LSE merge
+  remain qkv's. ``FUSED = False`` turns it off.
 """
 from __future__ import annotations
 
@@ -12,12 +20,16 @@ import torch
 
 from ._call import Call
 
-__all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES"]
+__all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "FUSED"]
 
 BLOCK_Q = 128            # query rows per step
 BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
 TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_Q·keys): bounds the memory
 MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
+FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
+
+_NEG = float("-inf")
+_aten = torch.ops.aten
 
 
 def _schedule(call: Call, bq: int, bk: int):
@@ -66,132 +78,205 @@ def _schedule(call: Call, bq: int, bk: int):
 
 def _lse_merge(lse_a, o_a, lse_b, o_b):
     """Merge two softmax-normalised partial results over disjoint key sets by their logsumexps.
-    lse: (..., n, 1); o: (..., n, Dv) (broadcast views). A side with lse = -inf contributes nothing."""
+    lse: (..., n, 1); o: (..., n, Dv). A side with lse = -inf contributes nothing."""
     lse = torch.logaddexp(lse_a, lse_b)
-    safe = lse.masked_fill(lse == float("-inf"), 0.0)
+    safe = lse.masked_fill(lse == _NEG, 0.0)
     return lse, o_a * torch.exp(lse_a - safe) + o_b * torch.exp(lse_b - safe)
 
 
+def _use_fused(call: Call) -> bool:
+    return (FUSED and call.q.device.type == "cpu" and not call.has_mods and call.dropout_p == 0
+            and call.D == call.Dv and call.D > 0 and hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
+class _Tile:
+    """One q block (rows q0:q1) of a call, in the folded GQA layout (B, Hkv, G·n, ·)."""
+
+    def __init__(self, call: Call, q0: int, q1: int):
+        self.call, self.q0, self.q1, self.n = call, q0, q1, q1 - q0
+        self.fold = (call.B, call.Hkv, call.G * self.n)
+
+    def rows(self, t4: torch.Tensor) -> torch.Tensor:
+        """Rows q0:q1 of a (B, Hq, N, X) tensor, folded to (B, Hkv, G·n, X)."""
+        c = self.call
+        return t4.reshape(c.B, c.Hkv, c.G, -1, t4.shape[-1])[..., self.q0:self.q1, :].reshape(*self.fold, -1)
+
+    def mask(self, k0, k1, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's visibility as an additive 0/-inf mask (Bm, Hkv|1, G·n, c) and its dead rows."""
+        c = self.call
+        vis = c.visible(self.q0, self.q1, k0, k1)
+        vis = vis.expand(*vis.shape[:2], self.n, k1 - k0)
+        if c.G > 1:
+            vis = vis.expand(vis.shape[0], c.Hq, self.n, k1 - k0).reshape(vis.shape[0], c.Hkv, c.G * self.n, -1)
+        add = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, _NEG)
+        return add, ~vis.any(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------- forward of one run -> (lse (.., 1), o)
+
+def _fused_fwd(t: _Tile, qb, k, v, k0, k1, partial):
+    c = t.call
+    add, dead = t.mask(k0, k1, qb.dtype) if partial else (None, None)
+    o, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+        qb, k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=add, scale=c.scale)
+    lse = lse.unsqueeze(-1).to(c.acc_dtype)
+    o = o.to(c.acc_dtype)
+    if dead is not None and bool(dead.any()):
+        lse = lse.masked_fill(dead.expand_as(lse), _NEG)   # the kernel reports lse 0 for an empty row
+    return lse, o
+
+
+def _ops_fwd(t: _Tile, qb, k, v, k0, k1, partial):
+    # One fused softmax per run (each row stays in cache) and its lse from the row max: 2 sweeps of the
+    # score tile instead of the 4 of max / subtract / exp / sum.
+    c, n, cw = t.call, t.n, k1 - k0
+    s = torch.matmul(qb, k[:, :, k0:k1].transpose(-1, -2)).view(c.B, c.Hq, n, cw)
+    if c.has_mods:
+        s = c.scores(s, t.q0, t.q1, k0, k1)
+    if partial:
+        s = s.masked_fill_(~c.visible(t.q0, t.q1, k0, k1), _NEG)
+    m, arg = s.max(-1, keepdim=True)
+    p = torch.softmax(s, -1)
+    lse = m - torch.log(p.gather(-1, arg))
+    if partial:
+        dead = m == _NEG                                  # rows with no visible key in this run
+        if bool(dead.any()):
+            p = p.masked_fill_(dead, 0.0)
+            lse = lse.masked_fill_(dead, _NEG)
+    if c.dropout_p:
+        p = p.mul_(c.keep(t.q0, t.q1, k0, k1)).mul_(1.0 / (1.0 - c.dropout_p))
+    o = torch.matmul(p.view(*t.fold, cw), v[:, :, k0:k1])
+    return lse.reshape(*t.fold, 1), o
+
+
 def _fwd(call: Call, q, k, v, bq, sched):
-    B, Hq, Hkv, G, Nq, D, Dv = call.B, call.Hq, call.Hkv, call.G, call.Nq, call.D, call.Dv
-    acc = call.acc_dtype
-    q4 = q.reshape(B, Hkv, G, Nq, D)
-    k32, v32 = k.to(acc), v.to(acc)
-    out = torch.empty(B, Hkv, G, Nq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
-    drop = call.dropout_p
+    B, Hq, Nq, Dv = call.B, call.Hq, call.Nq, call.Dv
+    fused = _use_fused(call)
+    run_fwd = _fused_fwd if fused else _ops_fwd
+    if not fused:
+        k, v = k.to(call.acc_dtype), v.to(call.acc_dtype)
+    out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Nq, dtype=call.acc_dtype, device=q.device)   # fp64 for fp64: backward reads it
+    out5 = out.view(B, call.Hkv, call.G, Nq, Dv)
+    lse5 = lse.view(B, call.Hkv, call.G, Nq)
     for i, runs in enumerate(sched):
-        q0, q1 = i * bq, min((i + 1) * bq, Nq)
-        n = q1 - q0
+        t = _Tile(call, i * bq, min((i + 1) * bq, Nq))
         if not runs:
-            out[..., q0:q1, :] = 0
-            lse[..., q0:q1] = float("-inf")
+            out5[..., t.q0:t.q1, :] = 0
+            lse5[..., t.q0:t.q1] = _NEG
             continue
-        qb = (q4[..., q0:q1, :].to(acc) * call.scale).reshape(B, Hkv, G * n, D)
+        qb = t.rows(q) if fused else t.rows(q).to(call.acc_dtype) * call.scale
         lse_i = o = None
         for k0, k1, partial in runs:
-            # One fused softmax per run (each row stays in cache), its lse from the row max: 2 sweeps of the
-            # score tile instead of the 4 of max / subtract / exp / sum; runs are merged by their lse.
-            s = torch.matmul(qb, k32[:, :, k0:k1].transpose(-1, -2)).view(B, Hq, n, k1 - k0)
-            if call.has_mods:
-                s = call.scores(s, q0, q1, k0, k1)
-            if partial:
-                s = s.masked_fill_(~call.visible(q0, q1, k0, k1), float("-inf"))
-            m, arg = s.max(-1, keepdim=True)
-            p = torch.softmax(s, -1)
-            lse_c = m - torch.log(p.gather(-1, arg))
-            if partial:
-                dead = m == float("-inf")                      # rows with no visible key in this run
-                if bool(dead.any()):
-                    p = p.masked_fill_(dead, 0.0)
-                    lse_c = lse_c.masked_fill_(dead, float("-inf"))
-            if drop:
-                p = p.mul_(call.keep(q0, q1, k0, k1)).mul_(1.0 / (1.0 - drop))
-            pv = torch.matmul(p.view(B, Hkv, G * n, k1 - k0), v32[:, :, k0:k1]).view(B, Hq, n, Dv)
-            if o is None:
-                lse_i, o = lse_c, pv
-            else:
-                lse_i, o = _lse_merge(lse_i, o, lse_c, pv)
-        out[..., q0:q1, :] = o.view(B, Hkv, G, n, Dv)
-        lse[..., q0:q1] = lse_i.squeeze(-1)
-    return out.view(B, Hq, Nq, Dv), lse
+            lse_c, o_c = run_fwd(t, qb, k, v, k0, k1, partial)
+            lse_i, o = (lse_c, o_c) if o is None else _lse_merge(lse_i, o, lse_c, o_c)
+        out5[..., t.q0:t.q1, :] = o.view(B, call.Hkv, call.G, t.n, Dv)
+        lse5[..., t.q0:t.q1] = lse_i.view(B, call.Hkv, call.G, t.n)
+    return out, lse
+
+
+# ------------------------------------------------------------- backward of one run (accumulates grads)
+
+def _fused_bwd(t: _Tile, g, k0, k1, partial):
+    c = t.call
+    add = t.mask(k0, k1, g["qb"].dtype)[0] if partial else None
+    dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g["dob"], g["qb"], g["k"][:, :, k0:k1], g["v"][:, :, k0:k1], g["ob"], g["lb"], 0.0, False,
+        attn_mask=add, scale=c.scale)
+    g["dqb"] += dq
+    g["dk"][:, :, k0:k1] += dk
+    g["dv"][:, :, k0:k1] += dv
+
+
+def _ops_bwd(t: _Tile, g, k0, k1, partial):
+    c, n, cw = t.call, t.n, k1 - k0
+    qb, dob, kc, vc = g["qb"], g["dob"], g["k"][:, :, k0:k1], g["v"][:, :, k0:k1]
+    s_raw = torch.matmul(qb, kc.transpose(-1, -2)).view(c.B, c.Hq, n, cw)
+    s = c.scores(s_raw, t.q0, t.q1, k0, k1) if c.has_mods else s_raw
+    if s is s_raw and c.has_mods:
+        s = s.clone()                                      # s_raw is read again by scores_backward
+    if partial:
+        s = s.masked_fill_(~c.visible(t.q0, t.q1, k0, k1), _NEG)
+    p = s.sub_(g["lb"]).exp_()
+    dp = torch.matmul(dob, vc.transpose(-1, -2)).view(c.B, c.Hq, n, cw)
+    pd = p
+    if c.dropout_p:
+        keep = c.keep(t.q0, t.q1, k0, k1) * (1.0 / (1.0 - c.dropout_p))
+        pd, dp = p * keep, dp * keep
+    g["dv"][:, :, k0:k1] += torch.matmul(pd.view(*t.fold, cw).transpose(-1, -2), dob)
+    ds = dp.sub_(g["db"]).mul_(p)
+    if c.has_mods:
+        ds = c.scores_backward(s_raw, ds, t.q0, t.q1, k0, k1, g["dbias"])
+    ds = ds.reshape(*t.fold, cw)
+    g["dqb"] += torch.matmul(ds, kc)
+    g["dk"][:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
 
 
 def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias):
     B, Hq, Hkv, G, Nq, D, Dv = call.B, call.Hq, call.Hkv, call.G, call.Nq, call.D, call.Dv
     acc = call.acc_dtype
-    q4 = q.reshape(B, Hkv, G, Nq, D)
-    do4 = dout.reshape(B, Hkv, G, Nq, Dv).to(acc)
-    k32, v32 = k.to(acc), v.to(acc)
-    # delta_i = sum_d dO·O (FlashAttention-2), minus the lse cotangent: d lse_i / d s_ij = p_ij.
-    delta = (do4 * out.reshape(B, Hkv, G, Nq, Dv).to(acc)).sum(-1).view(B, Hq, Nq, 1)
-    if dlse is not None:
-        delta = delta - dlse.to(acc).unsqueeze(-1)
-    lse_safe = lse.to(acc).masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1)   # exp(s - inf) = 0
-    dq = torch.zeros(B, Hkv, G, Nq, D, dtype=acc, device=q.device)
-    dk = torch.zeros(B, Hkv, call.Nk, D, dtype=acc, device=q.device)
-    dv = torch.zeros(B, Hkv, call.Nk, Dv, dtype=acc, device=q.device)
-    dbias = torch.zeros(call.bias.shape, dtype=acc, device=q.device) if need_dbias else None
-    drop = call.dropout_p
+    fused = _use_fused(call) and dlse is None
+    lse_safe = lse.masked_fill(lse == _NEG, float("inf")).unsqueeze(-1)   # exp(s - inf) = 0 on empty rows
+    g = dict(dk=torch.zeros(B, Hkv, call.Nk, D, dtype=acc, device=q.device),
+             dv=torch.zeros(B, Hkv, call.Nk, Dv, dtype=acc, device=q.device),
+             dbias=torch.zeros(call.bias.shape, dtype=acc, device=q.device) if need_dbias else None)
+    if fused:
+        g.update(k=k, v=v)
+        dout = dout.to(q.dtype)
+    else:
+        g.update(k=k.to(acc), v=v.to(acc))
+        # delta_i = sum_d dO·O (FlashAttention-2), minus the lse cotangent: d lse_i / d s_ij = p_ij.
+        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+        if dlse is not None:
+            delta = delta - dlse.to(acc).unsqueeze(-1)
+        lse_safe = lse_safe.to(acc)
+    dq = torch.zeros(B, Hq, Nq, D, dtype=acc, device=q.device)
+    dq5 = dq.view(B, Hkv, G, Nq, D)
+    run_bwd = _fused_bwd if fused else _ops_bwd
     for i, runs in enumerate(sched):
         if not runs:
             continue
-        q0, q1 = i * bq, min((i + 1) * bq, Nq)
-        n = q1 - q0
-        qb = (q4[..., q0:q1, :].to(acc) * call.scale).reshape(B, Hkv, G * n, D)
-        dob = do4[..., q0:q1, :].reshape(B, Hkv, G * n, Dv)
-        lb, db = lse_safe[:, :, q0:q1], delta[:, :, q0:q1]
-        dqb = torch.zeros(B, Hkv, G * n, D, dtype=acc, device=q.device)
+        t = _Tile(call, i * bq, min((i + 1) * bq, Nq))
+        if fused:
+            g.update(qb=t.rows(q), dob=t.rows(dout), ob=t.rows(out), lb=t.rows(lse_safe).squeeze(-1))
+        else:
+            g.update(qb=t.rows(q).to(acc) * call.scale, dob=t.rows(dout).to(acc),
+                     lb=lse_safe[:, :, t.q0:t.q1], db=delta[:, :, t.q0:t.q1])
+        g["dqb"] = torch.zeros(*t.fold, D, dtype=acc, device=q.device)
         for k0, k1, partial in runs:
-            c = k1 - k0
-            kc, vc = k32[:, :, k0:k1], v32[:, :, k0:k1]
-            s_raw = torch.matmul(qb, kc.transpose(-1, -2)).view(B, Hq, n, c)
-            s = call.scores(s_raw, q0, q1, k0, k1) if call.has_mods else s_raw
-            if s is s_raw and call.has_mods:
-                s = s.clone()                                  # s_raw is read again by scores_backward
-            if partial:
-                s = s.masked_fill_(~call.visible(q0, q1, k0, k1), float("-inf"))
-            p = s.sub_(lb).exp_()
-            dp = torch.matmul(dob, vc.transpose(-1, -2)).view(B, Hq, n, c)
-            pd = p
-            if drop:
-                keep = call.keep(q0, q1, k0, k1) * (1.0 / (1.0 - drop))
-                pd, dp = p * keep, dp * keep
-            dv[:, :, k0:k1] += torch.matmul(pd.view(B, Hkv, G * n, c).transpose(-1, -2), dob)
-            ds = dp.sub_(db).mul_(p)
-            if call.has_mods:
-                ds = call.scores_backward(s_raw, ds, q0, q1, k0, k1, dbias)
-            ds = ds.reshape(B, Hkv, G * n, c)
-            dqb += torch.matmul(ds, kc)
-            dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
-        dq[..., q0:q1, :] = (dqb * call.scale).view(B, Hkv, G, n, D)
-    return (dq.view(B, Hq, Nq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            run_bwd(t, g, k0, k1, partial)
+        dqb = g["dqb"] if fused else g["dqb"] * call.scale
+        dq5[..., t.q0:t.q1, :] = dqb.view(B, Hkv, G, t.n, D)
+    dbias = g["dbias"]
+    return (dq.to(q.dtype), g["dk"].to(k.dtype), g["dv"].to(v.dtype),
             None if dbias is None else dbias.to(call.bias.dtype))
 
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, call, bq, sched):
+        ctx.set_materialize_grads(False)
         out, lse = _fwd(call, q, k, v, bq, sched)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.bq, ctx.sched = call, bq, sched
-        return out, lse
+        return out, lse.to(torch.float32)
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         call = ctx.call
+        if dout is None:
+            dout = torch.zeros_like(out)
         need_dbias = call.bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias)
-        if dbias is not None:
-            dbias = dbias.sum_to_size(ctx.call_bias_shape) if hasattr(ctx, "call_bias_shape") else dbias
         return dq, dk, dv, dbias, None, None, None
 
 
 def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
-    """FlashAttention in torch ops. call: a validated Call (q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D),
+    """FlashAttention, tiled in torch. call: a validated Call (q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D),
     v: (B, Hkv, Nk, Dv)). block_size: (BQ, BK), default the BlockMask's own or (BLOCK_Q, BLOCK_K).
-    Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32; differentiable in q, k, v, bias."""
+    Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32; differentiable in q, k, v, bias
+    (and lse)."""
     bm = call.block_mask
     bq, bk = block_size or (bm.block_size if bm is not None else (BLOCK_Q, BLOCK_K))
     sched = _schedule(call, bq, bk)
