@@ -26,6 +26,7 @@ BLOCK_Q = 128            # query rows per step
 BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
 TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_Q·keys): bounds the memory
 MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
+BAND_Q = 64              # query block of the banded sliding-window path
 FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
 
 _NEG = float("-inf")
@@ -149,7 +150,95 @@ def _ops_fwd(t: _Tile, qb, k, v, k0, k1, partial):
     return lse.reshape(*t.fold, 1), o
 
 
-def _fwd(call: Call, q, k, v, bq, sched):
+# ------------------------------------------------------------------------------ banded (sliding window)
+
+class _Band:
+    """A sliding-window call seen as a band: query block b (rows b·bq .. b·bq+bq) reads keys from
+    ``b·bq + off - left`` on, ``span = bq + left + right`` of them, with the same in-tile pattern for every
+    interior block. All interior blocks then go through the fused kernel as one batch (keys gathered into
+    overlapping bands), instead of one call per block; edge blocks take the general schedule."""
+
+    def __init__(self, call: Call, bq: int, left: int, right: int):
+        self.bq, self.left, self.right, self.span = bq, left, right, bq + left + right
+        off = call.Nk - call.Nq
+        nqb = call.Nq // bq                                    # whole blocks only
+        ok = [b for b in range(nqb) if b * bq + off - left >= 0 and b * bq + off - left + self.span <= call.Nk]
+        self.blocks = range(ok[0], ok[-1] + 1) if ok else range(0)
+        self.off = off
+
+    @staticmethod
+    def plan(call: Call, bq: int):
+        if not (_use_fused(call) and call.mask is None and call.window is not None and call.window[0] is not None):
+            return None
+        left, right = call.window
+        right = 0 if call.causal else right
+        if right is None or bq + left + right >= call.Nk // 2:
+            return None
+        band = _Band(call, bq, left, right)
+        return band if len(band.blocks) >= 2 else None
+
+    def groups(self, call: Call):
+        per = self.span * call.B * call.Hkv * call.D * call.k.element_size()
+        step = max(1, TILE_BYTES // max(1, per))
+        for b0 in range(self.blocks.start, self.blocks.stop, step):
+            yield b0, min(b0 + step, self.blocks.stop)
+
+    def mask(self, call: Call, dtype, device):
+        r = torch.arange(self.bq, device=device).repeat(call.G).view(-1, 1)
+        c = torch.arange(self.span, device=device).view(1, -1)
+        vis = (c - r >= 0) & (c - r <= self.left + self.right)
+        return torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill_(~vis, _NEG)
+
+    def rows(self, call: Call, t4, b0, b1):
+        """Rows of blocks b0..b1 of a (B, Hq, N, X) tensor as a batch (B·nb, Hkv, G·bq, X)."""
+        B, Hkv, G, bq, nb = call.B, call.Hkv, call.G, self.bq, b1 - b0
+        x = t4.reshape(B, Hkv, G, -1, t4.shape[-1])[..., b0 * bq:b1 * bq, :]
+        return x.reshape(B, Hkv, G, nb, bq, -1).permute(0, 3, 1, 2, 4, 5).reshape(B * nb, Hkv, G * bq, -1)
+
+    def unrows(self, call: Call, x, b0, b1):
+        """Inverse of rows: (B·nb, Hkv, G·bq, X) -> (B, Hkv, G, nb·bq, X)."""
+        B, Hkv, G, bq, nb = call.B, call.Hkv, call.G, self.bq, b1 - b0
+        return x.reshape(B, nb, Hkv, G, bq, -1).permute(0, 2, 3, 1, 4, 5).reshape(B, Hkv, G, nb * bq, -1)
+
+    def keys(self, call: Call, t, b0, b1):
+        """The key bands of blocks b0..b1 of a (B, Hkv, Nk, X) tensor: (B·nb, Hkv, span, X)."""
+        s0 = b0 * self.bq + self.off - self.left
+        x = t[:, :, s0:s0 + (b1 - b0 - 1) * self.bq + self.span].unfold(2, self.span, self.bq)
+        return x.permute(0, 2, 1, 4, 3).reshape(call.B * (b1 - b0), call.Hkv, self.span, t.shape[-1])
+
+    def key_index(self, b0, b1, device):
+        s = torch.arange(b0, b1, device=device) * self.bq + self.off - self.left
+        return (s.view(-1, 1) + torch.arange(self.span, device=device)).flatten()
+
+
+def _band_fwd(call: Call, band: _Band, q, k, v, out, lse):
+    add = band.mask(call, q.dtype, q.device)
+    for b0, b1 in band.groups(call):
+        o, l = _aten._scaled_dot_product_flash_attention_for_cpu(
+            band.rows(call, q, b0, b1), band.keys(call, k, b0, b1), band.keys(call, v, b0, b1),
+            attn_mask=add, scale=call.scale)
+        rows = slice(b0 * band.bq, b1 * band.bq)
+        out.view(call.B, call.Hkv, call.G, call.Nq, -1)[..., rows, :] = band.unrows(call, o, b0, b1)
+        lse.view(call.B, call.Hkv, call.G, call.Nq)[..., rows] = band.unrows(call, l.unsqueeze(-1), b0, b1).squeeze(-1)
+
+
+def _band_bwd(call: Call, band: _Band, q, k, v, out, lse, dout, dq, dk, dv):
+    add = band.mask(call, q.dtype, q.device)
+    for b0, b1 in band.groups(call):
+        gq, gk, gv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            band.rows(call, dout, b0, b1), band.rows(call, q, b0, b1), band.keys(call, k, b0, b1),
+            band.keys(call, v, b0, b1), band.rows(call, out, b0, b1),
+            band.rows(call, lse.unsqueeze(-1), b0, b1).squeeze(-1), 0.0, False, attn_mask=add, scale=call.scale)
+        rows = slice(b0 * band.bq, b1 * band.bq)
+        dq.view(call.B, call.Hkv, call.G, call.Nq, -1)[..., rows, :] = band.unrows(call, gq, b0, b1)
+        idx = band.key_index(b0, b1, q.device)
+        nb = b1 - b0
+        for acc, g in ((dk, gk), (dv, gv)):
+            g = g.reshape(call.B, nb, call.Hkv, band.span, -1).permute(0, 2, 1, 3, 4).reshape(call.B, call.Hkv, nb * band.span, -1)
+            acc.index_add_(2, idx, g.to(acc.dtype))
+
+
+def _fwd(call: Call, q, k, v, bq, sched, band=None):
     B, Hq, Nq, Dv = call.B, call.Hq, call.Nq, call.Dv
     fused = _use_fused(call)
     run_fwd = _fused_fwd if fused else _ops_fwd
@@ -159,7 +248,11 @@ def _fwd(call: Call, q, k, v, bq, sched):
     lse = torch.empty(B, Hq, Nq, dtype=call.acc_dtype, device=q.device)   # fp64 for fp64: backward reads it
     out5 = out.view(B, call.Hkv, call.G, Nq, Dv)
     lse5 = lse.view(B, call.Hkv, call.G, Nq)
+    if band is not None:
+        _band_fwd(call, band, q, k, v, out, lse)
     for i, runs in enumerate(sched):
+        if band is not None and i in band.blocks:
+            continue
         t = _Tile(call, i * bq, min((i + 1) * bq, Nq))
         if not runs:
             out5[..., t.q0:t.q1, :] = 0
@@ -212,7 +305,7 @@ def _ops_bwd(t: _Tile, g, k0, k1, partial):
     g["dk"][:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
 
 
-def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias):
+def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=None):
     B, Hq, Hkv, G, Nq, D, Dv = call.B, call.Hq, call.Hkv, call.G, call.Nq, call.D, call.Dv
     acc = call.acc_dtype
     fused = _use_fused(call) and dlse is None
@@ -233,8 +326,10 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias):
     dq = torch.zeros(B, Hq, Nq, D, dtype=acc, device=q.device)
     dq5 = dq.view(B, Hkv, G, Nq, D)
     run_bwd = _fused_bwd if fused else _ops_bwd
+    if fused and band is not None:
+        _band_bwd(call, band, q, k, v, out, lse_safe.squeeze(-1), dout, dq, g["dk"], g["dv"])
     for i, runs in enumerate(sched):
-        if not runs:
+        if not runs or (fused and band is not None and i in band.blocks):
             continue
         t = _Tile(call, i * bq, min((i + 1) * bq, Nq))
         if fused:
@@ -254,11 +349,11 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias):
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, call, bq, sched):
+    def forward(ctx, q, k, v, bias, call, bq, sched, band):
         ctx.set_materialize_grads(False)
-        out, lse = _fwd(call, q, k, v, bq, sched)
+        out, lse = _fwd(call, q, k, v, bq, sched, band)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call, ctx.bq, ctx.sched = call, bq, sched
+        ctx.call, ctx.bq, ctx.sched, ctx.band = call, bq, sched, band
         return out, lse.to(torch.float32)
 
     @staticmethod
@@ -268,8 +363,8 @@ class _TiledAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         need_dbias = call.bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias)
-        return dq, dk, dv, dbias, None, None, None
+        dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias, ctx.band)
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
@@ -278,6 +373,7 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32; differentiable in q, k, v, bias
     (and lse)."""
     bm = call.block_mask
-    bq, bk = block_size or (bm.block_size if bm is not None else (BLOCK_Q, BLOCK_K))
+    band = None if block_size or bm is not None else _Band.plan(call, BAND_Q)
+    bq, bk = block_size or (bm.block_size if bm is not None else (BAND_Q, BAND_Q) if band else (BLOCK_Q, BLOCK_K))
     sched = _schedule(call, bq, bk)
-    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, call, bq, sched)
+    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, call, bq, sched, band)
