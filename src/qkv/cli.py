@@ -1,0 +1,193 @@
+"""The ``qkv`` command: ``bench``, ``check``, ``info``, ``show``, ``demo``. Thin: parsing and dispatch only.
+
+Bad arguments give one line on stderr and exit status 2 (no traceback); ``check`` exits 1 on a failure.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+DEFAULT_OUT = "qkv-out"
+
+
+class UsageError(Exception):
+    """Raised by the parser instead of printing usage and exiting (turned into one line, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _pos_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qkv", description="qkv: exact self-attention for PyTorch. Measure, check, inspect.")
+    sub = p.add_subparsers(dest="cmd", metavar="{bench,check,info,show,demo}", parser_class=_Parser)
+
+    b = sub.add_parser("bench", help="time and peak memory of qkv's engines vs SDPA, flex and the naive math",
+                       description="Time and peak memory of attention providers over sequence lengths. "
+                                   "Masks: none | causal | window:W (causal, W keys) | window:L,R | document:K | "
+                                   "prefix:P, joined by '+'. Providers: auto tiled triton reference sdpa "
+                                   "sdpa-flash sdpa-efficient sdpa-cudnn sdpa-math flex naive (groups: qkv, "
+                                   "sdpa-all). On CPU flex is opt-in (its first compile takes ~30 s).")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    b.add_argument("--dtype", nargs="+", default=None, metavar="DT", help="fp32 bf16 fp16 fp64 (default fp32 on "
+                   "CPU, bf16 on CUDA)")
+    b.add_argument("--shapes", default=None, help="named shape set for defaults: tiny, cpu, long, gpu, llama")
+    b.add_argument("--seqlens", nargs="+", type=_pos_int, default=None, metavar="N")
+    b.add_argument("--batch", type=_pos_int, default=None)
+    b.add_argument("--heads", type=_pos_int, default=None)
+    b.add_argument("--head-dim", type=_pos_int, default=None)
+    b.add_argument("--mask", nargs="+", default=["causal"], metavar="SPEC")
+    b.add_argument("--mode", nargs="+", default=["fwd"], choices=["fwd", "fwdbwd"])
+    b.add_argument("--providers", nargs="+", default=None, metavar="P")
+    b.add_argument("--reps", type=_pos_int, default=5, help="timed samples per provider and point (default 5)")
+    b.add_argument("--warmup", type=_nonneg_int, default=2, help="warm-up calls after the first (default 2)")
+    b.add_argument("--budget", type=_pos_float, default=60.0, metavar="S",
+                   help="a call longer than S seconds (measured or predicted) is recorded as timeout (default 60)")
+    b.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure peak memory (CPU: one fresh subprocess per point)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", metavar="FILE", help="write every raw figure and the machine here")
+    b.add_argument("--plot", metavar="FILE", help="PNG: time and peak memory vs N, log-log")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("check", help="every engine here vs the fp64 reference; non-zero exit on failure")
+    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    c.add_argument("--dtype", nargs="+", default=None, metavar="DT",
+                   help="dtypes to test (default fp32 bf16 on CPU, fp16 bf16 fp32 on CUDA)")
+    c.add_argument("--engines", nargs="+", default=None, metavar="E", help="default: every engine available")
+    c.add_argument("--json", metavar="FILE")
+    c.add_argument("-v", "--verbose", action="store_true", help="one row per case instead of per group")
+
+    i = sub.add_parser("info", help="versions, devices, CPU features, which engines can run here")
+    i.add_argument("--json", action="store_true", help="machine info as JSON")
+
+    s = sub.add_parser("show", help="attention maps of the bundled encoder for TEXT (PNG + HTML)")
+    s.add_argument("text")
+    s.add_argument("--layer", type=int, default=None)
+    s.add_argument("--head", type=int, default=None)
+    s.add_argument("--out", default=DEFAULT_OUT)
+
+    d = sub.add_parser("demo", help="the tour: a real encoder's attention, then the quadratic cost")
+    d.add_argument("--out", default=DEFAULT_OUT)
+    return p
+
+
+def _bench(a) -> int:
+    from . import bench
+    import torch
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = {}
+    if a.shapes is not None:
+        if a.shapes not in bench.SHAPE_SETS:
+            raise bench.BenchError(f"unknown shape set {a.shapes!r}; choose from {', '.join(bench.SHAPE_SETS)}")
+        shapes = bench.SHAPE_SETS[a.shapes]
+    pick = (lambda v, k, d: v if v is not None else shapes.get(k, d))
+    cfg = bench.Config(device=device,
+                       dtypes=a.dtype or (["bf16"] if str(device).startswith("cuda") else ["fp32"]),
+                       seqlens=pick(a.seqlens, "seqlens", [512, 1024, 2048]),
+                       batch=pick(a.batch, "batch", 1), heads=pick(a.heads, "heads", 8),
+                       head_dim=pick(a.head_dim, "head_dim", 64), masks=a.mask, modes=a.mode,
+                       providers=a.providers, reps=a.reps, warmup=a.warmup, budget_s=a.budget,
+                       memory=a.memory, seed=a.seed, progress=not a.quiet)
+    cfg.validate()  # bad requests fail here, before any output file is touched
+    result = bench.run(cfg)
+    result["command"] = shlex.join(["qkv", *a.argv])
+    print(bench.format_table(result))
+    if a.json:
+        bench.write_json(result, a.json)
+        print(f"wrote {a.json}")
+    if a.plot:
+        bench.plot(result, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def _check(a) -> int:
+    from . import check
+    return check.main(device=a.device, dtypes=a.dtype, engines=a.engines, json_path=a.json, verbose=a.verbose)
+
+
+def _info(a) -> int:
+    from . import info
+    if a.json:
+        import json
+        print(json.dumps(info.machine_info(), indent=1))
+    else:
+        print(info.format_info())
+    return 0
+
+
+def _show(a) -> int:
+    from . import viz
+    viz.show(a.text, layer=a.layer, head=a.head, out=a.out)
+    return 0
+
+
+def _demo(a) -> int:
+    from . import demo
+    demo.run(out=a.out)
+    return 0
+
+
+COMMANDS = {"bench": _bench, "check": _check, "info": _info, "show": _show, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``qkv`` and ``python -m qkv``; returns the exit status."""
+    parser = build_parser()
+    try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        a = parser.parse_args(argv)
+        a.argv = argv
+        if not a.cmd:
+            parser.print_help()
+            return 0
+        return int(COMMANDS[a.cmd](a) or 0)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qkv: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .bench import BenchError
+        if isinstance(e, BenchError):
+            print(f"qkv {getattr(a, 'cmd', '')}: error: {e}".replace("  ", " "), file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
