@@ -1,0 +1,115 @@
+"""Every wrong call raises ValueError/TypeError naming the argument and what it saw, before any work."""
+import re
+
+import pytest
+import torch
+
+import qkv
+from _oracle import make_qkv
+
+
+def qkv3(**over):
+    q, k, v = make_qkv(2, 4, 2, 6, 7, 8)
+    d = dict(q=q, k=k, v=v)
+    d.update(over)
+    return d["q"], d["k"], d["v"]
+
+
+def word(name):
+    return r"(?<![A-Za-z_])" + re.escape(name) + r"(?![A-Za-z_])"
+
+
+Q, K, V = qkv3()
+
+CASES = [
+    # id, kwargs for attention (q, k, v included), exception types, regexes that must all match the message
+    ("q_3d", dict(q=Q[0]), (ValueError,), [word("q"), r"4-D|4D|dim", re.escape(str(tuple(Q[0].shape)))]),
+    ("k_5d", dict(k=K[None]), (ValueError,), [word("k"), re.escape(str(tuple(K[None].shape)))]),
+    ("v_2d", dict(v=V[0, 0]), (ValueError,), [word("v")]),
+    ("q_not_tensor", dict(q=Q.tolist()), (TypeError,), [word("q")]),
+    ("int_dtype", dict(q=Q.long(), k=K.long(), v=V.long()), (TypeError,), [word("q"), "int64"]),
+    ("bool_dtype", dict(v=V.bool()), (TypeError,), [word("v"), "bool"]),
+    ("heads", dict(q=torch.randn(2, 3, 6, 8)), (ValueError,), [r"head", "3", "2"]),
+    ("head_dim", dict(k=torch.randn(2, 2, 7, 6), v=torch.randn(2, 2, 7, 8)), (ValueError,), [r"\bD\b|head dim|head_dim", "8", "6"]),
+    ("kv_len", dict(v=torch.randn(2, 2, 5, 8)), (ValueError,), [word("v"), "5"]),
+    ("batch", dict(k=torch.randn(1, 2, 7, 8), v=torch.randn(1, 2, 7, 8)), (ValueError,), [r"batch|\bB\b"]),
+    ("dtype_mismatch", dict(k=K.double()), (TypeError, ValueError), [r"dtype", "float64", "float32"]),
+    ("device_mismatch", dict(k=torch.empty(2, 2, 7, 8, device="meta")), (ValueError,), [r"device", "meta", "cpu"]),
+    ("window_negative", dict(window=(-1, 0)), (ValueError,), [word("window"), "-1"]),
+    ("window_negative_right", dict(window=(2, -3)), (ValueError,), [word("window"), "-3"]),
+    ("window_not_pair", dict(window=5), (ValueError, TypeError), [word("window")]),
+    ("window_float", dict(window=(1.5, 0)), (ValueError, TypeError), [word("window")]),
+    ("mask_unbroadcastable", dict(mask=torch.ones(5, 7, dtype=torch.bool)), (ValueError,), [word("mask"), r"\(5, 7\)"]),
+    ("mask_float", dict(mask=torch.ones(6, 7)), (TypeError,), [word("mask"), "float32"]),
+    ("mask_wrong_type", dict(mask="causal"), (TypeError,), [word("mask"), "str"]),
+    ("block_mask_wrong_shape", dict(mask="BM"), (ValueError,), [r"BlockMask|mask"]),
+    ("bias_unbroadcastable", dict(bias=torch.randn(3, 6, 7)), (ValueError,), [word("bias"), r"\(3, 6, 7\)"]),
+    ("bias_int", dict(bias=torch.ones(6, 7, dtype=torch.long)), (TypeError,), [word("bias")]),
+    ("alibi_shape", dict(alibi_slopes=torch.ones(3)), (ValueError,), [word("alibi_slopes"), r"\(3,\)"]),
+    ("softcap_zero", dict(softcap=0.0), (ValueError,), [word("softcap")]),
+    ("softcap_nan", dict(softcap=float("nan")), (ValueError,), [word("softcap"), "nan"]),
+    ("scale_nan", dict(scale=float("nan")), (ValueError,), [word("scale"), "nan"]),
+    ("scale_inf", dict(scale=float("inf")), (ValueError,), [word("scale"), "inf"]),
+    ("scale_str", dict(scale="0.1"), (TypeError,), [word("scale")]),
+    ("dropout_neg", dict(dropout_p=-0.1), (ValueError,), [word("dropout_p"), "-0.1"]),
+    ("dropout_one", dict(dropout_p=1.0), (ValueError,), [word("dropout_p"), "1"]),
+    ("dropout_big", dict(dropout_p=1.5), (ValueError,), [word("dropout_p"), "1.5"]),
+    ("dropout_nan", dict(dropout_p=float("nan")), (ValueError,), [word("dropout_p")]),
+    ("generator_wrong", dict(dropout_p=0.1, generator=123), (TypeError,), [word("generator")]),
+    ("score_mod_not_callable", dict(score_mod=3), (TypeError,), [word("score_mod")]),
+    ("backend_unknown", dict(backend="flash"), (ValueError,), [word("backend"), "flash"]),
+    ("backend_sdpa_score_mod", dict(backend="sdpa", score_mod=lambda s, b, h, i, j: s), (ValueError,),
+     [r"sdpa", r"score_mod"]),
+    ("backend_triton_cpu", dict(backend="triton"), (ValueError,), [r"triton"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_call_raises_naming_the_argument(case):
+    _, kw, exc, patterns = case
+    kw = dict(kw)
+    q, k, v = qkv3(**{n: kw.pop(n) for n in ("q", "k", "v") if n in kw})
+    if kw.get("mask") == "BM":
+        kw["mask"] = qkv.block_mask(qkv.masks.causal(), 1, 1, 9, 9)
+    calls = []
+
+    def spy_mod(b, h, i, j):
+        calls.append("mask")
+        return i >= 0
+
+    def spy_score(s, b, h, i, j):
+        calls.append("score")
+        return s
+
+    if "mask" not in kw:
+        kw["mask"] = spy_mod
+    if "score_mod" not in kw and kw.get("backend") not in ("sdpa",):
+        kw["score_mod"] = spy_score
+    with pytest.raises(exc) as ei:
+        qkv.attention(q, k, v, **kw)
+    msg = str(ei.value)
+    for p in patterns:
+        assert re.search(p, msg), f"message {msg!r} does not match {p!r}"
+    assert not calls, f"work was done before raising: {calls}"
+
+
+def test_attention_weights_validates_too():
+    q, k, _ = qkv3()
+    with pytest.raises(ValueError, match="window"):
+        qkv.attention_weights(q, k, window=(-2, 0))
+    with pytest.raises(ValueError, match="q"):
+        qkv.attention_weights(q[0], k)
+
+
+def test_select_backend_validates_too():
+    q, k, v = qkv3()
+    with pytest.raises(ValueError, match="dropout_p"):
+        qkv.select_backend(q, k, v, dropout_p=2.0)
+
+
+def test_valid_edge_arguments_accepted():
+    q, k, v = qkv3()
+    for kw in (dict(window=(0, 0)), dict(window=[3, None]), dict(window=(None, None)), dict(scale=0.0),
+               dict(dropout_p=0.0), dict(mask=torch.ones(1, dtype=torch.bool)), dict(bias=torch.zeros(1)),
+               dict(alibi_slopes=torch.ones(2, 4)), dict(softcap=1e-3)):
+        qkv.attention(q, k, v, **kw)
