@@ -55,7 +55,7 @@ class Call:
     mask: object = None                  # None | bool tensor (4-D view) | mask_mod | BlockMask
     bias: torch.Tensor | None = None     # 4-D view broadcastable to (B, Hq, Nq, Nk)
     score_mod: Callable | None = None
-    alibi: torch.Tensor | None = None    # (B|1, Hq) float32
+    alibi: torch.Tensor | None = None    # (B|1, Hq) in the accumulation dtype
     softcap: float | None = None
     dropout_p: float = 0.0
     seed: int = 0
@@ -265,7 +265,8 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
         if _shape(alibi_slopes) not in ((Hq,), (B, Hq)):
             raise ValueError(f"alibi_slopes must be (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), got "
                              f"{_shape(alibi_slopes)}")
-        alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).reshape(-1, Hq)
+        alibi = alibi_slopes.to(device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else
+                                torch.float32).reshape(-1, Hq)
     if softcap is not None:
         softcap = _number("softcap", softcap, positive=True)
     dropout_p = _number("dropout_p", dropout_p)

@@ -479,8 +479,8 @@ def _mod_state(mod, B, H, Nq, Nk, bq, bk, device) -> torch.Tensor:
         q = torch.arange(q0, min(q0 + bq, Nq), device=device).view(1, 1, -1, 1)
         m = torch.as_tensor(mod(b, h, q, kv), device=device)
         m = m.expand(torch.broadcast_shapes(m.shape, (1, 1, q.shape[2], Nk)))
-        a = torch.nn.functional.pad(m, (0, pad), value=False).unflatten(-1, (nkb, bk)).any(-1).any(-2)
-        l = torch.nn.functional.pad(m, (0, pad), value=True).unflatten(-1, (nkb, bk)).all(-1).all(-2)
+        a = torch.nn.functional.pad(m, (0, pad), value=False).unflatten(-1, (nkb, bk)).any(-1).any(-2, keepdim=True)
+        l = torch.nn.functional.pad(m, (0, pad), value=True).unflatten(-1, (nkb, bk)).all(-1).all(-2, keepdim=True)
         rows.append(_state_from(a, l))
     return _broadcast_cat(rows)
 

@@ -26,6 +26,7 @@ BLOCK_Q = 128            # query rows per step
 BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
 TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_Q·keys): bounds the memory
 MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
+FUSED_BLOCK_Q = 512      # query rows per fused-kernel call (it tiles inside)
 BAND_Q = 64              # query block of the banded sliding-window path
 FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
 
@@ -102,24 +103,28 @@ class _Tile:
         c = self.call
         return t4.reshape(c.B, c.Hkv, c.G, -1, t4.shape[-1])[..., self.q0:self.q1, :].reshape(*self.fold, -1)
 
-    def mask(self, k0, k1, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The run's visibility as an additive 0/-inf mask (Bm, Hkv|1, G·n, c) and its dead rows."""
+    def mask(self, k0, k1, dtype):
+        """The run's visibility for the fused kernel: (additive 0/-inf mask (Bm, Hkv|1, G·n, c), dead rows,
+        False), or (None, None, True) when it is exactly the square lower triangle (the kernel's is_causal)."""
         c = self.call
         vis = c.visible(self.q0, self.q1, k0, k1)
         vis = vis.expand(*vis.shape[:2], self.n, k1 - k0)
+        if c.G == 1 and self.n == k1 - k0 and vis.shape[:2] == (1, 1) and torch.equal(
+                vis[0, 0], torch.ones(self.n, self.n, dtype=torch.bool, device=vis.device).tril_()):
+            return None, None, True
         if c.G > 1:
             vis = vis.expand(vis.shape[0], c.Hq, self.n, k1 - k0).reshape(vis.shape[0], c.Hkv, c.G * self.n, -1)
         add = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, _NEG)
-        return add, ~vis.any(-1, keepdim=True)
+        return add, ~vis.any(-1, keepdim=True), False
 
 
 # ---------------------------------------------------------------- forward of one run -> (lse (.., 1), o)
 
 def _fused_fwd(t: _Tile, qb, k, v, k0, k1, partial):
     c = t.call
-    add, dead = t.mask(k0, k1, qb.dtype) if partial else (None, None)
+    add, dead, tri = t.mask(k0, k1, qb.dtype) if partial else (None, None, False)
     o, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-        qb, k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=add, scale=c.scale)
+        qb, k[:, :, k0:k1], v[:, :, k0:k1], is_causal=tri, attn_mask=add, scale=c.scale)
     lse = lse.unsqueeze(-1).to(c.acc_dtype)
     o = o.to(c.acc_dtype)
     if dead is not None and bool(dead.any()):
@@ -223,12 +228,23 @@ def _band_fwd(call: Call, band: _Band, q, k, v, out, lse):
 
 
 def _band_bwd(call: Call, band: _Band, q, k, v, out, lse, dout, dq, dk, dv):
-    add = band.mask(call, q.dtype, q.device)
+    add = band.mask(call, q.dtype, q.device)[: band.bq]
+    G = call.G
+
+    def head(x, gi):   # the rows of query head gi of each kv group (per-head sums, as in _fused_bwd)
+        return x if G == 1 else x.unflatten(2, (G, band.bq))[:, :, gi].contiguous()
+
     for b0, b1 in band.groups(call):
-        gq, gk, gv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            band.rows(call, dout, b0, b1), band.rows(call, q, b0, b1), band.keys(call, k, b0, b1),
-            band.keys(call, v, b0, b1), band.rows(call, out, b0, b1),
-            band.rows(call, lse.unsqueeze(-1), b0, b1).squeeze(-1), 0.0, False, attn_mask=add, scale=call.scale)
+        kb, vb = band.keys(call, k, b0, b1), band.keys(call, v, b0, b1)
+        qr, dr, orow = band.rows(call, q, b0, b1), band.rows(call, dout, b0, b1), band.rows(call, out, b0, b1)
+        lr = band.rows(call, lse.unsqueeze(-1), b0, b1)
+        gq, gk, gv = torch.empty_like(qr), 0, 0
+        for gi in range(G):
+            a, b_, c_ = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                head(dr, gi), head(qr, gi), kb, vb, head(orow, gi), head(lr, gi).squeeze(-1), 0.0, False,
+                attn_mask=add, scale=call.scale)
+            (gq if G == 1 else gq.unflatten(2, (G, band.bq))[:, :, gi]).copy_(a)
+            gk, gv = gk + b_, gv + c_
         rows = slice(b0 * band.bq, b1 * band.bq)
         dq.view(call.B, call.Hkv, call.G, call.Nq, -1)[..., rows, :] = band.unrows(call, gq, b0, b1)
         idx = band.key_index(b0, b1, q.device)
@@ -246,6 +262,9 @@ def _fwd(call: Call, q, k, v, bq, sched, band=None):
         k, v = k.to(call.acc_dtype), v.to(call.acc_dtype)
     out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=call.acc_dtype, device=q.device)   # fp64 for fp64: backward reads it
+    # The ops path keeps an fp32 copy of a half-precision output: backward's rowsum(dO·O) needs it unrounded.
+    out_acc = None if fused or q.dtype == call.acc_dtype else torch.empty(B, Hq, Nq, Dv, dtype=call.acc_dtype,
+                                                                            device=q.device)
     out5 = out.view(B, call.Hkv, call.G, Nq, Dv)
     lse5 = lse.view(B, call.Hkv, call.G, Nq)
     if band is not None:
@@ -265,20 +284,34 @@ def _fwd(call: Call, q, k, v, bq, sched, band=None):
             lse_i, o = (lse_c, o_c) if o is None else _lse_merge(lse_i, o, lse_c, o_c)
         out5[..., t.q0:t.q1, :] = o.view(B, call.Hkv, call.G, t.n, Dv)
         lse5[..., t.q0:t.q1] = lse_i.view(B, call.Hkv, call.G, t.n)
-    return out, lse
+        if out_acc is not None:
+            out_acc.view(B, call.Hkv, call.G, Nq, Dv)[..., t.q0:t.q1, :] = o.view(B, call.Hkv, call.G, t.n, Dv)
+    return out, lse, out_acc
 
 
 # ------------------------------------------------------------- backward of one run (accumulates grads)
 
 def _fused_bwd(t: _Tile, g, k0, k1, partial):
     c = t.call
-    add = t.mask(k0, k1, g["qb"].dtype)[0] if partial else None
-    dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        g["dob"], g["qb"], g["k"][:, :, k0:k1], g["v"][:, :, k0:k1], g["ob"], g["lb"], 0.0, False,
-        attn_mask=add, scale=c.scale)
-    g["dqb"] += dq
-    g["dk"][:, :, k0:k1] += dk
-    g["dv"][:, :, k0:k1] += dv
+    add, _, tri = t.mask(k0, k1, g["qb"].dtype) if partial else (None, None, False)
+    kc, vc = g["k"][:, :, k0:k1], g["v"][:, :, k0:k1]
+    # One call per query head of a kv group (not the folded rows): dk and dv then sum over n rows per head
+    # and over heads last, as the reference does, instead of one long fp32 sum over G·n rows.
+    G, n = c.G, t.n
+
+    def head(x, gi):
+        return x if G == 1 else x.unflatten(2, (G, n))[:, :, gi].contiguous()
+
+    for gi in range(G):
+        dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            head(g["dob"], gi), head(g["qb"], gi), kc, vc, head(g["ob"], gi), head(g["lb"].unsqueeze(-1), gi).squeeze(-1),
+            0.0, tri, attn_mask=None if add is None else head(add, gi), scale=c.scale)
+        if G == 1:
+            g["dqb"] += dq
+        else:
+            g["dqb"].unflatten(2, (G, n))[:, :, gi] += dq
+        g["dk"][:, :, k0:k1] += dk
+        g["dv"][:, :, k0:k1] += dv
 
 
 def _ops_bwd(t: _Tile, g, k0, k1, partial):
@@ -294,15 +327,24 @@ def _ops_bwd(t: _Tile, g, k0, k1, partial):
     dp = torch.matmul(dob, vc.transpose(-1, -2)).view(c.B, c.Hq, n, cw)
     pd = p
     if c.dropout_p:
-        keep = c.keep(t.q0, t.q1, k0, k1) * (1.0 / (1.0 - c.dropout_p))
+        keep = c.keep(t.q0, t.q1, k0, k1).to(p.dtype) * (1.0 / (1.0 - c.dropout_p))
         pd, dp = p * keep, dp * keep
-    g["dv"][:, :, k0:k1] += torch.matmul(pd.view(*t.fold, cw).transpose(-1, -2), dob)
+    g["dv"][:, :, k0:k1] += _per_head_t_matmul(pd, dob, c.G)
     ds = dp.sub_(g["db"]).mul_(p)
     if c.has_mods:
         ds = c.scores_backward(s_raw, ds, t.q0, t.q1, k0, k1, g["dbias"])
     ds = ds.reshape(*t.fold, cw)
     g["dqb"] += torch.matmul(ds, kc)
-    g["dk"][:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
+    g["dk"][:, :, k0:k1] += _per_head_t_matmul(ds, qb, c.G)
+
+
+def _per_head_t_matmul(a, b, G):
+    """sum over the G query heads of a kv head of aᵀ·b: a (B, Hkv, G·n, c) (or (B, Hq, n, c)), b (B, Hkv, G·n, X)
+    -> (B, Hkv, c, X); per-head products first, then the sum over heads (as the reference accumulates)."""
+    B, Hkv, X = b.shape[0], b.shape[1], b.shape[-1]
+    a5 = a.reshape(B, Hkv, G, -1, a.shape[-1])
+    out = torch.matmul(a5.transpose(-1, -2), b.view(B, Hkv, G, -1, X))
+    return out.sum(2) if G > 1 else out.squeeze(2)
 
 
 def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=None):
@@ -349,10 +391,10 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, call, bq, sched, band):
+    def forward(ctx, q, k, v, bias, anchor, call, bq, sched, band):
         ctx.set_materialize_grads(False)
-        out, lse = _fwd(call, q, k, v, bq, sched, band)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, out_acc = _fwd(call, q, k, v, bq, sched, band)
+        ctx.save_for_backward(q, k, v, out if out_acc is None else out_acc, lse)
         ctx.call, ctx.bq, ctx.sched, ctx.band = call, bq, sched, band
         return out, lse.to(torch.float32)
 
@@ -364,7 +406,7 @@ class _TiledAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         need_dbias = call.bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias, ctx.band)
-        return dq, dk, dv, dbias, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
@@ -374,6 +416,25 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     (and lse)."""
     bm = call.block_mask
     band = None if block_size or bm is not None else _Band.plan(call, BAND_Q)
-    bq, bk = block_size or (bm.block_size if bm is not None else (BAND_Q, BAND_Q) if band else (BLOCK_Q, BLOCK_K))
+    if block_size:
+        bq, bk = block_size
+    elif band:
+        bq, bk = BAND_Q, BAND_Q
+    elif bm is not None:
+        bq, bk = bm.block_size                  # the grid its states were built on
+    else:
+        bq, bk = (FUSED_BLOCK_Q if _use_fused(call) else BLOCK_Q), BLOCK_K   # fused: fewer, larger calls
     sched = _schedule(call, bq, bk)
-    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, call, bq, sched, band)
+    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band)
+
+
+def _anchor(call: Call):
+    """A grad-requiring dummy input when only tensors captured by the score_mod need gradients, so that
+    autograd still runs the backward (which sends them their gradients)."""
+    if call.score_mod is None or not torch.is_grad_enabled() or any(
+            t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.bias)):
+        return None
+    z = torch.zeros(1, 1, 1, 1, dtype=call.acc_dtype, device=call.q.device)
+    i = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=call.q.device)
+    probe = call.score_mod(z, i, i, i, i)
+    return torch.zeros((), requires_grad=True) if isinstance(probe, torch.Tensor) and probe.requires_grad else None
