@@ -211,9 +211,16 @@ class _Band:
         x = t[:, :, s0:s0 + (b1 - b0 - 1) * self.bq + self.span].unfold(2, self.span, self.bq)
         return x.permute(0, 2, 1, 4, 3).reshape(call.B * (b1 - b0), call.Hkv, self.span, t.shape[-1])
 
-    def key_index(self, b0, b1, device):
-        s = torch.arange(b0, b1, device=device) * self.bq + self.off - self.left
-        return (s.view(-1, 1) + torch.arange(self.span, device=device)).flatten()
+    def scatter_keys(self, call: Call, acc, g, b0, b1):
+        """Add key-band gradients g (B·nb, Hkv, span, X) into acc (B, Hkv, Nk, X). Bands overlap, but the
+        j-th bq-slice of every band is disjoint from the others': one strided add per slice."""
+        B, Hkv, bq, nb = call.B, call.Hkv, self.bq, b1 - b0
+        g = g.reshape(B, nb, Hkv, self.span, -1).transpose(1, 2)            # (B, Hkv, nb, span, X)
+        s0 = b0 * bq + self.off - self.left
+        for j in range(0, self.span, bq):
+            w = min(bq, self.span - j)
+            dst = acc.narrow(2, s0 + j, (nb - 1) * bq + w).unfold(2, w, bq)    # (B, Hkv, nb, X, w) view
+            dst += g[:, :, :, j:j + w].transpose(-1, -2).to(acc.dtype)
 
 
 def _band_fwd(call: Call, band: _Band, q, k, v, out, lse):
@@ -238,20 +245,21 @@ def _band_bwd(call: Call, band: _Band, q, k, v, out, lse, dout, dq, dk, dv):
         kb, vb = band.keys(call, k, b0, b1), band.keys(call, v, b0, b1)
         qr, dr, orow = band.rows(call, q, b0, b1), band.rows(call, dout, b0, b1), band.rows(call, out, b0, b1)
         lr = band.rows(call, lse.unsqueeze(-1), b0, b1)
-        gq, gk, gv = torch.empty_like(qr), 0, 0
-        for gi in range(G):
-            a, b_, c_ = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                head(dr, gi), head(qr, gi), kb, vb, head(orow, gi), head(lr, gi).squeeze(-1), 0.0, False,
-                attn_mask=add, scale=call.scale)
-            (gq if G == 1 else gq.unflatten(2, (G, band.bq))[:, :, gi]).copy_(a)
-            gk, gv = gk + b_, gv + c_
+        if G == 1:
+            gq, gk, gv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dr, qr, kb, vb, orow, lr.squeeze(-1), 0.0, False, attn_mask=add, scale=call.scale)
+        else:
+            gq, gk, gv = torch.empty_like(qr), None, None
+            for gi in range(G):
+                a, b_, c_ = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    head(dr, gi), head(qr, gi), kb, vb, head(orow, gi), head(lr, gi).squeeze(-1), 0.0, False,
+                    attn_mask=add, scale=call.scale)
+                gq.unflatten(2, (G, band.bq))[:, :, gi].copy_(a)
+                gk, gv = (b_, c_) if gk is None else (gk.add_(b_), gv.add_(c_))
         rows = slice(b0 * band.bq, b1 * band.bq)
         dq.view(call.B, call.Hkv, call.G, call.Nq, -1)[..., rows, :] = band.unrows(call, gq, b0, b1)
-        idx = band.key_index(b0, b1, q.device)
-        nb = b1 - b0
-        for acc, g in ((dk, gk), (dv, gv)):
-            g = g.reshape(call.B, nb, call.Hkv, band.span, -1).permute(0, 2, 1, 3, 4).reshape(call.B, call.Hkv, nb * band.span, -1)
-            acc.index_add_(2, idx, g.to(acc.dtype))
+        band.scatter_keys(call, dk, gk, b0, b1)
+        band.scatter_keys(call, dv, gv, b0, b1)
 
 
 def _fwd(call: Call, q, k, v, bq, sched, band=None):
