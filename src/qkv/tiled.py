@@ -26,7 +26,7 @@ BLOCK_Q = 128            # query rows per step
 BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
 TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_Q·keys): bounds the memory
 MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
-FUSED_BLOCK_Q = 512      # query rows per fused-kernel call (it tiles inside)
+FUSED_BLOCK_Q = 1024     # most query rows per fused-kernel call (it tiles inside); see _fused_rows
 BAND_Q = 64              # query block of the banded sliding-window path
 FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
 
@@ -40,7 +40,8 @@ def _schedule(call: Call, bq: int, bk: int):
     Nq, Nk = call.Nq, call.Nk
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
     row_bytes = call.B * call.Hq * bq * torch.empty((), dtype=call.acc_dtype).element_size()
-    per_run = max(1, TILE_BYTES // (row_bytes * bk))           # kv tiles per fused matmul
+    # kv tiles per run: the ops path materialises a run's score tile, the fused kernel tiles inside itself
+    per_run = nkb if _use_fused(call) else max(1, TILE_BYTES // (row_bytes * bk))
     state = call.block_state(bq, bk)
     if state is None:
         step = per_run * bk
@@ -431,9 +432,30 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     elif bm is not None:
         bq, bk = bm.block_size                  # the grid its states were built on
     else:
-        bq, bk = (FUSED_BLOCK_Q if _use_fused(call) else BLOCK_Q), BLOCK_K   # fused: fewer, larger calls
+        bq, bk = (_fused_rows(call) if _use_fused(call) else BLOCK_Q), BLOCK_K
     sched = _schedule(call, bq, bk)
     return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band)
+
+
+def _fused_rows(call: Call) -> int:
+    """Query rows per fused call: the largest of FUSED_BLOCK_Q, FUSED_BLOCK_Q/2, ..., BLOCK_Q whose coarser
+    tiles add at most 15% to the visited score area, partial tiles counted half (fewer, larger calls; sparse
+    masks keep fine rows; measured in benchmarks/NOTES.md).
+    Only analytic rules are probed; a tensor mask or a plain mask_mod keeps BLOCK_Q."""
+    if not call._rules:
+        return FUSED_BLOCK_Q
+    if not all(kind == "mod" and getattr(r, "_blocks", None) is not None for kind, r in call._rules):
+        return BLOCK_Q
+
+    def area(bq):                     # partial tiles count half: about what the kernel does inside them
+        st = call.block_state(bq, BLOCK_K)
+        st = st.reshape(-1, *st.shape[-2:])
+        return (float((st == 2).all(0).sum()) + 0.5 * float(((st > 0).any(0) & ~(st == 2).all(0)).sum())) * bq
+
+    fine, bq = area(BLOCK_Q), FUSED_BLOCK_Q
+    while bq > BLOCK_Q and area(bq) > 1.15 * fine:
+        bq //= 2
+    return bq
 
 
 def _anchor(call: Call):
