@@ -29,13 +29,13 @@ OUT = os.path.join(HERE, "results")
 FIGURES = {
     "1": ("causal N=4096, fp32+bf16, fwd+fwdbwd: auto and tiled vs SDPA",
           "--device cpu --seqlens 4096 --batch 1 --heads 8 --head-dim 64 --mask causal --dtype fp32 bf16 "
-          "--mode fwd fwdbwd --providers auto tiled sdpa"),
+          "--mode fwd fwdbwd --providers auto tiled sdpa --reps 15"),
     "2a": ("window (255,0) N=8192 fwd: tiled vs SDPA dense mask vs compiled flex",
            "--device cpu --seqlens 8192 --batch 1 --heads 8 --head-dim 64 --mask window:256 --mode fwd "
-           "--providers tiled sdpa flex --budget 120"),
+           "--providers tiled sdpa flex --reps 9 --budget 120"),
     "2b": ("window (255,0) N=4096 fwd+bwd: tiled vs SDPA dense mask",
            "--device cpu --seqlens 4096 --batch 1 --heads 8 --head-dim 64 --mask window:256 --mode fwdbwd "
-           "--providers tiled sdpa --budget 120"),
+           "--providers tiled sdpa --reps 9 --budget 120"),
     "3": ("causal fwd+bwd N=32768 H=2 D=64 on tiled: peak memory growth",
           "--device cpu --seqlens 32768 --batch 1 --heads 2 --head-dim 64 --mask causal --mode fwdbwd "
           "--providers tiled --reps 2 --warmup 0 --budget 600"),
