@@ -18,10 +18,10 @@ __all__ = ["attention", "attention_weights", "backends", "select_backend", "Back
 
 BACKENDS = ("reference", "tiled", "sdpa", "triton")
 
-#: auto sends a masked call to the tiled engine when the mask leaves at most this fraction of score tiles
-#: (measured on a 2-core AMD EPYC, fp32, D=64: tiled's cost is ≈ density × 1.25 × SDPA's dense cost, and
-#: SDPA with a dense mask pays for every tile; benchmarks/NOTES.md).
-AUTO_TILED_DENSITY = 0.7
+#: auto sends a masked call to the tiled engine when the mask leaves at most this fraction of score tiles.
+#: Measured (benchmarks/NOTES.md, 2-core AMD EPYC, fp32, B=1 H=8 N=4096 D=64, document masks): tiled costs
+#: ≈ 1.09 × density × SDPA-with-a-dense-mask (which pays for every tile), so they break even near 0.92.
+AUTO_TILED_DENSITY = 0.85
 
 
 class BackendInfo(NamedTuple):
