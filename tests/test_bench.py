@@ -133,13 +133,14 @@ def test_document_and_prefix_go_to_qkv_as_block_mask(tmp_path):
 
 
 def test_memory_subprocess_cpu():
-    r = bench.run(tiny(seqlens=[256], heads=4, providers=["naive"], memory=True, reps=1))
+    r = bench.run(tiny(seqlens=[1024], heads=4, providers=["naive"], memory=True, reps=1))
     rows = {x["provider"]: x for x in r["results"]}
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["memory"]["status"] == "ok" and row["peak_bytes"] >= 0
-    # naive materialises a 4×256×256 fp32 score matrix (1 MiB) at least once
-    assert rows["naive"]["peak_bytes"] >= 2**20
+    # naive materialises a 4×1024×1024 fp32 score matrix (16 MiB) at least once; RSS is page-granular and the
+    # allocator may reuse freed pages, so ask for half of it
+    assert rows["naive"]["peak_bytes"] >= 8 * 2**20
 
 
 def _fake(name, fn_or_exc, compiles=False):
