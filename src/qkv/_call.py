@@ -114,14 +114,11 @@ class Call:
         """Bool tile broadcastable to (B, Hq, q1-q0, k1-k0): the AND of every rule; None = no rule."""
         out = None
         for kind, r in self._rules:
+            if kind == "block":            # a BlockMask carries its per-element rule: a tensor or a mask_mod
+                kind, r = ("tensor", _as4(r.tensor)) if r.tensor is not None else ("mod", r.mask_mod)
             if kind == "tensor":
                 m = _slice(r, q0, q1, k0, k1)
             else:
-                if kind == "block":
-                    if r.tensor is not None:
-                        out = _slice(_as4(r.tensor), q0, q1, k0, k1) if out is None else out & _slice(_as4(r.tensor), q0, q1, k0, k1)
-                        continue
-                    r = r.mask_mod
                 m = torch.as_tensor(r(*self.indices(q0, q1, k0, k1)), device=self.q.device)
             out = m if out is None else out & m
         return out
