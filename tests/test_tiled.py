@@ -200,3 +200,38 @@ def test_tiled_mqa_single_key_dv():
     # found by hypothesis: MQA (3 query heads on 1 kv head), 117 queries, a single key: dv sums 351 rows
     q, k, v = make_qkv(1, 3, 1, 117, 1, 8, 8, dtype=torch.float32, seed=0)
     compare("tiled", q, k, v, grad=True)
+
+
+# The engine's internal paths, each against the oracle: the banded sliding-window path (interior query blocks
+# batched over overlapping key bands), the fused-kernel path with is_causal diagonal tiles and per-head GQA
+# backward, and the torch-ops path (score mods, Dv != D). Shapes are large enough that each path really runs.
+from qkv import _call, tiled  # noqa: E402
+
+
+@pytest.mark.parametrize("Hq,Hkv,Nq,Nk,window,causal", [
+    (2, 2, 700, 700, (100, 0), True),
+    (4, 2, 500, 900, (60, 0), True),      # GQA, Nq < Nk
+    (2, 1, 640, 640, (50, 30), False),    # MQA, two-sided window
+    (2, 2, 900, 600, (80, 0), True),      # Nq > Nk: early rows see nothing
+])
+def test_band_path_matches_oracle(Hq, Hkv, Nq, Nk, window, causal):
+    q, k, v = make_qkv(1, Hq, Hkv, Nq, Nk, 16, seed=3)
+    call = _call.prepare(q, k, v, window=window, causal=causal)
+    band = tiled._Band.plan(call, tiled.BAND_Q)
+    assert band is not None and len(band.blocks) >= 2          # the banded path is what runs
+    compare("tiled", q, k, v, grad=True, window=window, causal=causal)
+
+
+@pytest.mark.parametrize("Hq,Hkv,N,dtype", [(2, 2, 1100, torch.float32), (4, 2, 1100, torch.float32),
+                                             (2, 2, 600, torch.bfloat16)])
+def test_fused_path_causal_diagonal_tiles(Hq, Hkv, N, dtype):
+    q, k, v = make_qkv(1, Hq, Hkv, N, N, 32, dtype=dtype, seed=5)
+    assert tiled._use_fused(_call.prepare(q, k, v, causal=True))
+    compare("tiled", q, k, v, grad=True, causal=True)
+
+
+def test_ops_path_multi_run_online_merge(monkeypatch):
+    monkeypatch.setattr(tiled, "TILE_BYTES", 2**15)               # many runs per row: the LSE merge is exercised
+    q, k, v = make_qkv(2, 4, 2, 300, 517, 40, Dv=24, seed=7)      # Dv != D: the torch-ops path
+    assert not tiled._use_fused(_call.prepare(q, k, v))
+    compare("tiled", q, k, v, grad=True, causal=True, softcap=4.0)
