@@ -36,7 +36,7 @@ _aten = torch.ops.aten
 
 def _schedule(call: Call, bq: int, bk: int):
     """Per query block, the kv runs to visit: a list of (k0, k1, partial), each run a whole number of kv
-    tiles of one kind (full or partial) whose score tile fits in TILE_BYTES."""
+    tiles of one kind (full or partial); on the torch-ops path a run's score tile fits in TILE_BYTES."""
     Nq, Nk = call.Nq, call.Nk
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
     row_bytes = call.B * call.Hq * bq * torch.empty((), dtype=call.acc_dtype).element_size()
