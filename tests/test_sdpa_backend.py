@@ -88,3 +88,13 @@ def test_sdpa_zero_sizes():
     q, k, v = make_qkv(1, 2, 2, 4, 0, 8)
     out = qkv.attention(q, k, v, backend="sdpa")
     assert out.shape == (1, 2, 4, 8) and torch.all(out == 0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sdpa_decode_step_without_mask(with_bias):
+    """One query under bottom-right causal sees every key: sdpa serves it with no mask (auto picks it)."""
+    q, k, v = make_qkv(2, 4, 2, 1, 37, 16, seed=2)
+    kw = {"causal": True}
+    bias = torch.randn(1, 4, 1, 37, dtype=torch.float64).float() if with_bias else None
+    assert qkv.select_backend(q, k, v, bias=bias, **kw).name == "sdpa"
+    compare("sdpa", q, k, v, grad=True, bias=bias, **kw)

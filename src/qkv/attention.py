@@ -63,6 +63,8 @@ def _auto(call: _call.Call) -> Selection:
         return Selection("sdpa", "no mask: SDPA's fused kernel is fastest (benchmarks/NOTES.md)")
     if why.startswith("is_causal"):
         return Selection("sdpa", "plain causal with Nq == Nk: SDPA's fused causal kernel is fastest")
+    if why.startswith("one query"):
+        return Selection("sdpa", "a decoding step (one query, causal): every key is visible, no mask needed")
     bm = call.block_mask
     st = call.block_state(*(bm.block_size if bm is not None else (BLOCK_Q, BLOCK_K)))
     density = float((st > 0).float().mean())

@@ -26,6 +26,8 @@ def sdpa_supports(call: Call) -> tuple[bool, str]:
         return False, "SDPA does not return the logsumexp"
     if _plain_causal(call):
         return True, "is_causal (Nq == Nk, no other mask)"
+    if _decode_step(call):
+        return True, "one query under bottom-right causal sees every key: no mask"
     if not call.has_mask and call.bias is None:
         return True, "no mask"
     need = call.B * call.Hq * call.Nq * call.Nk * (call.q.element_size() if call.bias is not None else 1)
@@ -38,12 +40,20 @@ def _plain_causal(call: Call) -> bool:
     return call.causal and call.Nq == call.Nk and len(call._rules) == 1
 
 
+def _decode_step(call: Call) -> bool:
+    """A single query (KV-cache decoding) under plain bottom-right causal: every key is visible."""
+    return call.causal and call.Nq == 1 and len(call._rules) == 1
+
+
 def sdpa_attention(call: Call) -> torch.Tensor:
     """out (B, Hq, Nq, Dv) from SDPA. Bottom-right causal with Nq == Nk is SDPA's ``is_causal``; any other
     visibility rule becomes a dense bool ``attn_mask`` (or -inf in the additive bias)."""
     kw = dict(scale=call.scale, enable_gqa=call.G > 1)
     if _plain_causal(call) and call.bias is None:
         return F.scaled_dot_product_attention(call.q, call.k, call.v, is_causal=True, **kw)
+    if _decode_step(call):
+        bias = None if call.bias is None else call.bias.to(call.q.dtype)
+        return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, **kw)
     vis = call.visible(0, call.Nq, 0, call.Nk)
     mask = vis
     if call.bias is not None:
