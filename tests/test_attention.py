@@ -362,18 +362,22 @@ def test_zero_head_dim_v(engine):
 
 # ------------------------------------------------------------------------------------------ overflow
 
+def _constant(value, dtype, shape, signs, seed):
+    """q, k, v filled with ±value (random signs when ``signs``), rounded to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for _ in range(3):
+        x = torch.full(shape, value)
+        if signs:
+            x = x * (torch.randint(0, 2, shape, generator=g) * 2 - 1)
+        xs.append(x.to(dtype))
+    return xs
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("signs", [False, True])
 def test_overflow_fp16_256(engine, signs):
-    shape = (1, 32, 23, 80)
-    g = torch.Generator().manual_seed(0)
-    qkv_ = []
-    for _ in range(3):
-        x = torch.full(shape, 256.0)
-        if signs:
-            x = x * (torch.randint(0, 2, shape, generator=g) * 2 - 1)
-        qkv_.append(x.half())
-    q, k, v = qkv_
+    q, k, v = _constant(256.0, torch.half, (1, 32, 23, 80), signs, seed=0)
     eng, ora, _ = compare(engine, q, k, v, grad=False)
     assert torch.isfinite(eng["out"]).all() and torch.isfinite(eng["lse"]).all()
     eng, _, _ = compare(engine, q, k, v, causal=True)
@@ -383,15 +387,7 @@ def test_overflow_fp16_256(engine, signs):
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("signs", [False, True])
 def test_overflow_bf16_133120(engine, signs):
-    shape = (1, 4, 37, 64)
-    g = torch.Generator().manual_seed(1)
-    xs = []
-    for _ in range(3):
-        x = torch.full(shape, 133120.0)
-        if signs:
-            x = x * (torch.randint(0, 2, shape, generator=g) * 2 - 1)
-        xs.append(x.bfloat16())
-    q, k, v = xs
+    q, k, v = _constant(133120.0, torch.bfloat16, (1, 4, 37, 64), signs, seed=1)
     assert q.float().abs().max().item() == 133120.0  # representable exactly in bf16
     eng, _, _ = compare(engine, q, k, v, causal=True)
     assert torch.isfinite(eng["out"]).all() and torch.isfinite(eng["lse"]).all()
