@@ -142,6 +142,13 @@ class Call:
     # ---- scores
     def scores(self, s: torch.Tensor, q0, q1, k0, k1) -> torch.Tensor:
         """Apply softcap → ALiBi → bias → score_mod to scaled scores s: (B, Hq, bq, bk) in the acc dtype."""
+        s = self._fixed_mods(s, q0, q1, k0, k1)
+        if self.score_mod is not None:
+            s = self.score_mod(s, *self.indices(q0, q1, k0, k1))
+        return s
+
+    def _fixed_mods(self, s, q0, q1, k0, k1):
+        """softcap → ALiBi → bias: the mods before the user's score_mod."""
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
         if self.alibi is not None:
@@ -150,8 +157,6 @@ class Call:
             s = s - self.alibi.to(s.dtype)[:, :, None, None] * dist
         if self.bias is not None:
             s = s + _slice(self.bias, q0, q1, k0, k1).to(s.dtype)
-        if self.score_mod is not None:
-            s = self.score_mod(s, *self.indices(q0, q1, k0, k1))
         return s
 
     def scores_backward(self, s_raw, ds, q0, q1, k0, k1, dbias):
@@ -160,7 +165,7 @@ class Call:
         score_mod receive their gradients through autograd."""
         if self.score_mod is not None:
             with torch.enable_grad():
-                pre = self._pre_score_mod(s_raw, q0, q1, k0, k1).detach().requires_grad_(True)
+                pre = self._fixed_mods(s_raw, q0, q1, k0, k1).detach().requires_grad_(True)
                 post = self.score_mod(pre, *self.indices(q0, q1, k0, k1))
                 torch.autograd.backward(post, ds.expand_as(post))
             ds = pre.grad
@@ -170,13 +175,6 @@ class Call:
             t = torch.tanh(s_raw / self.softcap)
             ds = ds * (1 - t * t)
         return ds
-
-    def _pre_score_mod(self, s, q0, q1, k0, k1):
-        mod, self.score_mod = self.score_mod, None
-        try:
-            return self.scores(s, q0, q1, k0, k1)
-        finally:
-            self.score_mod = mod
 
     # ---- dropout: a counter-based keep-mask, identical on every engine for the same seed
     def keep(self, q0, q1, k0, k1) -> torch.Tensor:

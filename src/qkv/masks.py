@@ -452,15 +452,18 @@ _STATE_CACHE: dict = {}
 def _mod_state(mod, B, H, Nq, Nk, bq, bk, device) -> torch.Tensor:
     """Block states of a mask_mod: analytic when it has a form, else one block-row at a time. States of
     causal and window masks (fully described by their names) are cached: decode steps ask every call."""
-    if getattr(mod, "_cacheable", False):
-        key = (mod.name, Nq, Nk, bq, bk, str(device))
-        st = _STATE_CACHE.get(key)
-        if st is None:
-            if len(_STATE_CACHE) > 256:
-                _STATE_CACHE.clear()
-            mod_ = MaskMod(mod.name, mod._fn, mod._blocks, offset=mod.offset, sizes=mod.sizes)
-            st = _STATE_CACHE[key] = _mod_state(mod_, B, H, Nq, Nk, bq, bk, device)
-        return st
+    if not getattr(mod, "_cacheable", False):
+        return _compute_mod_state(mod, B, H, Nq, Nk, bq, bk, device)
+    key = (mod.name, Nq, Nk, bq, bk, str(device))
+    st = _STATE_CACHE.get(key)
+    if st is None:
+        if len(_STATE_CACHE) > 256:
+            _STATE_CACHE.clear()
+        st = _STATE_CACHE[key] = _compute_mod_state(mod, B, H, Nq, Nk, bq, bk, device)
+    return st
+
+
+def _compute_mod_state(mod, B, H, Nq, Nk, bq, bk, device) -> torch.Tensor:
     qs, qe = _block_bounds(Nq, bq, device)
     ks, ke = _block_bounds(Nk, bk, device)
     nqb, nkb = len(qs), len(ks)
