@@ -87,6 +87,12 @@ def _lse_merge(lse_a, o_a, lse_b, o_b):
     return lse, o_a * torch.exp(lse_a - safe) + o_b * torch.exp(lse_b - safe)
 
 
+def _head(x: torch.Tensor, G: int, n: int, gi: int) -> torch.Tensor:
+    """Rows of query head ``gi`` from folded rows (.., .., G·n, X) -> (.., .., n, X). Fused backward calls go
+    one query head at a time so dK/dV sum n rows per head, then heads (as the reference accumulates)."""
+    return x if G == 1 else x.unflatten(2, (G, n))[:, :, gi].contiguous()
+
+
 def _use_fused(call: Call) -> bool:
     return (FUSED and call.q.device.type == "cpu" and not call.has_mods and call.dropout_p == 0
             and call.D == call.Dv and call.D > 0 and hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"))
@@ -239,8 +245,8 @@ def _band_bwd(call: Call, band: _Band, q, k, v, out, lse, dout, dq, dk, dv):
     add = band.mask(call, q.dtype, q.device)[: band.bq]
     G = call.G
 
-    def head(x, gi):   # the rows of query head gi of each kv group (per-head sums, as in _fused_bwd)
-        return x if G == 1 else x.unflatten(2, (G, band.bq))[:, :, gi].contiguous()
+    def head(x, gi):
+        return _head(x, G, band.bq, gi)
 
     for b0, b1 in band.groups(call):
         kb, vb = band.keys(call, k, b0, b1), band.keys(call, v, b0, b1)
@@ -309,7 +315,7 @@ def _fused_bwd(t: _Tile, g, k0, k1, partial):
     G, n = c.G, t.n
 
     def head(x, gi):
-        return x if G == 1 else x.unflatten(2, (G, n))[:, :, gi].contiguous()
+        return _head(x, G, n, gi)
 
     for gi in range(G):
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
