@@ -208,18 +208,65 @@ def test_tiled_mqa_single_key_dv():
 from qkv import _call, tiled  # noqa: E402
 
 
+def _band_runs(q, k, v, **kw):
+    band = tiled._Band.plan(_call.prepare(q, k, v, **kw), tiled.BAND_Q)
+    assert band is not None and len(band.blocks) >= 2          # the banded path is what runs
+    return band
+
+
+@pytest.mark.parametrize("keep", [True, False])                 # probabilities kept for backward / recomputed
 @pytest.mark.parametrize("Hq,Hkv,Nq,Nk,window,causal", [
     (2, 2, 700, 700, (100, 0), True),
     (4, 2, 500, 900, (60, 0), True),      # GQA, Nq < Nk
     (2, 1, 640, 640, (50, 30), False),    # MQA, two-sided window
     (2, 2, 900, 600, (80, 0), True),      # Nq > Nk: early rows see nothing
+    (2, 2, 400, 400, (20, 10), False),    # window narrower than a band block: every column masks some row
 ])
-def test_band_path_matches_oracle(Hq, Hkv, Nq, Nk, window, causal):
-    q, k, v = make_qkv(1, Hq, Hkv, Nq, Nk, 16, seed=3)
-    call = _call.prepare(q, k, v, window=window, causal=causal)
-    band = tiled._Band.plan(call, tiled.BAND_Q)
-    assert band is not None and len(band.blocks) >= 2          # the banded path is what runs
+def test_band_path_matches_oracle(monkeypatch, keep, Hq, Hkv, Nq, Nk, window, causal):
+    monkeypatch.setattr(tiled, "BAND_KEEP_BYTES", 2**40 if keep else 0)
+    monkeypatch.setattr(tiled, "BAND_TILE_BYTES", 2**17)        # several chunks per head
+    q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, 16, seed=3)
+    _band_runs(q, k, v, window=window, causal=causal)
     compare("tiled", q, k, v, grad=True, window=window, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_band_path_dtypes(dtype):
+    q, k, v = make_qkv(1, 2, 1, 600, 600, 24, Dv=40, dtype=dtype, seed=4)   # Dv != D too
+    _band_runs(q, k, v, window=(90, 0), causal=True)
+    compare("tiled", q, k, v, grad=True, window=(90, 0), causal=True)
+
+
+def test_band_path_without_lse_and_noncontiguous_inputs():
+    # return_lse=False skips the band rows' lse; inputs in (B, N, H, D) memory order are not contiguous
+    from _oracle import assert_fa_close, run_engine, run_naive
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(1, 3, 3, 520, 520, 16, seed=9))
+    assert not k.is_contiguous()
+    _band_runs(q, k, v, window=(70, 0), causal=True)
+    g = torch.randn(1, 3, 520, 16, dtype=torch.float64).float()
+    kw = dict(window=(70, 0), causal=True)
+    eng = run_engine("tiled", q, k, v, grad_out=g, return_lse=False, **kw)
+    ora = run_naive(q, k, v, compute_dtype=torch.float64, grad_out=g, **kw)
+    pla = run_naive(q, k, v, compute_dtype=None, grad_out=g, **kw)
+    assert_fa_close(eng, ora, pla, keys=("out", "dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_band_path_lse_gradient(monkeypatch, keep):
+    # a loss on out and lse: the band backward adds p·dlse to the softmax backward
+    from _oracle import naive_attention
+    monkeypatch.setattr(tiled, "BAND_KEEP_BYTES", 2**40 if keep else 0)
+    q, k, v = make_qkv(1, 2, 2, 500, 500, 8, dtype=torch.float64, seed=29)
+    _band_runs(q, k, v, window=(60, 0), causal=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = qkv.attention(*leaves, window=(60, 0), causal=True, return_lse=True, backend="tiled")
+    (3 * lse.sum() + out.sum()).backward()
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    o2, l2 = naive_attention(*ref, window=(60, 0), causal=True)
+    torch.testing.assert_close(lse.double(), l2.detach(), rtol=1e-6, atol=1e-6)   # lse comes back fp32
+    (3 * l2.sum() + o2.sum()).backward()
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("Hq,Hkv,N,dtype", [(2, 2, 1100, torch.float32), (4, 2, 1100, torch.float32),

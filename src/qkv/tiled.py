@@ -28,6 +28,8 @@ TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_
 MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
 FUSED_BLOCK_Q = 1024     # most query rows per fused-kernel call (it tiles inside); see _fused_rows
 BAND_Q = 64              # query block of the banded sliding-window path
+BAND_TILE_BYTES = 4 * 2**20  # most bytes of one band score tile (a chunk of blocks of one head stays in cache)
+BAND_KEEP_BYTES = 256 * 2**20  # the band path keeps its probabilities for backward up to this size, else recomputes
 FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
 
 _NEG = float("-inf")
@@ -165,22 +167,24 @@ def _ops_fwd(t: _Tile, qb, k, v, k0, k1, partial):
 # ------------------------------------------------------------------------------ banded (sliding window)
 
 class _Band:
-    """A sliding-window call seen as a band: query block b (rows b·bq .. b·bq+bq) reads keys from
-    ``b·bq + off - left`` on, ``span = bq + left + right`` of them, with the same in-tile pattern for every
-    interior block. All interior blocks then go through the fused kernel as one batch (keys gathered into
-    overlapping bands), instead of one call per block; edge blocks take the general schedule."""
+    """A sliding-window call seen as a band: query block b (rows b·bq .. b·bq+bq) reads the ``span =
+    bq + left + right`` keys from ``b·bq + off - left`` on, with the same in-tile pattern for every interior
+    block (one whose keys all exist). Those blocks need no tiling or LSE merge: a row's whole window is in
+    its band, so one softmax per row is exact. Per head, the bands are overlapping strided views of K and V
+    (never copied) and a chunk of blocks is one batched matmul, one in-place fused softmax (and its fused
+    backward), one batched matmul. Edge blocks take the general schedule."""
 
     def __init__(self, call: Call, bq: int, left: int, right: int):
         self.bq, self.left, self.right, self.span = bq, left, right, bq + left + right
-        off = call.Nk - call.Nq
+        self.off, self._mask = call.Nk - call.Nq, None
         nqb = call.Nq // bq                                    # whole blocks only
-        ok = [b for b in range(nqb) if b * bq + off - left >= 0 and b * bq + off - left + self.span <= call.Nk]
+        ok = [b for b in range(nqb) if self.key0(b) >= 0 and self.key0(b) + self.span <= call.Nk]
         self.blocks = range(ok[0], ok[-1] + 1) if ok else range(0)
-        self.off = off
 
     @staticmethod
     def plan(call: Call, bq: int):
-        if not (_use_fused(call) and call.mask is None and call.window is not None and call.window[0] is not None):
+        if call.has_mods or call.dropout_p or call.mask is not None or call.window is None \
+                or call.window[0] is None or min(call.D, call.Dv) == 0:
             return None
         left, right = call.window
         right = 0 if call.causal else right
@@ -189,87 +193,134 @@ class _Band:
         band = _Band(call, bq, left, right)
         return band if len(band.blocks) >= 2 else None
 
-    def groups(self, call: Call):
-        per = self.span * call.B * call.Hkv * call.D * call.k.element_size()
-        step = max(1, TILE_BYTES // max(1, per))
+    def key0(self, b: int) -> int:
+        """First key of query block b's band."""
+        return b * self.bq + self.off - self.left
+
+    def chunks(self, call: Call):
+        """Runs of interior blocks whose score tile (blocks·bq·span) fits in BAND_TILE_BYTES."""
+        per = self.bq * self.span * torch.empty((), dtype=call.acc_dtype).element_size()
+        step = max(1, BAND_TILE_BYTES // per)
         for b0 in range(self.blocks.start, self.blocks.stop, step):
             yield b0, min(b0 + step, self.blocks.stop)
 
-    def mask(self, call: Call, dtype, device):
-        r = torch.arange(self.bq, device=device).repeat(call.G).view(-1, 1)
-        c = torch.arange(self.span, device=device).view(1, -1)
-        vis = (c - r >= 0) & (c - r <= self.left + self.right)
-        return torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill_(~vis, _NEG)
+    def kept_bytes(self, call: Call) -> int:
+        """Bytes of the interior probabilities, (B, Hq, blocks, bq, span) in the acc dtype."""
+        per = torch.empty((), dtype=call.acc_dtype).element_size()
+        return call.B * call.Hq * len(self.blocks) * self.bq * self.span * per
 
-    def rows(self, call: Call, t4, b0, b1):
-        """Rows of blocks b0..b1 of a (B, Hq, N, X) tensor as a batch (B·nb, Hkv, G·bq, X)."""
-        B, Hkv, G, bq, nb = call.B, call.Hkv, call.G, self.bq, b1 - b0
-        x = t4.reshape(B, Hkv, G, -1, t4.shape[-1])[..., b0 * bq:b1 * bq, :]
-        return x.reshape(B, Hkv, G, nb, bq, -1).permute(0, 3, 1, 2, 4, 5).reshape(B * nb, Hkv, G * bq, -1)
+    def _edges(self, call: Call):
+        """The band's masked columns: row r sees band columns r .. r + left + right, so only the first bq - 1
+        and those from left + right + 1 on hold masked entries. Returns (a, b, additive mask (bq, span))."""
+        if self._mask is None:
+            r = torch.arange(self.bq, device=call.q.device).view(-1, 1)
+            c = torch.arange(self.span, device=call.q.device).view(1, -1)
+            vis = (c >= r) & (c <= r + self.left + self.right)
+            a = min(self.bq - 1, self.span)
+            self._mask = a, max(self.left + self.right + 1, a), \
+                torch.zeros(vis.shape, dtype=call.acc_dtype, device=vis.device).masked_fill_(~vis, _NEG)
+        return self._mask
 
-    def unrows(self, call: Call, x, b0, b1):
-        """Inverse of rows: (B·nb, Hkv, G·bq, X) -> (B, Hkv, G, nb·bq, X)."""
-        B, Hkv, G, bq, nb = call.B, call.Hkv, call.G, self.bq, b1 - b0
-        return x.reshape(B, nb, Hkv, G, bq, -1).permute(0, 2, 3, 1, 4, 5).reshape(B, Hkv, G, nb * bq, -1)
+    def queries(self, call: Call, q: torch.Tensor) -> torch.Tensor:
+        """One head's query rows of a chunk (n·bq, D), scaled, in the acc dtype: (n, bq, D)."""
+        return (q.to(call.acc_dtype) * call.scale).view(-1, self.bq, q.shape[-1])
 
-    def keys(self, call: Call, t, b0, b1):
-        """The key bands of blocks b0..b1 of a (B, Hkv, Nk, X) tensor: (B·nb, Hkv, span, X)."""
-        s0 = b0 * self.bq + self.off - self.left
-        x = t[:, :, s0:s0 + (b1 - b0 - 1) * self.bq + self.span].unfold(2, self.span, self.bq)
-        return x.permute(0, 2, 1, 4, 3).reshape(call.B * (b1 - b0), call.Hkv, self.span, t.shape[-1])
+    def scores(self, call: Call, q, k, b0, b1, out):
+        """Masked scaled scores of blocks b0..b1 of one head into out (n, bq, span); q: the chunk's rows
+        (n·bq, D), k: the head's (Nk, D). Returns the scaled queries (n, bq, D)."""
+        qc = self.queries(call, q)
+        torch.bmm(qc, self.bands(k, b0, b1).transpose(1, 2), out=out)
+        a, b, add = self._edges(call)
+        out[..., :a] += add[:, :a]                            # the mask only where it has -inf entries
+        out[..., b:] += add[:, b:]
+        return qc
 
-    def scatter_keys(self, call: Call, acc, g, b0, b1):
-        """Add key-band gradients g (B·nb, Hkv, span, X) into acc (B, Hkv, Nk, X). Bands overlap, but the
-        j-th bq-slice of every band is disjoint from the others': one strided add per slice."""
-        B, Hkv, bq, nb = call.B, call.Hkv, self.bq, b1 - b0
-        g = g.reshape(B, nb, Hkv, self.span, -1).transpose(1, 2)            # (B, Hkv, nb, span, X)
-        s0 = b0 * bq + self.off - self.left
+    def bands(self, x: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        """The key bands of blocks b0..b1 of one head's contiguous (Nk, X): an overlapping (nb, span, X) view."""
+        X = x.shape[-1]
+        return x.as_strided((b1 - b0, self.span, X), (self.bq * X, X, 1), x.storage_offset() + self.key0(b0) * X)
+
+    def scatter(self, acc: torch.Tensor, g: torch.Tensor, b0: int, b1: int):
+        """Add band gradients g (nb, span, X) into one head's acc (Nk, X). Bands overlap, but the j-th
+        bq-wide slice of every band is disjoint from the others': one strided add per slice."""
+        X, bq = acc.shape[-1], self.bq
         for j in range(0, self.span, bq):
             w = min(bq, self.span - j)
-            dst = acc.narrow(2, s0 + j, (nb - 1) * bq + w).unfold(2, w, bq)    # (B, Hkv, nb, X, w) view
-            dst += g[:, :, :, j:j + w].transpose(-1, -2).to(acc.dtype)
+            acc.as_strided((b1 - b0, w, X), (bq * X, X, 1), acc.storage_offset() + (self.key0(b0) + j) * X) \
+                .add_(g[:, j:j + w])
 
 
-def _band_fwd(call: Call, band: _Band, q, k, v, out, lse):
-    add = band.mask(call, q.dtype, q.device)
-    for b0, b1 in band.groups(call):
-        o, l = _aten._scaled_dot_product_flash_attention_for_cpu(
-            band.rows(call, q, b0, b1), band.keys(call, k, b0, b1), band.keys(call, v, b0, b1),
-            attn_mask=add, scale=call.scale)
-        rows = slice(b0 * band.bq, b1 * band.bq)
-        out.view(call.B, call.Hkv, call.G, call.Nq, -1)[..., rows, :] = band.unrows(call, o, b0, b1)
-        lse.view(call.B, call.Hkv, call.G, call.Nq)[..., rows] = band.unrows(call, l.unsqueeze(-1), b0, b1).squeeze(-1)
+def _band_heads(call: Call):
+    """(batch, query head, its kv head) of every head the band path visits, one at a time."""
+    for b in range(call.B):
+        for h in range(call.Hq):
+            yield b, h, h // call.G
 
 
-def _band_bwd(call: Call, band: _Band, q, k, v, out, lse, dout, dq, dk, dv):
-    add = band.mask(call, q.dtype, q.device)[: band.bq]
-    G = call.G
+def _band_fwd(call: Call, band: _Band, q, k, v, out, lse, out_acc, keep: bool):
+    """Writes the interior rows of out, and of lse when the call returns it (nothing else reads them: the
+    band backward works on whole rows). With keep, returns the probabilities for the backward (which then
+    skips recomputing them): one (blocks, bq, span) tensor per head and chunk, in loop order. Chunk-sized
+    allocations, not one large one: the allocator can reuse them from step to step."""
+    acc, bq = call.acc_dtype, band.bq
+    k, v = k.to(acc).contiguous(), v.to(acc).contiguous()
+    direct = out_acc is None and out.dtype == acc and out.is_contiguous()   # bmm writes straight into out
+    kept, buf = ([] if keep else None), None
+    for b, h, kv in _band_heads(call):
+        for b0, b1 in band.chunks(call):
+            n, rows = b1 - b0, slice(b0 * bq, b1 * bq)
+            if kept is not None:
+                s = torch.empty(n, bq, band.span, dtype=acc, device=q.device)
+                kept.append(s)
+            else:
+                buf = torch.empty(n, bq, band.span, dtype=acc, device=q.device) if buf is None else buf
+                s = buf[:n]
+            band.scores(call, q[b, h, rows], k[b, kv], b0, b1, out=s)
+            if call.return_lse:
+                m = s.amax(-1)
+            _aten._softmax.out(s, -1, False, out=s)            # in place: the tile stays in cache
+            if call.return_lse:
+                lse[b, h, rows] = m.view(-1) - s.amax(-1).log_().view(-1)   # p_max = exp(m - lse)
+            vb = band.bands(v[b, kv], b0, b1)
+            if direct:
+                torch.bmm(s, vb, out=out[b, h, rows].view(n, bq, -1))
+            else:
+                o = torch.bmm(s, vb).view(n * bq, -1)
+                out[b, h, rows] = o
+                if out_acc is not None:
+                    out_acc[b, h, rows] = o
+    return kept
 
-    def head(x, gi):
-        return _head(x, G, band.bq, gi)
 
-    for b0, b1 in band.groups(call):
-        kb, vb = band.keys(call, k, b0, b1), band.keys(call, v, b0, b1)
-        qr, dr, orow = band.rows(call, q, b0, b1), band.rows(call, dout, b0, b1), band.rows(call, out, b0, b1)
-        lr = band.rows(call, lse.unsqueeze(-1), b0, b1)
-        if G == 1:
-            gq, gk, gv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dr, qr, kb, vb, orow, lr.squeeze(-1), 0.0, False, attn_mask=add, scale=call.scale)
-        else:
-            gq, gk, gv = torch.empty_like(qr), None, None
-            for gi in range(G):
-                a, b_, c_ = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    head(dr, gi), head(qr, gi), kb, vb, head(orow, gi), head(lr, gi).squeeze(-1), 0.0, False,
-                    attn_mask=add, scale=call.scale)
-                gq.unflatten(2, (G, band.bq))[:, :, gi].copy_(a)
-                gk, gv = (b_, c_) if gk is None else (gk.add_(b_), gv.add_(c_))
-        rows = slice(b0 * band.bq, b1 * band.bq)
-        dq.view(call.B, call.Hkv, call.G, call.Nq, -1)[..., rows, :] = band.unrows(call, gq, b0, b1)
-        band.scatter_keys(call, dk, gk, b0, b1)
-        band.scatter_keys(call, dv, gv, b0, b1)
+def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
+    """dq, dk, dv: accumulators in the acc dtype. The softmax backward runs on whole rows, so it needs
+    neither the saved output nor the LSE: p is the forward's (kept) or recomputed by the same fused softmax."""
+    acc, bq = call.acc_dtype, band.bq
+    k, v = k.to(acc).contiguous(), v.to(acc).contiguous()
+    bufs, kept = None, None if kept is None else iter(kept)
+    for b, h, kv in _band_heads(call):
+        for b0, b1 in band.chunks(call):
+            n, rows = b1 - b0, slice(b0 * bq, b1 * bq)
+            if bufs is None:
+                bufs = [torch.empty(n, bq, band.span, dtype=acc, device=q.device) for _ in range(2)]
+            ds = bufs[1][:n]
+            kb, vb = band.bands(k[b, kv], b0, b1), band.bands(v[b, kv], b0, b1)
+            do = dout[b, h, rows].to(acc).view(n, bq, -1)
+            if kept is not None:
+                p, qc = next(kept), band.queries(call, q[b, h, rows])
+            else:
+                p, qc = bufs[0][:n], band.scores(call, q[b, h, rows], k[b, kv], b0, b1, out=bufs[0][:n])
+                _aten._softmax.out(p, -1, False, out=p)
+            band.scatter(dv[b, kv], torch.bmm(p.transpose(1, 2), do), b0, b1)
+            torch.bmm(do, vb.transpose(1, 2), out=ds)
+            _aten._softmax_backward_data.out(ds, p, -1, acc, grad_input=ds)   # p·(dp − Σ p·dp), in place
+            if dlse is not None:                                  # d lse_i / d s_ij = p_ij
+                ds.addcmul_(p, dlse[b, h, rows].to(acc).view(n, bq, 1))
+            torch.bmm(ds, kb, out=dq[b, h, rows].view(n, bq, -1)).mul_(call.scale)
+            band.scatter(dk[b, kv], torch.bmm(ds.transpose(1, 2), qc), b0, b1)
 
 
-def _fwd(call: Call, q, k, v, bq, sched, band=None):
+def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False):
     B, Hq, Nq, Dv = call.B, call.Hq, call.Nq, call.Dv
     fused = _use_fused(call)
     run_fwd = _fused_fwd if fused else _ops_fwd
@@ -282,8 +333,7 @@ def _fwd(call: Call, q, k, v, bq, sched, band=None):
                                                                             device=q.device)
     out5 = out.view(B, call.Hkv, call.G, Nq, Dv)
     lse5 = lse.view(B, call.Hkv, call.G, Nq)
-    if band is not None:
-        _band_fwd(call, band, q, k, v, out, lse)
+    kept = None if band is None else _band_fwd(call, band, q, k, v, out, lse, out_acc, keep)
     for i, runs in enumerate(sched):
         if band is not None and i in band.blocks:
             continue
@@ -301,7 +351,7 @@ def _fwd(call: Call, q, k, v, bq, sched, band=None):
         lse5[..., t.q0:t.q1] = lse_i.view(B, call.Hkv, call.G, t.n)
         if out_acc is not None:
             out_acc.view(B, call.Hkv, call.G, Nq, Dv)[..., t.q0:t.q1, :] = o.view(B, call.Hkv, call.G, t.n, Dv)
-    return out, lse, out_acc
+    return out, lse, out_acc, kept
 
 
 # ------------------------------------------------------------- backward of one run (accumulates grads)
@@ -362,7 +412,7 @@ def _per_head_t_matmul(a, b, G):
     return out.sum(2) if G > 1 else out.squeeze(2)
 
 
-def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=None):
+def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=None, kept=None):
     B, Hq, Hkv, G, Nq, D, Dv = call.B, call.Hq, call.Hkv, call.G, call.Nq, call.D, call.Dv
     acc = call.acc_dtype
     fused = _use_fused(call) and dlse is None
@@ -383,10 +433,10 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
     dq = torch.zeros(B, Hq, Nq, D, dtype=acc, device=q.device)
     dq5 = dq.view(B, Hkv, G, Nq, D)
     run_bwd = _fused_bwd if fused else _ops_bwd
-    if fused and band is not None:
-        _band_bwd(call, band, q, k, v, out, lse_safe.squeeze(-1), dout, dq, g["dk"], g["dv"])
+    if band is not None:
+        _band_bwd(call, band, q, k, v, dout, dlse, dq, g["dk"], g["dv"], kept)
     for i, runs in enumerate(sched):
-        if not runs or (fused and band is not None and i in band.blocks):
+        if not runs or (band is not None and i in band.blocks):
             continue
         t = _Tile(call, i * bq, min((i + 1) * bq, Nq))
         if fused:
@@ -406,11 +456,11 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, anchor, call, bq, sched, band):
+    def forward(ctx, q, k, v, bias, anchor, call, bq, sched, band, keep):
         ctx.set_materialize_grads(False)
-        out, lse, out_acc = _fwd(call, q, k, v, bq, sched, band)
+        out, lse, out_acc, kept = _fwd(call, q, k, v, bq, sched, band, keep)
         ctx.save_for_backward(q, k, v, out if out_acc is None else out_acc, lse)
-        ctx.call, ctx.bq, ctx.sched, ctx.band = call, bq, sched, band
+        ctx.call, ctx.bq, ctx.sched, ctx.band, ctx.kept = call, bq, sched, band, kept
         return out, lse.to(torch.float32)
 
     @staticmethod
@@ -420,8 +470,8 @@ class _TiledAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         need_dbias = call.bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias, ctx.band)
-        return dq, dk, dv, dbias, None, None, None, None, None
+        dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias, ctx.band, ctx.kept)
+        return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
 def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
@@ -440,7 +490,10 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     else:
         bq, bk = (_fused_rows(call) if _use_fused(call) else BLOCK_Q), BLOCK_K
     sched = _schedule(call, bq, bk)
-    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band)
+    # The band path keeps its probabilities for a backward that will run (it then skips their recompute).
+    keep = band is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)) \
+        and band.kept_bytes(call) <= BAND_KEEP_BYTES
+    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band, keep)
 
 
 def _fused_rows(call: Call) -> int:
