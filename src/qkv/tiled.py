@@ -222,14 +222,14 @@ class _Band:
         return self._mask
 
     def queries(self, call: Call, q: torch.Tensor) -> torch.Tensor:
-        """One head's query rows of a chunk (n·bq, D), scaled, in the acc dtype: (n, bq, D)."""
-        return (q.to(call.acc_dtype) * call.scale).view(-1, self.bq, q.shape[-1])
+        """One head's query rows of a chunk (n·bq, D) in the acc dtype: (n, bq, D)."""
+        return q.to(call.acc_dtype).view(-1, self.bq, q.shape[-1])
 
     def scores(self, call: Call, q, k, b0, b1, out):
         """Masked scaled scores of blocks b0..b1 of one head into out (n, bq, span); q: the chunk's rows
-        (n·bq, D), k: the head's (Nk, D). Returns the scaled queries (n, bq, D)."""
+        (n·bq, D), k: the head's (Nk, D). Returns the queries (n, bq, D)."""
         qc = self.queries(call, q)
-        torch.bmm(qc, self.bands(k, b0, b1).transpose(1, 2), out=out)
+        torch.baddbmm(out, qc, self.bands(k, b0, b1).transpose(1, 2), beta=0, alpha=call.scale, out=out)
         a, b, add = self._edges(call)
         out[..., :a] += add[:, :a]                            # the mask only where it has -inf entries
         out[..., b:] += add[:, b:]
@@ -316,8 +316,9 @@ def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
             _aten._softmax_backward_data.out(ds, p, -1, acc, grad_input=ds)   # p·(dp − Σ p·dp), in place
             if dlse is not None:                                  # d lse_i / d s_ij = p_ij
                 ds.addcmul_(p, dlse[b, h, rows].to(acc).view(n, bq, 1))
-            torch.bmm(ds, kb, out=dq[b, h, rows].view(n, bq, -1)).mul_(call.scale)
-            band.scatter(dk[b, kv], torch.bmm(ds.transpose(1, 2), qc), b0, b1)
+            dqc = dq[b, h, rows].view(n, bq, -1)
+            torch.baddbmm(dqc, ds, kb, beta=0, alpha=call.scale, out=dqc)          # the scale rides the GEMM
+            band.scatter(dk[b, kv], torch.baddbmm(kb, ds.transpose(1, 2), qc, beta=0, alpha=call.scale), b0, b1)
 
 
 def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False):
