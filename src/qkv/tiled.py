@@ -13,6 +13,12 @@ A run is computed by one of two tile kernels with the same contract:
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, which take the global out and LSE,
   so each run's gradient is exact). It keeps the score tile in cache; the tiling, skipping and LSE merge
   remain qkv's. ``FUSED = False`` turns it off.
+
+Sliding windows (``window=`` with no other mask or mod) take a banded path for the query blocks whose whole
+window lies inside the keys (see ``_Band``): no tiles and no merge there, one softmax per row over a band of
+BAND_Q + left + right keys. In training it keeps those probabilities for the backward when they fit in
+BAND_KEEP_BYTES (B·Hq·N·span in fp32: O(N·window), not O(N²)), which spares the backward one of its five
+matmuls; ``BAND_KEEP_BYTES = 0`` recomputes them instead.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import torch
 
 from ._call import Call
 
-__all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "FUSED"]
+__all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "FUSED", "BAND_Q", "BAND_TILE_BYTES",
+           "BAND_KEEP_BYTES"]
 
 BLOCK_Q = 128            # query rows per step
 BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
@@ -28,7 +35,7 @@ TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_
 MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
 FUSED_BLOCK_Q = 1024     # most query rows per fused-kernel call (it tiles inside); see _fused_rows
 BAND_Q = 64              # query block of the banded sliding-window path
-BAND_TILE_BYTES = 4 * 2**20  # most bytes of one band score tile (a chunk of blocks of one head stays in cache)
+BAND_TILE_BYTES = 2**20  # most bytes of one band score tile (a chunk of blocks of one head stays in cache)
 BAND_KEEP_BYTES = 256 * 2**20  # the band path keeps its probabilities for backward up to this size, else recomputes
 FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
 
@@ -431,13 +438,16 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
         if dlse is not None:
             delta = delta - dlse.to(acc).unsqueeze(-1)
         lse_safe = lse_safe.to(acc)
-    dq = torch.zeros(B, Hq, Nq, D, dtype=acc, device=q.device)
+    dq = torch.empty(B, Hq, Nq, D, dtype=acc, device=q.device)     # every row is written below
     dq5 = dq.view(B, Hkv, G, Nq, D)
     run_bwd = _fused_bwd if fused else _ops_bwd
     if band is not None:
         _band_bwd(call, band, q, k, v, dout, dlse, dq, g["dk"], g["dv"], kept)
     for i, runs in enumerate(sched):
-        if not runs or (band is not None and i in band.blocks):
+        if band is not None and i in band.blocks:
+            continue
+        if not runs:                                       # rows that see no key
+            dq5[..., i * bq:(i + 1) * bq, :] = 0
             continue
         t = _Tile(call, i * bq, min((i + 1) * bq, Nq))
         if fused:
@@ -479,7 +489,7 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     """FlashAttention, tiled in torch. call: a validated Call (q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D),
     v: (B, Hkv, Nk, Dv)). block_size: (BQ, BK), default the BlockMask's own or (BLOCK_Q, BLOCK_K).
     Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32; differentiable in q, k, v, bias
-    (and lse)."""
+    (and lse). The banded path fills its rows of lse only when ``call.return_lse`` (nothing else reads them)."""
     bm = call.block_mask
     band = None if block_size or bm is not None else _Band.plan(call, BAND_Q)
     if block_size:
