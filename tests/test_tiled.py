@@ -224,7 +224,7 @@ def _band_runs(q, k, v, **kw):
 ])
 def test_band_path_matches_oracle(monkeypatch, keep, Hq, Hkv, Nq, Nk, window, causal):
     monkeypatch.setattr(tiled, "BAND_KEEP_BYTES", 2**40 if keep else 0)
-    monkeypatch.setattr(tiled, "BAND_TILE_BYTES", 2**17)        # several chunks per head
+    monkeypatch.setattr(tiled, "BAND_TILE_BYTES", (2**17, 2**16))        # several chunks per head
     q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, 16, seed=3)
     _band_runs(q, k, v, window=window, causal=causal)
     compare("tiled", q, k, v, grad=True, window=window, causal=causal)

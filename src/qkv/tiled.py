@@ -35,7 +35,8 @@ TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_
 MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
 FUSED_BLOCK_Q = 1024     # most query rows per fused-kernel call (it tiles inside); see _fused_rows
 BAND_Q = 64              # query block of the banded sliding-window path
-BAND_TILE_BYTES = 2**20  # most bytes of one band score tile (a chunk of blocks of one head stays in cache)
+BAND_TILE_BYTES = (2**21, 2**20)  # most bytes of one band score tile, (inference, training): a chunk of blocks
+                                  # of one head stays in cache (the backward holds two tiles; measured)
 BAND_KEEP_BYTES = 256 * 2**20  # the band path keeps its probabilities for backward up to this size, else recomputes
 FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
 
@@ -204,10 +205,10 @@ class _Band:
         """First key of query block b's band."""
         return b * self.bq + self.off - self.left
 
-    def chunks(self, call: Call):
+    def chunks(self, call: Call, training: bool):
         """Runs of interior blocks whose score tile (blocks·bq·span) fits in BAND_TILE_BYTES."""
         per = self.bq * self.span * torch.empty((), dtype=call.acc_dtype).element_size()
-        step = max(1, BAND_TILE_BYTES // per)
+        step = max(1, BAND_TILE_BYTES[training] // per)
         for b0 in range(self.blocks.start, self.blocks.stop, step):
             yield b0, min(b0 + step, self.blocks.stop)
 
@@ -274,7 +275,7 @@ def _band_fwd(call: Call, band: _Band, q, k, v, out, lse, out_acc, keep: bool):
     direct = out_acc is None and out.dtype == acc and out.is_contiguous()   # bmm writes straight into out
     kept, buf = ([] if keep else None), None
     for b, h, kv in _band_heads(call):
-        for b0, b1 in band.chunks(call):
+        for b0, b1 in band.chunks(call, keep):
             n, rows = b1 - b0, slice(b0 * bq, b1 * bq)
             if kept is not None:
                 s = torch.empty(n, bq, band.span, dtype=acc, device=q.device)
@@ -306,7 +307,7 @@ def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
     k, v = k.to(acc).contiguous(), v.to(acc).contiguous()
     bufs, kept = None, None if kept is None else iter(kept)
     for b, h, kv in _band_heads(call):
-        for b0, b1 in band.chunks(call):
+        for b0, b1 in band.chunks(call, True):
             n, rows = b1 - b0, slice(b0 * bq, b1 * bq)
             if bufs is None:
                 bufs = [torch.empty(n, bq, band.span, dtype=acc, device=q.device) for _ in range(2)]
