@@ -44,9 +44,10 @@ _NEG = float("-inf")
 _aten = torch.ops.aten
 
 
-def _schedule(call: Call, bq: int, bk: int):
+def _schedule(call: Call, bq: int, bk: int, skip: range = range(0)):
     """Per query block, the kv runs to visit: a list of (k0, k1, partial), each run a whole number of kv
-    tiles of one kind (full or partial); on the torch-ops path a run's score tile fits in TILE_BYTES."""
+    tiles of one kind (full or partial); on the torch-ops path a run's score tile fits in TILE_BYTES.
+    Blocks in ``skip`` (the band path's) get None: planning them costs Python time the band path saves."""
     Nq, Nk = call.Nq, call.Nk
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
     row_bytes = call.B * call.Hq * bq * torch.empty((), dtype=call.acc_dtype).element_size()
@@ -62,6 +63,9 @@ def _schedule(call: Call, bq: int, bk: int):
     full = (st == 2).all(0).tolist()
     sched = []
     for i in range(nqb):
+        if i in skip:
+            sched.append(None)
+            continue
         # Mark each visited tile masked (P) or not (F); a stretch of fewer than MIN_FULL full tiles is cheaper
         # masked inside its neighbours' run than as runs of its own (fewer, larger ops).
         marks = [None if not visit[i][j] else ("F" if full[i][j] else "P") for j in range(nkb)]
@@ -501,7 +505,7 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
         bq, bk = bm.block_size                  # the grid its states were built on
     else:
         bq, bk = (_fused_rows(call) if _use_fused(call) else BLOCK_Q), BLOCK_K
-    sched = _schedule(call, bq, bk)
+    sched = _schedule(call, bq, bk, band.blocks if band else range(0))
     # The band path keeps its probabilities for a backward that will run (it then skips their recompute).
     keep = band is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)) \
         and band.kept_bytes(call) <= BAND_KEEP_BYTES
