@@ -230,6 +230,20 @@ def test_band_path_matches_oracle(monkeypatch, keep, Hq, Hkv, Nq, Nk, window, ca
     compare("tiled", q, k, v, grad=True, window=window, causal=causal)
 
 
+@pytest.mark.parametrize("window,kw,meet", [((90, 0), dict(causal=True), (90, 0)),
+                                            ((40, 200), dict(window=(60, 30)), (40, 30)),
+                                            ((40, None), dict(causal=True), (40, None))])
+def test_sliding_window_mask_is_a_window(window, kw, meet):
+    # mask=masks.sliding_window(l, r) means window=(l, r), intersected with any window= given too: the same
+    # Call, hence the band path, and the oracle's answer for that window (bottom-right aligned, Nq != Nk)
+    q, k, v = make_qkv(1, 2, 2, 600, 640, 16, seed=8)
+    mask = qkv.masks.sliding_window(*window)
+    call = _call.prepare(q, k, v, mask=mask, **kw)
+    assert call.mask is None and call.window == meet
+    assert tiled._Band.plan(call, tiled.BAND_Q) is not None
+    compare("tiled", q, k, v, grad=True, mask=mask, oracle_kw=dict(mask=None, window=meet), **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_band_path_dtypes(dtype):
     q, k, v = make_qkv(1, 2, 1, 600, 600, 24, Dv=40, dtype=dtype, seed=4)   # Dv != D too

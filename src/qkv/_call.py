@@ -207,6 +207,13 @@ def _number(name, x, *, positive=False):
     return float(x)
 
 
+def _meet(a, b):
+    """Intersection of two windows (left, right), None = unbounded; either may be None (no window)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return tuple(y if x is None else x if y is None else min(x, y) for x, y in zip(a, b))
+
+
 def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_mod=None, alibi_slopes=None,
             softcap=None, scale=None, dropout_p=0.0, generator=None, return_lse=False) -> Call:
     """Validate every argument (before any work) and return the normalised :class:`Call`."""
@@ -271,6 +278,10 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+    if isinstance(mask, MaskMod) and getattr(mask, "_window", None) is not None:
+        # mask=masks.sliding_window(l, r) is window=(l, r): the same call, so the same engine paths
+        window, mask = _meet(window, mask._window), None
 
     rules = []
     if causal:

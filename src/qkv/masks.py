@@ -48,11 +48,12 @@ class MaskMod:
         return self._fn(self, b, h, q_idx, kv_idx)
 
     _cacheable = False
+    _window = None           # (left, right) when this mask is exactly a sliding window (see sliding_window)
 
     def bind(self, nq: int, nk: int) -> "MaskMod":
         """A copy aligned for ``Nq`` queries and ``Nk`` keys (offset ``Nk - Nq``)."""
         m = MaskMod(self.name, self._fn, self._blocks, offset=nk - nq, sizes=(nq, nk))
-        m._cacheable = self._cacheable
+        m._cacheable, m._window = self._cacheable, self._window
         return m
 
     def block_classes(self, qs, qe, ks, ke):
@@ -136,6 +137,7 @@ def sliding_window(left: int | None, right: int | None = 0) -> MaskMod:
 
     m = MaskMod(f"sliding_window({left}, {right})", fn, blocks)
     m._cacheable = True
+    m._window = (left, right)  # qkv.attention treats mask=sliding_window(l, r) as window=(l, r)
     return m
 
 
