@@ -328,8 +328,9 @@ def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
             _aten._softmax_backward_data.out(ds, p, -1, acc, grad_input=ds)   # p·(dp − Σ p·dp), in place
             if dlse is not None:                                  # d lse_i / d s_ij = p_ij
                 ds.addcmul_(p, dlse[b, h, rows].to(acc).view(n, bq, 1))
+            # the scale rides the GEMMs (alpha); with beta=0 baddbmm's first argument only gives the shape
             dqc = dq[b, h, rows].view(n, bq, -1)
-            torch.baddbmm(dqc, ds, kb, beta=0, alpha=call.scale, out=dqc)          # the scale rides the GEMM
+            torch.baddbmm(dqc, ds, kb, beta=0, alpha=call.scale, out=dqc)
             band.scatter(dk[b, kv], torch.baddbmm(kb, ds.transpose(1, 2), qc, beta=0, alpha=call.scale), b0, b1)
 
 
