@@ -296,3 +296,30 @@ def test_ops_path_multi_run_online_merge(monkeypatch):
     q, k, v = make_qkv(2, 4, 2, 300, 517, 40, Dv=24, seed=7)      # Dv != D: the torch-ops path
     assert not tiled._use_fused(_call.prepare(q, k, v))
     compare("tiled", q, k, v, grad=True, causal=True, softcap=4.0)
+
+
+@st.composite
+def band_calls(draw):
+    # Small band blocks make the band path run on small shapes: every geometry of it (Nq != Nk both ways,
+    # one- and two-sided windows, GQA, chunking, kept or recomputed probabilities, lse returned or not).
+    bq = draw(st.sampled_from([4, 8, 16]))
+    Hkv = draw(st.integers(1, 2))
+    Hq = Hkv * draw(st.sampled_from([1, 2]))
+    Nq, Nk = draw(st.integers(2 * bq, 160)), draw(st.integers(2 * bq, 160))
+    causal = draw(st.booleans())
+    window = (draw(st.integers(0, 30)), draw(st.integers(0, 30)))
+    knobs = dict(BAND_Q=bq, BAND_TILE_BYTES=draw(st.sampled_from([(2**9, 2**9), (2**12, 2**10), (2**20, 2**20)])),
+                 BAND_KEEP_BYTES=draw(st.sampled_from([0, 2**30])))
+    D = draw(st.sampled_from([3, 8, 17]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return (Hq, Hkv, Nq, Nk, D, dtype, draw(st.integers(0, 10_000))), dict(causal=causal, window=window), knobs
+
+
+@given(band_calls())
+def test_band_path_hypothesis(case):
+    (Hq, Hkv, Nq, Nk, D, dtype, seed), kw, knobs = case
+    q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, D, dtype=dtype, seed=seed)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in knobs.items():
+            mp.setattr(tiled, name, value)
+        compare("tiled", q, k, v, grad=True, **kw)
