@@ -224,6 +224,7 @@ def _band_runs(q, k, v, **kw):
 ])
 def test_band_path_matches_oracle(monkeypatch, keep, Hq, Hkv, Nq, Nk, window, causal):
     monkeypatch.setattr(tiled, "BAND_KEEP_BYTES", 2**40 if keep else 0)
+    monkeypatch.setattr(tiled, "BAND_KEEP_RATIO", 10**6)
     monkeypatch.setattr(tiled, "BAND_TILE_BYTES", (2**17, 2**16))        # several chunks per head
     q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, 16, seed=3)
     _band_runs(q, k, v, window=window, causal=causal)
@@ -270,6 +271,7 @@ def test_band_path_lse_gradient(monkeypatch, keep):
     # a loss on out and lse: the band backward adds p·dlse to the softmax backward
     from _oracle import naive_attention
     monkeypatch.setattr(tiled, "BAND_KEEP_BYTES", 2**40 if keep else 0)
+    monkeypatch.setattr(tiled, "BAND_KEEP_RATIO", 10**6)
     q, k, v = make_qkv(1, 2, 2, 500, 500, 8, dtype=torch.float64, seed=29)
     _band_runs(q, k, v, window=(60, 0), causal=True)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -309,7 +311,7 @@ def band_calls(draw):
     causal = draw(st.booleans())
     window = (draw(st.integers(0, 30)), draw(st.integers(0, 30)))
     knobs = dict(BAND_Q=bq, BAND_TILE_BYTES=draw(st.sampled_from([(2**9, 2**9), (2**12, 2**10), (2**20, 2**20)])),
-                 BAND_KEEP_BYTES=draw(st.sampled_from([0, 2**30])))
+                 BAND_KEEP_BYTES=draw(st.sampled_from([0, 2**30])), BAND_KEEP_RATIO=10**6)
     D = draw(st.sampled_from([3, 8, 17]))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     return (Hq, Hkv, Nq, Nk, D, dtype, draw(st.integers(0, 10_000))), dict(causal=causal, window=window), knobs
@@ -323,3 +325,34 @@ def test_band_path_hypothesis(case):
         for name, value in knobs.items():
             mp.setattr(tiled, name, value)
         compare("tiled", q, k, v, grad=True, **kw)
+
+
+def test_band_keeps_probabilities_only_when_small():
+    # kept for backward: window 256 at D=64 (5x the values of q, 39 MiB); recomputed: a wide window (over
+    # BAND_KEEP_RATIO x q) or over BAND_KEEP_BYTES. Inference and no-grad calls never keep.
+    def decide(N, D, window, **patch):
+        q, k, v = (torch.zeros(1, 8, N, D) for _ in range(3))
+        call = _call.prepare(q, k, v, causal=True, window=window)
+        band = tiled._Band.plan(call, tiled.BAND_Q)
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in patch.items():
+                mp.setattr(tiled, name, value)
+            return band.may_keep(call)
+    assert decide(4096, 64, (255, 0))
+    assert not decide(4096, 64, (1023, 0))                       # 17x the values of q
+    assert not decide(4096, 64, (255, 0), BAND_KEEP_BYTES=2**25)  # 39 MiB > 32 MiB
+
+    seen = []
+    real = tiled._band_fwd
+
+    def spy(*args):
+        seen.append(args[-1])                                    # the keep flag
+        return real(*args)
+    q, k, v = make_qkv(1, 2, 2, 600, 600, 16, seed=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiled, "_band_fwd", spy)
+        qkv.attention(q, k, v, causal=True, window=(60, 0), backend="tiled")                     # no grads
+        qkv.attention(q.requires_grad_(), k, v, causal=True, window=(60, 0), backend="tiled")    # training
+        with torch.no_grad():
+            qkv.attention(q, k, v, causal=True, window=(60, 0), backend="tiled")
+    assert seen == [False, True, False]

@@ -17,8 +17,8 @@ A run is computed by one of two tile kernels with the same contract:
 Sliding windows (``window=`` with no other mask or mod) take a banded path for the query blocks whose whole
 window lies inside the keys (see ``_Band``): no tiles and no merge there, one softmax per row over a band of
 BAND_Q + left + right keys. In training it keeps those probabilities for the backward when they fit in
-BAND_KEEP_BYTES (B·Hq·N·span in fp32: O(N·window), not O(N²)), which spares the backward one of its five
-matmuls; ``BAND_KEEP_BYTES = 0`` recomputes them instead.
+BAND_KEEP_BYTES and are at most BAND_KEEP_RATIO times as many values as q (B·Hq·N·span: O(N·window), not
+O(N²)), which spares the backward one of its five matmuls; ``BAND_KEEP_BYTES = 0`` recomputes them instead.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from ._call import Call
 
 __all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "FUSED", "BAND_Q", "BAND_TILE_BYTES",
-           "BAND_KEEP_BYTES"]
+           "BAND_KEEP_BYTES", "BAND_KEEP_RATIO"]
 
 BLOCK_Q = 128            # query rows per step
 BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
@@ -37,7 +37,8 @@ FUSED_BLOCK_Q = 1024     # most query rows per fused-kernel call (it tiles insid
 BAND_Q = 64              # query block of the banded sliding-window path
 BAND_TILE_BYTES = (2**21, 2**20)  # most bytes of one band score tile, (inference, training): a chunk of blocks
                                   # of one head stays in cache (the backward holds two tiles; measured)
-BAND_KEEP_BYTES = 256 * 2**20  # the band path keeps its probabilities for backward up to this size, else recomputes
+BAND_KEEP_BYTES = 256 * 2**20  # the band path keeps its probabilities for backward up to this size (per call)
+BAND_KEEP_RATIO = 8            # ... and up to this many times the values of q (else it recomputes them)
 FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
 
 _NEG = float("-inf")
@@ -216,10 +217,12 @@ class _Band:
         for b0 in range(self.blocks.start, self.blocks.stop, step):
             yield b0, min(b0 + step, self.blocks.stop)
 
-    def kept_bytes(self, call: Call) -> int:
-        """Bytes of the interior probabilities, (B, Hq, blocks, bq, span) in the acc dtype."""
-        per = torch.empty((), dtype=call.acc_dtype).element_size()
-        return call.B * call.Hq * len(self.blocks) * self.bq * self.span * per
+    def may_keep(self, call: Call) -> bool:
+        """Whether the band's probabilities, (B, Hq, blocks, bq, span) in the acc dtype, are small enough to keep
+        for the backward: at most BAND_KEEP_BYTES, and at most BAND_KEEP_RATIO times the values of q."""
+        n = call.B * call.Hq * len(self.blocks) * self.bq * self.span
+        return n * torch.empty((), dtype=call.acc_dtype).element_size() <= BAND_KEEP_BYTES \
+            and n <= BAND_KEEP_RATIO * call.q.numel()
 
     def _edges(self, call: Call):
         """The band's masked columns: row r sees band columns r .. r + left + right, so only the first bq - 1
@@ -509,7 +512,7 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     sched = _schedule(call, bq, bk, band.blocks if band else range(0))
     # The band path keeps its probabilities for a backward that will run (it then skips their recompute).
     keep = band is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)) \
-        and band.kept_bytes(call) <= BAND_KEEP_BYTES
+        and band.may_keep(call)
     return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band, keep)
 
 
