@@ -356,3 +356,17 @@ def test_band_keeps_probabilities_only_when_small():
         with torch.no_grad():
             qkv.attention(q, k, v, causal=True, window=(60, 0), backend="tiled")
     assert seen == [False, True, False]
+
+
+@pytest.mark.parametrize("alias", [True, False])    # in place (CPU) / through a temporary (other devices)
+def test_band_softmax_helpers(alias):
+    s = torch.randn(3, 5, 40, dtype=torch.float64)
+    s[..., :7] = float("-inf")
+    dp = torch.randn(3, 5, 40, dtype=torch.float64)
+    p = s.clone()
+    tiled._softmax_(p, alias)
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    torch.testing.assert_close(p, e / e.sum(-1, keepdim=True))
+    ds = dp.clone()
+    tiled._softmax_backward_(ds, p, alias)
+    torch.testing.assert_close(ds, p * (dp - (p * dp).sum(-1, keepdim=True)))

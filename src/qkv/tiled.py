@@ -265,6 +265,23 @@ class _Band:
                 .add_(g[:, j:j + w])
 
 
+def _softmax_(s: torch.Tensor, alias: bool | None = None):
+    """Row softmax of s in place (the tile stays in cache). ATen's CPU kernel works a row at a time, so its
+    output may alias its input (``alias``, the default on CPU); elsewhere it goes through a temporary."""
+    if s.device.type == "cpu" if alias is None else alias:
+        _aten._softmax.out(s, -1, False, out=s)
+    else:
+        s.copy_(torch.softmax(s, -1))
+
+
+def _softmax_backward_(ds: torch.Tensor, p: torch.Tensor, alias: bool | None = None):
+    """ds <- p·(ds − Σ_row p·ds), the softmax backward, in place as in _softmax_."""
+    if ds.device.type == "cpu" if alias is None else alias:
+        _aten._softmax_backward_data.out(ds, p, -1, ds.dtype, grad_input=ds)
+    else:
+        ds.copy_(_aten._softmax_backward_data(ds, p, -1, ds.dtype))
+
+
 def _band_heads(call: Call):
     """(batch, query head, its kv head) of every head the band path visits, one at a time."""
     for b in range(call.B):
@@ -293,7 +310,7 @@ def _band_fwd(call: Call, band: _Band, q, k, v, out, lse, out_acc, keep: bool):
             band.scores(call, q[b, h, rows], k[b, kv], b0, b1, out=s)
             if call.return_lse:
                 m = s.amax(-1)
-            _aten._softmax.out(s, -1, False, out=s)            # in place: the tile stays in cache
+            _softmax_(s)
             if call.return_lse:
                 lse[b, h, rows] = m.view(-1) - s.amax(-1).log_().view(-1)   # p_max = exp(m - lse)
             vb = band.bands(v[b, kv], b0, b1)
@@ -325,10 +342,10 @@ def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
                 p, qc = next(kept), band.queries(call, q[b, h, rows])
             else:
                 p, qc = bufs[0][:n], band.scores(call, q[b, h, rows], k[b, kv], b0, b1, out=bufs[0][:n])
-                _aten._softmax.out(p, -1, False, out=p)
+                _softmax_(p)
             band.scatter(dv[b, kv], torch.bmm(p.transpose(1, 2), do), b0, b1)
             torch.bmm(do, vb.transpose(1, 2), out=ds)
-            _aten._softmax_backward_data.out(ds, p, -1, acc, grad_input=ds)   # p·(dp − Σ p·dp), in place
+            _softmax_backward_(ds, p)                            # p·(dp − Σ p·dp)
             if dlse is not None:                                  # d lse_i / d s_ij = p_ij
                 ds.addcmul_(p, dlse[b, h, rows].to(acc).view(n, bq, 1))
             # the scale rides the GEMMs (alpha); with beta=0 baddbmm's first argument only gives the shape
