@@ -225,35 +225,41 @@ class _Band:
             and n <= BAND_KEEP_RATIO * call.q.numel()
 
     def _edges(self, call: Call):
-        """The band's masked columns: row r sees band columns r .. r + left + right, so only the first bq - 1
-        and those from left + right + 1 on hold masked entries. Returns (a, b, additive mask (bq, span))."""
+        """The in-band mask: row r sees band columns r .. r + left + right, so only the first bq - 1 columns
+        and those from left + right + 1 on hold masked entries. Returns (a, b, additive mask of the columns
+        before a (bq, a), of the columns from b on (bq, span - b))."""
         if self._mask is None:
             r = torch.arange(self.bq, device=call.q.device).view(-1, 1)
             c = torch.arange(self.span, device=call.q.device).view(1, -1)
             vis = (c >= r) & (c <= r + self.left + self.right)
+            add = torch.zeros(vis.shape, dtype=call.acc_dtype, device=vis.device).masked_fill_(~vis, _NEG)
             a = min(self.bq - 1, self.span)
-            self._mask = a, max(self.left + self.right + 1, a), \
-                torch.zeros(vis.shape, dtype=call.acc_dtype, device=vis.device).masked_fill_(~vis, _NEG)
+            b = max(self.left + self.right + 1, a)
+            self._mask = a, b, add[:, :a], add[:, b:]
         return self._mask
 
-    def queries(self, call: Call, q: torch.Tensor) -> torch.Tensor:
-        """One head's query rows of a chunk (n·bq, D) in the acc dtype: (n, bq, D)."""
-        return q.to(call.acc_dtype).view(-1, self.bq, q.shape[-1])
+    def blocks_of(self, x: torch.Tensor, dtype=None) -> torch.Tensor:
+        """One head's rows (N, X) as whole query blocks (N // bq, bq, X): a view when x is contiguous."""
+        x = x[: x.shape[0] // self.bq * self.bq]
+        x = x if dtype is None else x.to(dtype)
+        return x.view(-1, self.bq, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, self.bq, x.shape[-1])
 
-    def scores(self, call: Call, q, k, b0, b1, out):
-        """Masked scaled scores of blocks b0..b1 of one head into out (n, bq, span); q: the chunk's rows
-        (n·bq, D), k: the head's (Nk, D). Returns the queries (n, bq, D)."""
-        qc = self.queries(call, q)
-        torch.baddbmm(out, qc, self.bands(k, b0, b1).transpose(1, 2), beta=0, alpha=call.scale, out=out)
-        a, b, add = self._edges(call)
-        out[..., :a] += add[:, :a]                            # the mask only where it has -inf entries
-        out[..., b:] += add[:, b:]
-        return qc
+    def scores(self, call: Call, qc, k, b0, b1, out):
+        """Masked scaled scores of blocks b0..b1 of one head into out (n, bq, span); qc: their query blocks
+        (n, bq, D) in the acc dtype, k: the head's contiguous (Nk, D)."""
+        torch.baddbmm(out, qc, self.bands(k, b0, b1, transposed=True), beta=0, alpha=call.scale, out=out)
+        a, b, add_a, add_b = self._edges(call)
+        out[..., :a] += add_a                                  # the mask only where it has -inf entries
+        out[..., b:] += add_b
 
-    def bands(self, x: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
-        """The key bands of blocks b0..b1 of one head's contiguous (Nk, X): an overlapping (nb, span, X) view."""
+    def bands(self, x: torch.Tensor, b0: int, b1: int, transposed: bool = False) -> torch.Tensor:
+        """The key bands of blocks b0..b1 of one head's contiguous (Nk, X): an overlapping (nb, span, X) view
+        (or (nb, X, span) with ``transposed``)."""
         X = x.shape[-1]
-        return x.as_strided((b1 - b0, self.span, X), (self.bq * X, X, 1), x.storage_offset() + self.key0(b0) * X)
+        at = x.storage_offset() + self.key0(b0) * X
+        if transposed:
+            return x.as_strided((b1 - b0, X, self.span), (self.bq * X, 1, X), at)
+        return x.as_strided((b1 - b0, self.span, X), (self.bq * X, X, 1), at)
 
     def scatter(self, acc: torch.Tensor, g: torch.Tensor, b0: int, b1: int):
         """Add band gradients g (nb, span, X) into one head's acc (Nk, X). Bands overlap, but the j-th
@@ -293,65 +299,69 @@ def _band_fwd(call: Call, band: _Band, q, k, v, out, lse, out_acc, keep: bool):
     """Writes the interior rows of out, and of lse when the call returns it (nothing else reads them: the
     band backward works on whole rows). With keep, returns the probabilities for the backward (which then
     skips recomputing them): one (blocks, bq, span) tensor per head and chunk, in loop order. Chunk-sized
-    allocations, not one large one: the allocator can reuse them from step to step."""
+    allocations, not one large one: the allocator can reuse them from step to step.
+    Per-head views are made once per head: the chunk loop is a handful of ops (it runs ~40 times a call)."""
     acc, bq = call.acc_dtype, band.bq
     k, v = k.to(acc).contiguous(), v.to(acc).contiguous()
     direct = out_acc is None and out.dtype == acc and out.is_contiguous()   # bmm writes straight into out
     kept, buf = ([] if keep else None), None
     for b, h, kv in _band_heads(call):
+        qh, kh, vh = band.blocks_of(q[b, h], acc), k[b, kv], v[b, kv]
+        oh = band.blocks_of(out[b, h]) if direct else None
         for b0, b1 in band.chunks(call, keep):
-            n, rows = b1 - b0, slice(b0 * bq, b1 * bq)
+            n = b1 - b0
             if kept is not None:
                 s = torch.empty(n, bq, band.span, dtype=acc, device=q.device)
                 kept.append(s)
             else:
                 buf = torch.empty(n, bq, band.span, dtype=acc, device=q.device) if buf is None else buf
                 s = buf[:n]
-            band.scores(call, q[b, h, rows], k[b, kv], b0, b1, out=s)
+            band.scores(call, qh[b0:b1], kh, b0, b1, out=s)
             if call.return_lse:
                 m = s.amax(-1)
             _softmax_(s)
             if call.return_lse:
-                lse[b, h, rows] = m.view(-1) - s.amax(-1).log_().view(-1)   # p_max = exp(m - lse)
-            vb = band.bands(v[b, kv], b0, b1)
+                lse[b, h, b0 * bq:b1 * bq] = m.view(-1) - s.amax(-1).log_().view(-1)   # p_max = exp(m - lse)
             if direct:
-                torch.bmm(s, vb, out=out[b, h, rows].view(n, bq, -1))
+                torch.bmm(s, band.bands(vh, b0, b1), out=oh[b0:b1])
             else:
-                o = torch.bmm(s, vb).view(n * bq, -1)
-                out[b, h, rows] = o
+                o = torch.bmm(s, band.bands(vh, b0, b1)).view(n * bq, -1)
+                out[b, h, b0 * bq:b1 * bq] = o
                 if out_acc is not None:
-                    out_acc[b, h, rows] = o
+                    out_acc[b, h, b0 * bq:b1 * bq] = o
     return kept
 
 
 def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
-    """dq, dk, dv: accumulators in the acc dtype. The softmax backward runs on whole rows, so it needs
-    neither the saved output nor the LSE: p is the forward's (kept) or recomputed by the same fused softmax."""
+    """dq, dk, dv: contiguous accumulators in the acc dtype. The softmax backward runs on whole rows, so it
+    needs neither the saved output nor the LSE: p is the forward's (kept) or recomputed by the same softmax."""
     acc, bq = call.acc_dtype, band.bq
     k, v = k.to(acc).contiguous(), v.to(acc).contiguous()
     bufs, kept = None, None if kept is None else iter(kept)
     for b, h, kv in _band_heads(call):
+        qh, doh, dqh = band.blocks_of(q[b, h], acc), band.blocks_of(dout[b, h], acc), band.blocks_of(dq[b, h])
+        kh, vh, dkh, dvh = k[b, kv], v[b, kv], dk[b, kv], dv[b, kv]
+        dlh = None if dlse is None else band.blocks_of(dlse[b, h].unsqueeze(-1), acc)
         for b0, b1 in band.chunks(call, True):
-            n, rows = b1 - b0, slice(b0 * bq, b1 * bq)
+            n = b1 - b0
             if bufs is None:
                 bufs = [torch.empty(n, bq, band.span, dtype=acc, device=q.device) for _ in range(2)]
-            ds = bufs[1][:n]
-            kb, vb = band.bands(k[b, kv], b0, b1), band.bands(v[b, kv], b0, b1)
-            do = dout[b, h, rows].to(acc).view(n, bq, -1)
+            ds, qc, do = bufs[1][:n], qh[b0:b1], doh[b0:b1]
+            kb = band.bands(kh, b0, b1)
             if kept is not None:
-                p, qc = next(kept), band.queries(call, q[b, h, rows])
+                p = next(kept)
             else:
-                p, qc = bufs[0][:n], band.scores(call, q[b, h, rows], k[b, kv], b0, b1, out=bufs[0][:n])
+                p = bufs[0][:n]
+                band.scores(call, qc, kh, b0, b1, out=p)
                 _softmax_(p)
-            band.scatter(dv[b, kv], torch.bmm(p.transpose(1, 2), do), b0, b1)
-            torch.bmm(do, vb.transpose(1, 2), out=ds)
+            band.scatter(dvh, torch.bmm(p.transpose(1, 2), do), b0, b1)
+            torch.bmm(do, band.bands(vh, b0, b1, transposed=True), out=ds)
             _softmax_backward_(ds, p)                            # p·(dp − Σ p·dp)
-            if dlse is not None:                                  # d lse_i / d s_ij = p_ij
-                ds.addcmul_(p, dlse[b, h, rows].to(acc).view(n, bq, 1))
+            if dlh is not None:                                   # d lse_i / d s_ij = p_ij
+                ds.addcmul_(p, dlh[b0:b1])
             # the scale rides the GEMMs (alpha); with beta=0 baddbmm's first argument only gives the shape
-            dqc = dq[b, h, rows].view(n, bq, -1)
-            torch.baddbmm(dqc, ds, kb, beta=0, alpha=call.scale, out=dqc)
-            band.scatter(dk[b, kv], torch.baddbmm(kb, ds.transpose(1, 2), qc, beta=0, alpha=call.scale), b0, b1)
+            torch.baddbmm(dqh[b0:b1], ds, kb, beta=0, alpha=call.scale, out=dqh[b0:b1])
+            band.scatter(dkh, torch.baddbmm(kb, ds.transpose(1, 2), qc, beta=0, alpha=call.scale), b0, b1)
 
 
 def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False):
