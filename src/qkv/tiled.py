@@ -354,9 +354,9 @@ def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
                 p = bufs[0][:n]
                 band.scores(call, qc, kh, b0, b1, out=p)
                 _softmax_(p)
-            band.scatter(dvh, torch.bmm(p.transpose(1, 2), do), b0, b1)
             torch.bmm(do, band.bands(vh, b0, b1, transposed=True), out=ds)
-            _softmax_backward_(ds, p)                            # p·(dp − Σ p·dp)
+            _softmax_backward_(ds, p)                            # p·(dp − Σ p·dp); brings a kept p into cache
+            band.scatter(dvh, torch.bmm(p.transpose(1, 2), do), b0, b1)
             if dlh is not None:                                   # d lse_i / d s_ij = p_ij
                 ds.addcmul_(p, dlh[b0:b1])
             # the scale rides the GEMMs (alpha); with beta=0 baddbmm's first argument only gives the shape
