@@ -311,7 +311,8 @@ def band_calls(draw):
     causal = draw(st.booleans())
     window = (draw(st.integers(0, 30)), draw(st.integers(0, 30)))
     knobs = dict(BAND_Q=bq, BAND_TILE_BYTES=draw(st.sampled_from([(2**9, 2**9), (2**12, 2**10), (2**20, 2**20)])),
-                 BAND_KEEP_BYTES=draw(st.sampled_from([0, 2**30])), BAND_KEEP_RATIO=10**6)
+                 BAND_KEEP_BYTES=draw(st.sampled_from([0, 2**30])), BAND_KEEP_RATIO=10**6,
+                 BAND_ALIGN=draw(st.sampled_from([1, 16])))
     D = draw(st.sampled_from([3, 8, 17]))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     return (Hq, Hkv, Nq, Nk, D, dtype, draw(st.integers(0, 10_000))), dict(causal=causal, window=window), knobs

@@ -27,7 +27,7 @@ import torch
 from ._call import Call
 
 __all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "FUSED", "BAND_Q", "BAND_TILE_BYTES",
-           "BAND_KEEP_BYTES", "BAND_KEEP_RATIO"]
+           "BAND_KEEP_BYTES", "BAND_KEEP_RATIO", "BAND_ALIGN"]
 
 BLOCK_Q = 128            # query rows per step
 BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
@@ -35,6 +35,7 @@ TILE_BYTES = 32 * 2**20  # most bytes of one temporary score tile (B·Hq·BLOCK_
 MIN_FULL = 4             # shorter stretches of full tiles are masked along with their partial neighbours
 FUSED_BLOCK_Q = 1024     # most query rows per fused-kernel call (it tiles inside); see _fused_rows
 BAND_Q = 64              # query block of the banded sliding-window path
+BAND_ALIGN = 16          # band width rounded up to a multiple of this (extra keys masked)
 BAND_TILE_BYTES = (2**21, 2**20)  # most bytes of one band score tile, (inference, training): a chunk of blocks
                                   # of one head stays in cache (the backward holds two tiles; measured)
 BAND_KEEP_BYTES = 256 * 2**20  # the band path keeps its probabilities for backward up to this size (per call)
@@ -181,14 +182,18 @@ def _ops_fwd(t: _Tile, qb, k, v, k0, k1, partial):
 
 class _Band:
     """A sliding-window call seen as a band: query block b (rows b·bq .. b·bq+bq) reads the ``span =
-    bq + left + right`` keys from ``b·bq + off - left`` on, with the same in-tile pattern for every interior
+    lead + bq + left + right`` keys from ``b·bq + off - left - lead`` on (``lead`` masked keys pad span to a
+    multiple of BAND_ALIGN), with the same in-tile pattern for every interior
     block (one whose keys all exist). Those blocks need no tiling or LSE merge: a row's whole window is in
     its band, so one softmax per row is exact. Per head, the bands are overlapping strided views of K and V
     (never copied) and a chunk of blocks is one batched matmul, one in-place fused softmax (and its fused
     backward), one batched matmul. Edge blocks take the general schedule."""
 
     def __init__(self, call: Call, bq: int, left: int, right: int):
-        self.bq, self.left, self.right, self.span = bq, left, right, bq + left + right
+        # The band starts `lead` masked keys early so that span is a multiple of BAND_ALIGN: row-length tails
+        # cost the matmul and softmax kernels ~7% (measured, NOTES step 17).
+        self.lead = -(bq + left + right) % BAND_ALIGN
+        self.bq, self.left, self.right, self.span = bq, left, right, self.lead + bq + left + right
         self.off, self._mask = call.Nk - call.Nq, None
         nqb = call.Nq // bq                                    # whole blocks only
         ok = [b for b in range(nqb) if self.key0(b) >= 0 and self.key0(b) + self.span <= call.Nk]
@@ -208,7 +213,7 @@ class _Band:
 
     def key0(self, b: int) -> int:
         """First key of query block b's band."""
-        return b * self.bq + self.off - self.left
+        return b * self.bq + self.off - self.left - self.lead
 
     def chunks(self, call: Call, training: bool):
         """Runs of interior blocks whose score tile (blocks·bq·span) fits in BAND_TILE_BYTES."""
@@ -225,16 +230,16 @@ class _Band:
             and n <= BAND_KEEP_RATIO * call.q.numel()
 
     def _edges(self, call: Call):
-        """The in-band mask: row r sees band columns r .. r + left + right, so only the first bq - 1 columns
-        and those from left + right + 1 on hold masked entries. Returns (a, b, additive mask of the columns
-        before a (bq, a), of the columns from b on (bq, span - b))."""
+        """The in-band mask: row r sees band columns lead + r .. lead + r + left + right, so only the first
+        lead + bq - 1 columns and those from lead + left + right + 1 on hold masked entries. Returns (a, b,
+        additive mask of the columns before a (bq, a), of the columns from b on (bq, span - b))."""
         if self._mask is None:
             r = torch.arange(self.bq, device=call.q.device).view(-1, 1)
             c = torch.arange(self.span, device=call.q.device).view(1, -1)
-            vis = (c >= r) & (c <= r + self.left + self.right)
+            vis = (c >= r + self.lead) & (c <= r + self.lead + self.left + self.right)
             add = torch.zeros(vis.shape, dtype=call.acc_dtype, device=vis.device).masked_fill_(~vis, _NEG)
-            a = min(self.bq - 1, self.span)
-            b = max(self.left + self.right + 1, a)
+            a = min(self.lead + self.bq - 1, self.span)
+            b = max(self.lead + self.left + self.right + 1, a)
             self._mask = a, b, add[:, :a], add[:, b:]
         return self._mask
 
