@@ -691,7 +691,7 @@ def _run_memory_subprocess(case: Case, provider: str, seed: int, timeout: float,
 
 def _predicted_bytes(provider: Provider, case: Case) -> int:
     """A rough lower bound of what a materialising provider needs; 0 for O(N) ones."""
-    el = torch.empty((), dtype=case.torch_dtype).element_size()
+    el = case.torch_dtype.itemsize
     n2 = case.B * case.H * case.N * case.N
     if provider.name in ("naive", "sdpa-math", "reference") or (provider.name.startswith("sdpa")
                                                               and not case.spec.is_none

@@ -15,7 +15,7 @@ SCORE_BUDGET_BYTES = 2**31
 
 
 def _check_budget(call: Call, dtype, what="reference"):
-    need = call.B * call.Hq * call.Nq * call.Nk * torch.empty((), dtype=dtype).element_size()
+    need = call.B * call.Hq * call.Nq * call.Nk * dtype.itemsize
     if need > SCORE_BUDGET_BYTES:
         raise ValueError(
             f"the {what} engine would materialise {need / 2**30:.1f} GiB of scores for (B, Hq, Nq, Nk) = "

@@ -52,7 +52,7 @@ def _schedule(call: Call, bq: int, bk: int, skip: range = range(0)):
     Blocks in ``skip`` (the band path's) get None: planning them costs Python time the band path saves."""
     Nq, Nk = call.Nq, call.Nk
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
-    row_bytes = call.B * call.Hq * bq * torch.empty((), dtype=call.acc_dtype).element_size()
+    row_bytes = call.B * call.Hq * bq * call.acc_dtype.itemsize
     # kv tiles per run: the ops path materialises a run's score tile, the fused kernel tiles inside itself
     per_run = nkb if _use_fused(call) else max(1, TILE_BYTES // (row_bytes * bk))
     state = call.block_state(bq, bk)
@@ -217,7 +217,7 @@ class _Band:
 
     def chunks(self, call: Call, training: bool):
         """Runs of interior blocks whose score tile (blocks·bq·span) fits in BAND_TILE_BYTES."""
-        per = self.bq * self.span * torch.empty((), dtype=call.acc_dtype).element_size()
+        per = self.bq * self.span * call.acc_dtype.itemsize
         step = max(1, BAND_TILE_BYTES[training] // per)
         for b0 in range(self.blocks.start, self.blocks.stop, step):
             yield b0, min(b0 + step, self.blocks.stop)
@@ -226,7 +226,7 @@ class _Band:
         """Whether the band's probabilities, (B, Hq, blocks, bq, span) in the acc dtype, are small enough to keep
         for the backward: at most BAND_KEEP_BYTES, and at most BAND_KEEP_RATIO times the values of q."""
         n = call.B * call.Hq * len(self.blocks) * self.bq * self.span
-        return n * torch.empty((), dtype=call.acc_dtype).element_size() <= BAND_KEEP_BYTES \
+        return n * call.acc_dtype.itemsize <= BAND_KEEP_BYTES \
             and n <= BAND_KEEP_RATIO * call.q.numel()
 
     def _edges(self, call: Call):
