@@ -9,7 +9,8 @@ EXTRAS  ?= all
 
 .PHONY: setup demo test bench clean
 
-$(BIN)/qkv: pyproject.toml
+# setup.py builds the CPU kernel (src/qkv/csrc) into src/qkv at install: a changed source reinstalls.
+$(BIN)/qkv: pyproject.toml setup.py $(wildcard src/qkv/csrc/*.c)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
@@ -25,4 +26,4 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/qkv/*.so

@@ -9,8 +9,18 @@ import torch
 
 import qkv
 from _oracle import compare, make_qkv, naive_attention
+from qkv import _native
 
-ENGINES = ["reference", "tiled", "auto"]
+# "tiled" runs its forward on the CPU kernel where that serves the call; the case "tiled-ops" runs the same
+# engine with the kernel off (its torch-ops paths): see _kernel_off.
+ENGINES = ["reference", "tiled", pytest.param("tiled", id="tiled-ops"), "auto"]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_off(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "tiled-ops" in callspec.id:
+        monkeypatch.setattr(_native, "ENABLED", False)
 
 
 # ------------------------------------------------------------------------------------------ shapes

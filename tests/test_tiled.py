@@ -1,4 +1,6 @@
-"""The tiled engine: hypothesis-generated calls against the oracle, block skipping, O(N·block) evaluation."""
+"""The tiled engine's torch-ops paths: hypothesis-generated calls against the oracle, block skipping, the
+band path, O(N·block) evaluation. The CPU kernel that serves some forwards is off here (tests/test_native.py
+tests it; tests/test_attention.py runs the engine both ways)."""
 import math
 
 import pytest
@@ -7,6 +9,12 @@ from hypothesis import given, strategies as st
 
 import qkv
 from _oracle import compare, make_qkv
+from qkv import _native
+
+
+@pytest.fixture(autouse=True)
+def _torch_ops_only(monkeypatch):
+    monkeypatch.setattr(_native, "ENABLED", False)
 
 SCORE_MODS = {
     "none": None,

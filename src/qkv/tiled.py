@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
 from ._call import Call
 
 __all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "FUSED", "BAND_Q", "BAND_TILE_BYTES",
@@ -508,9 +509,12 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, anchor, call, bq, sched, band, keep):
+    def forward(ctx, q, k, v, bias, anchor, call, bq, sched, band, keep, native):
         ctx.set_materialize_grads(False)
-        out, lse, out_acc, kept = _fwd(call, q, k, v, bq, sched, band, keep)
+        if native:
+            (out, lse), out_acc, kept = _native.attention_fwd(call), None, None
+        else:
+            out, lse, out_acc, kept = _fwd(call, q, k, v, bq, sched, band, keep)
         ctx.save_for_backward(q, k, v, out if out_acc is None else out_acc, lse)
         ctx.call, ctx.bq, ctx.sched, ctx.band, ctx.kept = call, bq, sched, band, kept
         return out, lse.to(torch.float32)
@@ -523,7 +527,7 @@ class _TiledAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         need_dbias = call.bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias, ctx.band, ctx.kept)
-        return dq, dk, dv, dbias, None, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
 def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
@@ -541,11 +545,16 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
         bq, bk = bm.block_size                  # the grid its states were built on
     else:
         bq, bk = (_fused_rows(call) if _use_fused(call) else BLOCK_Q), BLOCK_K
-    sched = _schedule(call, bq, bk, band.blocks if band else range(0))
     # The band path keeps its probabilities for a backward that will run (it then skips their recompute).
-    keep = band is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)) \
-        and band.may_keep(call)
-    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band, keep)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    keep = band is not None and training and band.may_keep(call)
+    # The CPU kernel computes the forward of the calls it serves (all rows), unless the band keeps p.
+    native = not block_size and not keep and _native.serves(call)
+    if native and not training:
+        return _native.attention_fwd(call)
+    sched = _schedule(call, bq, bk, band.blocks if band else range(0))
+    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band, keep,
+                                 native)
 
 
 def _fused_rows(call: Call) -> int:

@@ -1,0 +1,95 @@
+"""qkv's CPU attention kernel (``src/qkv/csrc/attn_cpu.c``), loaded with ctypes.
+
+It computes the exact forward, out and lse, of calls whose visibility is a key *range* per query row — no
+mask, causal, sliding windows (bottom-right aligned) — with no score mods and no dropout, on CPUs with
+AVX-512, in fp32 (fp16/bf16 inputs are computed in fp32, as every engine accumulates them). The tiled engine
+runs its forward on it when it serves the call (``serves``); the backward stays in torch ops. It is built at
+install time (``setup.py``, optional) and runs its own threads, as many as ``torch.get_num_threads()``.
+
+``ENABLED = False`` turns it off (the tiled engine then computes those calls in torch ops).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+import torch
+
+from ._call import Call
+
+__all__ = ["ENABLED", "available", "serves", "attention_fwd"]
+
+ENABLED = True
+_VERSION = 1                 # qkv_native_version() of the C source this wrapper speaks to
+_lib = None
+_why = None                  # why the kernel cannot run here (None: not probed yet, or loaded)
+
+
+def _load():
+    global _lib, _why
+    if _lib is not None or _why is not None:
+        return _lib
+    spec = importlib.util.find_spec("qkv._attn_cpu")
+    if spec is None or not spec.origin:
+        _why = "the CPU kernel was not built (setup.py builds it at install; it needs a C compiler)"
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as e:
+        _why = f"the CPU kernel could not be loaded: {e}"
+        return None
+    if lib.qkv_native_version() != _VERSION:
+        _why = f"the CPU kernel is a stale build (version {lib.qkv_native_version()}, want {_VERSION}): reinstall"
+    elif not lib.qkv_native_supported():
+        _why = "this CPU lacks AVX-512 (F, DQ, VL, BW), which the CPU kernel needs"
+    else:
+        lib.qkv_attn_fwd_f32.restype = ctypes.c_int
+        lib.qkv_attn_fwd_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.POINTER(ctypes.c_int64)] * 2 + [
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        _lib = lib
+    return _lib
+
+
+def available() -> tuple[bool, str]:
+    """Whether the kernel can run on this machine, and if not, why."""
+    if _load() is None:
+        return False, _why
+    return True, "AVX-512 CPU kernel (causal / sliding-window / unmasked forward, fp32 accumulation)"
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def serves(call: Call) -> bool:
+    """Whether the kernel computes this call exactly: CPU, fp32/fp16/bf16, visibility given by ``causal``
+    and ``window`` alone, no score mods, no dropout, D and Dv > 0."""
+    return (ENABLED and call.q.device.type == "cpu" and call.q.dtype in _DTYPES and not call.has_mods
+            and not call.dropout_p and call.mask is None and min(call.D, call.Dv) > 0
+            and max(call.Nq, call.Nk) < 2**30 and _load() is not None)
+
+
+def _range(call: Call) -> tuple[int, int]:
+    """(left, right): key j is visible to query i iff i + off - left <= j <= i + off + right."""
+    far = call.Nq + call.Nk                  # reaches past every key: unbounded
+    left, right = call.window if call.window is not None else (None, None)
+    left, right = far if left is None else left, far if right is None else right
+    return left, (min(right, 0) if call.causal else right)
+
+
+def attention_fwd(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32 of a call the kernel ``serves``.
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides (rows are made contiguous)."""
+    lib = _load()
+    q, k, v = (t.to(torch.float32) for t in (call.q, call.k, call.v))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(call.B, call.Hq, call.Nq, call.Dv, dtype=torch.float32)
+    lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32)
+    dims = (ctypes.c_int64 * 7)(call.B, call.Hq, call.Hkv, call.Nq, call.Nk, call.D, call.Dv)
+    strides = (ctypes.c_int64 * 14)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                                    *lse.stride()[:2])
+    left, right = _range(call)
+    rc = lib.qkv_attn_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), dims,
+                              strides, left, right, call.scale, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("qkv's CPU attention kernel could not allocate its workspace or start its threads")
+    return out.to(call.q.dtype), lse

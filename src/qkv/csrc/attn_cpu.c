@@ -1,0 +1,314 @@
+/* qkv's CPU attention kernel: the exact forward of softmax(scale·q·kᵀ)·v over key ranges (causal and sliding
+ * windows, bottom-right aligned), fp32, AVX-512. Plain C with no Python or torch headers: it is loaded with
+ * ctypes (src/qkv/_native.py), which releases the GIL, and it runs its own threads.
+ *
+ * Layout of the work: a tile is 32 query rows of one (batch, head). Scores are computed *transposed*, one
+ * 16-lane vector per key and half tile (st[j][r]), so only the query tile is packed (transposed, qt[d][r]);
+ * keys and values are read in place, row by row, with scalar broadcasts. The row softmax is then vertical (lane-wise max and sum, no horizontal reductions), and P·V reads
+ * p[j][r] as broadcasts against value rows. Keys are visited in chunks of KC with FlashAttention's online
+ * softmax, so any key range works (a window's band is one chunk). Work outside a row's range is skipped at
+ * the granularity of 8 keys × 16 rows (QK) and 8 rows (PV).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QT 32        /* query rows per tile (two vectors) */
+#define KG 8         /* keys per QK micro-kernel */
+#define RB 8         /* query rows per PV micro-kernel */
+#define KC 512       /* keys per chunk of the online softmax */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+#define INLINE static inline __attribute__((always_inline))
+
+typedef struct {
+    const float *q, *k, *v;
+    float *o, *lse;
+    int64_t B, Hq, Hk, Nq, Nk, D, Dv;
+    int64_t qs[3], ks[3], vs[3], os[3], ls[2];   /* strides (elements) of batch, head, row; last dim is 1 */
+    int64_t left, right;                          /* key j visible to row i iff i+off-left <= j <= i+off+right */
+    float scale;
+    int64_t ntiles, ntasks, next;
+    int64_t dvp;                                  /* Dv rounded up to 32: row stride of the tile's accumulator */
+} job_t;
+
+int qkv_native_version(void) { return 1; }
+
+int qkv_native_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+}
+
+/* 2^x for x <= 0 (1 ulp-ish): 2^n · e^(f·ln2), |f| <= 1/2, Taylor to degree 7 (error < 6e-9 relative).
+ * x is clamped at -126 so results stay normal numbers (2^-126 is below any weight that matters). */
+AVX512 INLINE __m512 exp2v(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 g = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(LN2));
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* st[r][0..31] (r < nk) = qt · k[r]: nk keys against the halves h0/h1 of the query tile. */
+AVX512 INLINE void qk_kern(const int nk, const int h0, const int h1, const float *qt, const float *k,
+                           int64_t ldk, int64_t D, float *st) {
+    __m512 a[KG][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < KG; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        __m512 q0 = h0 ? _mm512_load_ps(qt + d * QT) : _mm512_setzero_ps();
+        __m512 q1 = h1 ? _mm512_load_ps(qt + d * QT + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int r = 0; r < KG; r++) {
+            if (r < nk) {
+                __m512 kb = _mm512_set1_ps(k[r * ldk + d]);
+                if (h0) a[r][0] = _mm512_fmadd_ps(q0, kb, a[r][0]);
+                if (h1) a[r][1] = _mm512_fmadd_ps(q1, kb, a[r][1]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < KG; r++) {
+        if (r < nk) {
+            if (h0) _mm512_store_ps(st + r * QT, a[r][0]);
+            if (h1) _mm512_store_ps(st + r * QT + 16, a[r][1]);
+        }
+    }
+}
+
+AVX512 static void qk_any(int nk, int h0, int h1, const float *qt, const float *k, int64_t ldk, int64_t D,
+                          float *st) {
+    if (nk == KG) {
+        if (h0 && h1) qk_kern(KG, 1, 1, qt, k, ldk, D, st);
+        else if (h0) qk_kern(KG, 1, 0, qt, k, ldk, D, st);
+        else qk_kern(KG, 0, 1, qt, k, ldk, D, st);
+        return;
+    }
+    for (int r = 0; r < nk; r++) qk_kern(1, h0, h1, qt, k + r * ldk, ldk, D, st + r * QT);
+}
+
+/* acc[r] (rows r0..r0+7 of the tile, columns c0..c0+31 of v) = alpha[r]·acc[r] + Σ_j p[j][r0+r]·v[j],
+ * j in [ja, jb). nv: value vectors (1 or 2); masks for tails (all ones when whole). */
+AVX512 INLINE void pv_kern(const int nv, const int masked, __mmask16 m0, __mmask16 m1, const float *pt,
+                           const float *v, int64_t ldv, int64_t ja, int64_t jb, float *acc, int64_t ldacc,
+                           const float *alpha) {
+    __m512 a[RB][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) {
+        __m512 s = _mm512_set1_ps(alpha[r]);
+        a[r][0] = _mm512_mul_ps(_mm512_load_ps(acc + r * ldacc), s);
+        a[r][1] = nv > 1 ? _mm512_mul_ps(_mm512_load_ps(acc + r * ldacc + 16), s) : _mm512_setzero_ps();
+    }
+    for (int64_t j = ja; j < jb; j++) {
+        const float *vr = v + j * ldv;
+        __m512 v0 = masked ? _mm512_maskz_loadu_ps(m0, vr) : _mm512_loadu_ps(vr);
+        __m512 v1 = nv > 1 ? (masked ? _mm512_maskz_loadu_ps(m1, vr + 16) : _mm512_loadu_ps(vr + 16))
+                           : _mm512_setzero_ps();
+        const float *pj = pt + j * QT;
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) {
+            __m512 pb = _mm512_set1_ps(pj[r]);
+            a[r][0] = _mm512_fmadd_ps(pb, v0, a[r][0]);
+            if (nv > 1) a[r][1] = _mm512_fmadd_ps(pb, v1, a[r][1]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) {
+        _mm512_store_ps(acc + r * ldacc, a[r][0]);
+        if (nv > 1) _mm512_store_ps(acc + r * ldacc + 16, a[r][1]);
+    }
+}
+
+static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+/* One tile: rows i0 .. i0+nr of (b, h). ws: QT·D (q, transposed) + KC·QT (scores) + QT·dvp (accumulator). */
+AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
+    const int64_t per = J->Hq * J->ntiles, b = task / per, h = task % per / J->ntiles, t = task % J->ntiles;
+    const int64_t hk = h / (J->Hq / J->Hk), i0 = t * QT, nr = J->Nq - i0 < QT ? J->Nq - i0 : QT;
+    const int64_t D = J->D, Dv = J->Dv, Nk = J->Nk, off = Nk - J->Nq, dvp = J->dvp;
+    const float *q = J->q + b * J->qs[0] + h * J->qs[1] + i0 * J->qs[2];
+    const float *k = J->k + b * J->ks[0] + hk * J->ks[1];
+    const float *v = J->v + b * J->vs[0] + hk * J->vs[1];
+    float *o = J->o + b * J->os[0] + h * J->os[1] + i0 * J->os[2];
+    float *qt = ws, *st = ws + QT * D, *acc = st + (int64_t)KC * QT;
+
+    /* Row r sees keys [lo[r], hi[r]) (empty past nr); both bounds are non-decreasing in r. */
+    int32_t lo[QT], hi[QT];
+    int64_t jmin = Nk, jmax = 0;
+    for (int r = 0; r < QT; r++) {
+        int64_t a = Nk, e = Nk;
+        if (r < nr) {
+            a = clamp64(i0 + r + off - J->left, 0, Nk);
+            e = clamp64(i0 + r + off + J->right + 1, 0, Nk);
+        }
+        if (a > e) a = e;
+        lo[r] = (int32_t)a, hi[r] = (int32_t)e;
+        if (a < e) { jmin = a < jmin ? a : jmin; jmax = e > jmax ? e : jmax; }
+    }
+
+    for (int64_t d = 0; d < D; d++)
+        for (int r = 0; r < QT; r++) qt[d * QT + r] = r < nr ? q[r * J->qs[2] + d] : 0.0f;
+    /* Scores are scaled as the plain computation scales them, s·scale, and the maxima m are kept in those
+     * units: p = 2^((s·scale − m)·log2 e), the difference formed by one FMA. (Folding scale·log2 e into q
+     * instead would round every product and cost the lse ~1e-6 relative at large scores.) */
+    const __m512 sc = _mm512_set1_ps(J->scale), l2e = _mm512_set1_ps(LOG2E);
+    memset(acc, 0, sizeof(float) * QT * dvp);
+
+    __m512 m[2], l[2];
+    m[0] = m[1] = _mm512_set1_ps(-INFINITY);
+    l[0] = l[1] = _mm512_setzero_ps();
+    const __m512i lov[2] = {_mm512_loadu_si512(lo), _mm512_loadu_si512(lo + 16)};
+    const __m512i hiv[2] = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 16)};
+    /* per half: the keys any of its rows sees [hl, hr), and those all of its rows see [fl, fr) */
+    int64_t hl[2], hr[2], fl[2], fr[2];
+    for (int s = 0; s < 2; s++) {
+        hl[s] = Nk, hr[s] = 0, fl[s] = 0, fr[s] = Nk;
+        for (int r = 16 * s; r < 16 * s + 16; r++) {
+            if (lo[r] < hi[r]) {
+                hl[s] = lo[r] < hl[s] ? lo[r] : hl[s];
+                hr[s] = hi[r] > hr[s] ? hi[r] : hr[s];
+            }
+            fl[s] = lo[r] > fl[s] ? lo[r] : fl[s];
+            fr[s] = hi[r] < fr[s] ? hi[r] : fr[s];
+        }
+    }
+    for (int64_t c0 = jmin; c0 < jmax; c0 += KC) {
+        const int64_t c1 = c0 + KC < jmax ? c0 + KC : jmax;
+        float *stc = st - c0 * QT;               /* stc[j·QT + r]: scores of key j */
+        for (int64_t j = c0; j < c1; j += KG) {
+            const int nk = c1 - j < KG ? (int)(c1 - j) : KG;
+            const int h0 = j < hr[0] && j + nk > hl[0], h1 = j < hr[1] && j + nk > hl[1];
+            if (h0 || h1) qk_any(nk, h0, h1, qt, k + j * J->ks[2], J->ks[2], D, stc + j * QT);
+        }
+        float alpha[QT] __attribute__((aligned(64)));
+        for (int s = 0; s < 2; s++) {
+            const int64_t a = hl[s] > c0 ? hl[s] : c0, e = hr[s] < c1 ? hr[s] : c1;
+            if (a >= e) {
+                _mm512_store_ps(alpha + 16 * s, _mm512_set1_ps(1.0f));
+                continue;
+            }
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = a; j < e; j++) {
+                float *p = stc + j * QT + 16 * s;
+                __m512 x = _mm512_load_ps(p);
+                if (j < fl[s] || j >= fr[s]) {   /* some row of this half does not see key j */
+                    __m512i jv = _mm512_set1_epi32((int32_t)j);
+                    __mmask16 ok = _mm512_cmpge_epi32_mask(jv, lov[s]) & _mm512_cmplt_epi32_mask(jv, hiv[s]);
+                    x = _mm512_mask_blend_ps(ok, _mm512_set1_ps(-INFINITY), x);
+                    _mm512_store_ps(p, x);
+                }
+                mx = _mm512_max_ps(mx, x);
+            }
+            mx = _mm512_max_ps(m[s], _mm512_mul_ps(mx, sc));   /* max(s)·scale = max(s·scale): scale > 0 */
+            /* rescale factor of what earlier chunks accumulated (0 where nothing was) */
+            __mmask16 had = _mm512_cmp_ps_mask(m[s], _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+            __m512 al = _mm512_maskz_mov_ps(had, exp2v(_mm512_mul_ps(_mm512_sub_ps(m[s], mx), l2e)));
+            __mmask16 any = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = a; j < e; j++) {
+                float *p = stc + j * QT + 16 * s;
+                __m512 x = _mm512_load_ps(p);
+                __mmask16 ok = any & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+                __m512 y = _mm512_maskz_mov_ps(ok, exp2v(_mm512_mul_ps(_mm512_fmsub_ps(x, sc, mx), l2e)));
+                _mm512_store_ps(p, y);
+                sum = _mm512_add_ps(sum, y);
+            }
+            l[s] = _mm512_fmadd_ps(l[s], al, sum);
+            m[s] = mx;
+            _mm512_store_ps(alpha + 16 * s, al);
+        }
+        /* P·V, by 8-row blocks over the keys those rows see, by 32 value columns */
+        for (int r0 = 0; r0 < QT; r0 += RB) {
+            int64_t a = Nk, e = 0;
+            for (int r = r0; r < r0 + RB; r++)
+                if (lo[r] < hi[r]) { a = lo[r] < a ? lo[r] : a; e = hi[r] > e ? hi[r] : e; }
+            a = a > c0 ? a : c0, e = e < c1 ? e : c1;
+            if (a >= e) continue;                /* no key here: these rows' m did not move, alpha is 1 */
+            for (int64_t c = 0; c < Dv; c += 32) {
+                const int64_t w = Dv - c < 32 ? Dv - c : 32;
+                float *ac = acc + r0 * dvp + c;
+                const float *vc = v + c;
+                if (w == 32) pv_kern(2, 0, 0xFFFF, 0xFFFF, stc + r0, vc, J->vs[2], a, e, ac, dvp, alpha + r0);
+                else if (w == 16) pv_kern(1, 0, 0xFFFF, 0, stc + r0, vc, J->vs[2], a, e, ac, dvp, alpha + r0);
+                else if (w > 16)
+                    pv_kern(2, 1, 0xFFFF, (__mmask16)((1u << (w - 16)) - 1), stc + r0, vc, J->vs[2], a, e, ac,
+                            dvp, alpha + r0);
+                else pv_kern(1, 1, (__mmask16)((1u << w) - 1), 0, stc + r0, vc, J->vs[2], a, e, ac, dvp,
+                             alpha + r0);
+            }
+        }
+    }
+
+    float mv[QT], lv[QT];
+    _mm512_storeu_ps(mv, m[0]), _mm512_storeu_ps(mv + 16, m[1]);
+    _mm512_storeu_ps(lv, l[0]), _mm512_storeu_ps(lv + 16, l[1]);
+    for (int r = 0; r < nr; r++) {
+        const float il = lv[r] > 0 ? 1.0f / lv[r] : 0.0f;
+        float *orow = o + r * J->os[2];
+        const float *arow = acc + r * dvp;
+        for (int64_t c = 0; c < Dv; c += 16) {
+            __mmask16 mk = Dv - c >= 16 ? 0xFFFF : (__mmask16)((1u << (Dv - c)) - 1);
+            _mm512_mask_storeu_ps(orow + c, mk, _mm512_mul_ps(_mm512_load_ps(arow + c), _mm512_set1_ps(il)));
+        }
+        if (J->lse)
+            J->lse[b * J->ls[0] + h * J->ls[1] + i0 + r] = lv[r] > 0 ? mv[r] + logf(lv[r]) : -INFINITY;
+    }
+}
+
+static void *worker(void *arg) {
+    job_t *J = (job_t *)arg;
+    size_t n = (size_t)(QT * J->D + (int64_t)KC * QT + QT * J->dvp);
+    float *ws = aligned_alloc(64, ((n * sizeof(float)) + 63) / 64 * 64);
+    if (!ws) return (void *)1;
+    for (;;) {
+        int64_t t = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
+        if (t >= J->ntasks) break;
+        tile(J, t, ws);
+    }
+    free(ws);
+    return NULL;
+}
+
+/* dims: B, Hq, Hk, Nq, Nk, D, Dv. strides: q (b, h, n), k, v, o, then lse (b, h) — elements, last dims 1.
+ * lse may be NULL. Returns 0, or -1 when memory or threads could not be had. */
+int qkv_attn_fwd_f32(const float *q, const float *k, const float *v, float *o, float *lse, const int64_t *dims,
+                     const int64_t *strides, int64_t left, int64_t right, float scale, int nthreads) {
+    job_t J;
+    memset(&J, 0, sizeof J);
+    J.q = q, J.k = k, J.v = v, J.o = o, J.lse = lse;
+    J.B = dims[0], J.Hq = dims[1], J.Hk = dims[2], J.Nq = dims[3], J.Nk = dims[4], J.D = dims[5], J.Dv = dims[6];
+    for (int i = 0; i < 3; i++) {
+        J.qs[i] = strides[i], J.ks[i] = strides[3 + i], J.vs[i] = strides[6 + i], J.os[i] = strides[9 + i];
+    }
+    J.ls[0] = strides[12], J.ls[1] = strides[13];
+    J.left = left, J.right = right, J.scale = scale;
+    J.ntiles = (J.Nq + QT - 1) / QT;
+    J.ntasks = J.B * J.Hq * J.ntiles;
+    J.dvp = (J.Dv + 31) / 32 * 32;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > J.ntasks) nthreads = (int)(J.ntasks ? J.ntasks : 1);
+    pthread_t th[256];
+    int started = 0, bad = 0;
+    for (; started < nthreads - 1 && started < 256; started++)
+        if (pthread_create(&th[started], NULL, worker, &J)) break;
+    if (worker(&J)) bad = 1;
+    for (int i = 0; i < started; i++) {
+        void *ret;
+        pthread_join(th[i], &ret);
+        if (ret) bad = 1;
+    }
+    return bad ? -1 : 0;
+}

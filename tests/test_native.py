@@ -1,0 +1,189 @@
+"""qkv's CPU kernel (src/qkv/csrc/attn_cpu.c via qkv._native): against the fp64 oracle by FlashAttention's rule,
+through the tiled engine (which runs its forward on the kernel) and directly; the calls it must decline."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import qkv
+from _oracle import compare, make_qkv
+from qkv import _call, _native
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(x in flags for x in ("avx512f", "avx512dq", "avx512vl", "avx512bw"))
+
+
+needs_kernel = pytest.mark.skipif(not _cpu_has_avx512(), reason="this CPU lacks AVX-512: the kernel cannot run")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the kernel's forwards, so that a test knows the kernel (not the torch-ops path) computed it."""
+    seen = []
+    real = _native.attention_fwd
+
+    def wrapped(call):
+        seen.append(call)
+        return real(call)
+    monkeypatch.setattr(_native, "attention_fwd", wrapped)
+    return seen
+
+
+@needs_kernel
+def test_kernel_is_built_and_runs_here():
+    # On an AVX-512 machine a fresh install must have built the kernel: a failed build is a failure here.
+    ok, why = _native.available()
+    assert ok, why
+
+
+SHAPES = [  # B, Hq, Hkv, Nq, Nk, D, Dv
+    (1, 1, 1, 1, 1, 40, 40),
+    (2, 2, 2, 97, 97, 59, 59),
+    (1, 8, 2, 33, 70, 40, 24),      # GQA, Nq < Nk, Dv != D
+    (1, 4, 1, 70, 33, 111, 111),    # MQA, Nq > Nk (causal: the first rows see nothing)
+    (2, 3, 3, 1, 97, 59, 16),       # decoding
+    (1, 2, 2, 97, 1, 40, 40),
+    (1, 2, 1, 1023, 1023, 64, 48),  # several key chunks (512) per row without a window
+]
+GEOMETRIES = {
+    "none": {},
+    "causal": {"causal": True},
+    "window255": {"causal": True, "window": (255, 0)},
+    "window_two_sided": {"window": (16, 7)},
+    "window_left_only": {"window": (5, None)},
+    "window_right_only": {"window": (None, 3)},
+    "diagonal": {"window": (0, 0)},
+    "causal_and_right": {"causal": True, "window": (40, 9)},
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_oracle(spy, shape, geometry):
+    B, Hq, Hkv, Nq, Nk, D, Dv = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, seed=sum(shape))
+    compare("tiled", q, k, v, **GEOMETRIES[geometry])
+    assert spy, "the tiled engine did not run the kernel"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(spy, dtype):
+    q, k, v = make_qkv(1, 4, 2, 300, 300, 64, 40, dtype=dtype, seed=3)
+    compare("tiled", q, k, v, causal=True, window=(100, 0))
+    compare("tiled", q, k, v, causal=True)
+    assert len(spy) == 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("geometry", ["causal", "window_two_sided", "none"])
+def test_training_forward_on_kernel_backward_in_torch(spy, geometry):
+    # Gradients come from the torch-ops backward, fed the kernel's out and lse.
+    q, k, v = make_qkv(1, 4, 2, 150, 130, 40, 24, seed=4)
+    compare("tiled", q, k, v, grad=True, **GEOMETRIES[geometry])
+    assert spy
+
+
+@needs_kernel
+def test_band_that_keeps_probabilities_stays_in_torch(spy, monkeypatch):
+    # In training a band that keeps p for the backward computes them in its forward: no kernel there.
+    monkeypatch.setattr(qkv.tiled, "BAND_KEEP_RATIO", 10**6)
+    q, k, v = make_qkv(1, 2, 2, 600, 600, 16, seed=5)
+    compare("tiled", q, k, v, grad=True, causal=True, window=(60, 0))
+    assert not spy
+    compare("tiled", q, k, v, causal=True, window=(60, 0))       # inference: the kernel
+    assert len(spy) == 1
+
+
+@needs_kernel
+def test_strided_and_broadcast_inputs(spy):
+    # (B, N, H, D) storage seen as (B, H, N, D); an expanded (stride-0) batch; a non-unit last stride.
+    q, k, v = make_qkv(2, 4, 2, 77, 90, 40, 40, seed=6)
+    qs = q.transpose(1, 2).contiguous().transpose(1, 2)
+    ks = k[:1].expand(2, -1, -1, -1)
+    vs = v.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert qs.stride(-1) == 1 and ks.stride(0) == 0 and vs.stride(-1) != 1
+    compare("tiled", qs, ks, vs, causal=True, window=(20, 0))
+    assert spy
+
+
+@needs_kernel
+def test_fully_masked_rows_are_zero(spy):
+    q, k, v = make_qkv(1, 2, 1, 50, 20, 16, seed=7)
+    out, lse = qkv.attention(q, k, v, causal=True, return_lse=True, backend="tiled")   # rows 0..29 see nothing
+    assert spy
+    assert (out[:, :, :30] == 0).all() and torch.isneginf(lse[:, :, :30]).all()
+    assert torch.isfinite(lse[:, :, 30:]).all()
+
+
+@needs_kernel
+def test_result_does_not_depend_on_threads():
+    # Each tile is one thread's: the same bits whatever the thread count.
+    q, k, v = make_qkv(2, 3, 3, 200, 200, 40, seed=8)
+    call = _call.prepare(q, k, v, causal=True, window=(64, 0))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = _native.attention_fwd(call)
+        torch.set_num_threads(max(2, n))
+        b = _native.attention_fwd(call)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_declines_what_it_cannot_compute_exactly():
+    q, k, v = make_qkv(1, 2, 2, 10, 10, 8, seed=9)
+
+    def serves(q=q, k=k, v=v, **kw):
+        return _native.serves(_call.prepare(q, k, v, **kw))
+    base = serves(causal=True)
+    assert base == _native.available()[0]
+    for kw in (dict(bias=torch.zeros(10, 10)), dict(softcap=5.0), dict(alibi_slopes=torch.ones(2)),
+               dict(score_mod=lambda s, b, h, i, j: s), dict(dropout_p=0.1),
+               dict(mask=torch.ones(10, 10, dtype=torch.bool)), dict(mask=qkv.masks.causal()),
+               dict(q=q.double(), k=k.double(), v=v.double()), dict(v=v[..., :0])):
+        assert not serves(causal=True, **kw), kw
+    # mask=sliding_window(...) is window=(...): the same call, served alike
+    assert serves(mask=qkv.masks.sliding_window(3, 0)) == base
+
+
+def test_disabled_means_torch_ops(spy, monkeypatch):
+    monkeypatch.setattr(_native, "ENABLED", False)
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 8, seed=10)
+    compare("tiled", q, k, v, causal=True)
+    assert not spy
+
+
+@st.composite
+def range_calls(draw):
+    B = draw(st.integers(1, 2))
+    Hkv = draw(st.integers(1, 2))
+    Hq = Hkv * draw(st.sampled_from([1, 2, 3]))
+    Nq = draw(st.integers(1, 140))
+    Nk = draw(st.integers(1, 140))
+    D = draw(st.sampled_from([1, 3, 8, 17, 40, 70]))
+    Dv = draw(st.sampled_from([D, 5, 16, 33]))
+    kw = {}
+    if draw(st.booleans()):
+        kw["causal"] = True
+    if draw(st.booleans()):
+        kw["window"] = (draw(st.one_of(st.none(), st.integers(0, 50))),
+                        draw(st.one_of(st.none(), st.integers(0, 50))))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]))
+    grad = draw(st.booleans())
+    return (B, Hq, Hkv, Nq, Nk, D, Dv), dtype, grad, kw, draw(st.integers(0, 10**6))
+
+
+@needs_kernel
+@given(range_calls())
+def test_hypothesis_range_calls(case):
+    (B, Hq, Hkv, Nq, Nk, D, Dv), dtype, grad, kw, seed = case
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype, seed=seed)
+    compare("tiled", q, k, v, grad=grad, **kw)
