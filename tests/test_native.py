@@ -91,14 +91,22 @@ def test_training_forward_on_kernel_backward_in_torch(spy, geometry):
 
 
 @needs_kernel
-def test_band_that_keeps_probabilities_stays_in_torch(spy, monkeypatch):
-    # In training a band that keeps p for the backward computes them in its forward: no kernel there.
+def test_training_window_uses_kernel_not_kept_probabilities(spy, monkeypatch):
+    # With the kernel, a training band call keeps no probabilities: kernel forward, recomputing backward.
     monkeypatch.setattr(qkv.tiled, "BAND_KEEP_RATIO", 10**6)
+    kept = []
+    real = qkv.tiled._band_bwd
+
+    def bwd(*args):
+        kept.append(args[-1])
+        return real(*args)
+    monkeypatch.setattr(qkv.tiled, "_band_bwd", bwd)
     q, k, v = make_qkv(1, 2, 2, 600, 600, 16, seed=5)
     compare("tiled", q, k, v, grad=True, causal=True, window=(60, 0))
-    assert not spy
-    compare("tiled", q, k, v, causal=True, window=(60, 0))       # inference: the kernel
-    assert len(spy) == 1
+    assert len(spy) == 1 and kept == [None]
+    monkeypatch.setattr(_native, "ENABLED", False)                 # without it, the band keeps them
+    compare("tiled", q, k, v, grad=True, causal=True, window=(60, 0))
+    assert len(spy) == 1 and len(kept) == 2 and kept[1] is not None
 
 
 @needs_kernel
@@ -187,3 +195,16 @@ def test_hypothesis_range_calls(case):
     (B, Hq, Hkv, Nq, Nk, D, Dv), dtype, grad, kw, seed = case
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype, seed=seed)
     compare("tiled", q, k, v, grad=grad, **kw)
+
+
+@needs_kernel
+def test_auto_runs_inference_on_the_kernel_from_enough_rows(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 256, 300, 16, seed=11)            # 256 rows: AUTO_KERNEL_ROWS
+    pick = lambda q=q, **kw: qkv.select_backend(q, k, v, **kw).name   # noqa: E731
+    assert pick(causal=True) == pick() == pick(window=(30, 0)) == "tiled"
+    assert pick(q=q[:, :, :255], causal=True) == "sdpa"                      # few rows: SDPA
+    assert pick(q=q.clone().requires_grad_(), causal=True) == "sdpa"         # training: SDPA
+    with torch.no_grad():
+        assert pick(q=q.clone().requires_grad_(), causal=True) == "tiled"
+    monkeypatch.setattr(_native, "ENABLED", False)
+    assert pick(causal=True) == "sdpa"

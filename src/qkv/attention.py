@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _call
+from . import _call, _native
 from .reference import reference_attention, reference_weights
 from .sdpa import sdpa_attention, sdpa_supports
 from .tiled import BLOCK_K, BLOCK_Q, tiled_attention
@@ -22,6 +22,12 @@ BACKENDS = ("reference", "tiled", "sdpa", "triton")
 #: Measured (benchmarks/NOTES.md, 2-core AMD EPYC, fp32, B=1 H=8 N=4096 D=64, document masks): tiled costs
 #: ≈ 1.09 × density × SDPA-with-a-dense-mask (which pays for every tile), so they break even near 0.92.
 AUTO_TILED_DENSITY = 0.85
+
+#: auto sends an inference call that the CPU kernel serves (no mask, causal, windows) to the tiled engine from
+#: this many query rows on. Measured (benchmarks/NOTES.md step 18, 2 threads, B=1 H=8, D=64/128, fp32 and
+#: half): its forward is 1.2-2.1x SDPA's from 256 rows to 8192 (one exception: full attention at N=8192 D=128,
+#: 0.87x); below, the fixed cost of a call dominates (64 rows: 0.4-0.8x; one decoding query: 0.2-0.9x).
+AUTO_KERNEL_ROWS = 256
 
 
 class BackendInfo(NamedTuple):
@@ -40,7 +46,9 @@ def backends(device=None) -> list[BackendInfo]:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return [
         BackendInfo("reference", True, "materialises the scores (the oracle); O(N²) memory, bounded"),
-        BackendInfo("tiled", True, "FlashAttention's algorithm in torch ops; any device, every feature"),
+        BackendInfo("tiled", True, "FlashAttention's algorithm in torch ops; any device, every feature; "
+                    + ("on CPU, forwards of causal/window calls run on qkv's C kernel" if _native.available()[0]
+                       else f"no CPU kernel ({_native.available()[1]})")),
         BackendInfo("sdpa", True, f"torch {torch.__version__} scaled_dot_product_attention, when a call fits"),
         BackendInfo("triton", False, "qkv's Triton kernels are not in this release"
                     + ("" if dev.type == "cuda" else "; they would need a CUDA device")),
@@ -59,6 +67,10 @@ def _auto(call: _call.Call) -> Selection:
     ok, why = sdpa_supports(call)
     if not ok:
         return Selection("tiled", f"sdpa cannot serve it ({why})")
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    if not training and call.Nq >= AUTO_KERNEL_ROWS and _native.serves(call):
+        return Selection("tiled", f"inference with {call.Nq} >= {AUTO_KERNEL_ROWS} query rows: qkv's CPU kernel "
+                                  f"is faster than SDPA here (benchmarks/NOTES.md)")
     if not call.has_mask:
         return Selection("sdpa", "no mask: SDPA's fused kernel is fastest (benchmarks/NOTES.md)")
     if why.startswith("is_causal"):

@@ -545,11 +545,12 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
         bq, bk = bm.block_size                  # the grid its states were built on
     else:
         bq, bk = (_fused_rows(call) if _use_fused(call) else BLOCK_Q), BLOCK_K
-    # The band path keeps its probabilities for a backward that will run (it then skips their recompute).
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
-    keep = band is not None and training and band.may_keep(call)
-    # The CPU kernel computes the forward of the calls it serves (all rows), unless the band keeps p.
-    native = not block_size and not keep and _native.serves(call)
+    # The CPU kernel computes the forward of the calls it serves (all rows, out and lse).
+    native = not block_size and _native.serves(call)
+    # Otherwise the band path keeps its probabilities for a backward that will run (which then skips their
+    # recompute). The kernel's forward and a recomputing backward are as fast, and keep nothing (NOTES step 18).
+    keep = band is not None and training and not native and band.may_keep(call)
     if native and not training:
         return _native.attention_fwd(call)
     sched = _schedule(call, bq, bk, band.blocks if band else range(0))
