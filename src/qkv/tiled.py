@@ -19,6 +19,10 @@ window lies inside the keys (see ``_Band``): no tiles and no merge there, one so
 BAND_Q + left + right keys. In training it keeps those probabilities for the backward when they fit in
 BAND_KEEP_BYTES and are at most BAND_KEEP_RATIO times as many values as q (B·Hq·N·span: O(N·window), not
 O(N²)), which spares the backward one of its five matmuls; ``BAND_KEEP_BYTES = 0`` recomputes them instead.
+
+On CPUs with AVX-512 the forward of calls whose visibility is a key range (no mask, causal, windows) with no
+score mods or dropout runs on qkv's C kernel (:mod:`qkv._native`), all rows at once; the backward below is fed
+its out and LSE (and recomputes band probabilities: nothing is kept then).
 """
 from __future__ import annotations
 

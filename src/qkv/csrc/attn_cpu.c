@@ -4,10 +4,11 @@
  *
  * Layout of the work: a tile is 32 query rows of one (batch, head). Scores are computed *transposed*, one
  * 16-lane vector per key and half tile (st[j][r]), so only the query tile is packed (transposed, qt[d][r]);
- * keys and values are read in place, row by row, with scalar broadcasts. The row softmax is then vertical (lane-wise max and sum, no horizontal reductions), and P·V reads
- * p[j][r] as broadcasts against value rows. Keys are visited in chunks of KC with FlashAttention's online
- * softmax, so any key range works (a window's band is one chunk). Work outside a row's range is skipped at
- * the granularity of 8 keys × 16 rows (QK) and 8 rows (PV).
+ * keys and values are read in place, row by row, with scalar broadcasts. The row softmax is then vertical
+ * (lane-wise max and sum, no horizontal reductions), and P·V reads p[j][r] as broadcasts against value rows.
+ * Keys are visited in chunks of KC with FlashAttention's online softmax, so any key range works (a window's
+ * band is one chunk). Work outside a row's range is skipped at the granularity of 8 keys × 16 rows (QK) and
+ * 8 rows (PV). Each tile is one thread's, so results do not depend on the thread count.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -187,11 +188,10 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
     }
     for (int64_t c0 = jmin; c0 < jmax; c0 += KC) {
         const int64_t c1 = c0 + KC < jmax ? c0 + KC : jmax;
-        float *stc = st - c0 * QT;               /* stc[j·QT + r]: scores of key j */
         for (int64_t j = c0; j < c1; j += KG) {
             const int nk = c1 - j < KG ? (int)(c1 - j) : KG;
             const int h0 = j < hr[0] && j + nk > hl[0], h1 = j < hr[1] && j + nk > hl[1];
-            if (h0 || h1) qk_any(nk, h0, h1, qt, k + j * J->ks[2], J->ks[2], D, stc + j * QT);
+            if (h0 || h1) qk_any(nk, h0, h1, qt, k + j * J->ks[2], J->ks[2], D, st + (j - c0) * QT);
         }
         float alpha[QT] __attribute__((aligned(64)));
         for (int s = 0; s < 2; s++) {
@@ -202,7 +202,7 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
             }
             __m512 mx = _mm512_set1_ps(-INFINITY);
             for (int64_t j = a; j < e; j++) {
-                float *p = stc + j * QT + 16 * s;
+                float *p = st + (j - c0) * QT + 16 * s;   /* st[(j - c0)·QT + r]: key j, row r */
                 __m512 x = _mm512_load_ps(p);
                 if (j < fl[s] || j >= fr[s]) {   /* some row of this half does not see key j */
                     __m512i jv = _mm512_set1_epi32((int32_t)j);
@@ -219,7 +219,7 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
             __mmask16 any = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
             __m512 sum = _mm512_setzero_ps();
             for (int64_t j = a; j < e; j++) {
-                float *p = stc + j * QT + 16 * s;
+                float *p = st + (j - c0) * QT + 16 * s;   /* st[(j - c0)·QT + r]: key j, row r */
                 __m512 x = _mm512_load_ps(p);
                 __mmask16 ok = any & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
                 __m512 y = _mm512_maskz_mov_ps(ok, exp2v(_mm512_mul_ps(_mm512_fmsub_ps(x, sc, mx), l2e)));
@@ -237,17 +237,19 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
                 if (lo[r] < hi[r]) { a = lo[r] < a ? lo[r] : a; e = hi[r] > e ? hi[r] : e; }
             a = a > c0 ? a : c0, e = e < c1 ? e : c1;
             if (a >= e) continue;                /* no key here: these rows' m did not move, alpha is 1 */
+            const float *pt = st + r0, *vj = v + c0 * J->vs[2];   /* relative to the chunk's first key */
+            a -= c0, e -= c0;
             for (int64_t c = 0; c < Dv; c += 32) {
                 const int64_t w = Dv - c < 32 ? Dv - c : 32;
                 float *ac = acc + r0 * dvp + c;
-                const float *vc = v + c;
-                if (w == 32) pv_kern(2, 0, 0xFFFF, 0xFFFF, stc + r0, vc, J->vs[2], a, e, ac, dvp, alpha + r0);
-                else if (w == 16) pv_kern(1, 0, 0xFFFF, 0, stc + r0, vc, J->vs[2], a, e, ac, dvp, alpha + r0);
-                else if (w > 16)
-                    pv_kern(2, 1, 0xFFFF, (__mmask16)((1u << (w - 16)) - 1), stc + r0, vc, J->vs[2], a, e, ac,
-                            dvp, alpha + r0);
-                else pv_kern(1, 1, (__mmask16)((1u << w) - 1), 0, stc + r0, vc, J->vs[2], a, e, ac, dvp,
-                             alpha + r0);
+                const float *vc = vj + c;
+                const int64_t ldv = J->vs[2];
+                const float *al = alpha + r0;
+                const __mmask16 full = 0xFFFF, tail = (__mmask16)((1u << (w % 16)) - 1);
+                if (w == 32) pv_kern(2, 0, full, full, pt, vc, ldv, a, e, ac, dvp, al);
+                else if (w == 16) pv_kern(1, 0, full, 0, pt, vc, ldv, a, e, ac, dvp, al);
+                else if (w > 16) pv_kern(2, 1, full, tail, pt, vc, ldv, a, e, ac, dvp, al);
+                else pv_kern(1, 1, tail, 0, pt, vc, ldv, a, e, ac, dvp, al);
             }
         }
     }
