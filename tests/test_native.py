@@ -65,10 +65,11 @@ GEOMETRIES = {
 @needs_kernel
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_matches_oracle(spy, shape, geometry):
+def test_matches_oracle(spy, shape, geometry):
+    # out, lse and the gradients of q, k, v (the kernel's backward)
     B, Hq, Hkv, Nq, Nk, D, Dv = shape
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, seed=sum(shape))
-    compare("tiled", q, k, v, **GEOMETRIES[geometry])
+    compare("tiled", q, k, v, grad=True, **GEOMETRIES[geometry])
     assert spy, "the tiled engine did not run the kernel"
 
 
@@ -83,30 +84,49 @@ def test_half_inputs(spy, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("geometry", ["causal", "window_two_sided", "none"])
-def test_training_forward_on_kernel_backward_in_torch(spy, geometry):
-    # Gradients come from the torch-ops backward, fed the kernel's out and lse.
+def test_training_with_gqa_and_ragged_sizes(spy, geometry):
     q, k, v = make_qkv(1, 4, 2, 150, 130, 40, 24, seed=4)
     compare("tiled", q, k, v, grad=True, **GEOMETRIES[geometry])
     assert spy
 
 
 @needs_kernel
-def test_training_window_uses_kernel_not_kept_probabilities(spy, monkeypatch):
-    # With the kernel, a training band call keeps no probabilities: kernel forward, recomputing backward.
+def test_training_runs_both_passes_on_the_kernel(spy, monkeypatch):
+    # Training: kernel forward and kernel backward (probabilities recomputed, none kept); with the kernel
+    # off, the band path keeps them for its own backward.
     monkeypatch.setattr(qkv.tiled, "BAND_KEEP_RATIO", 10**6)
-    kept = []
-    real = qkv.tiled._band_bwd
-
-    def bwd(*args):
-        kept.append(args[-1])
-        return real(*args)
-    monkeypatch.setattr(qkv.tiled, "_band_bwd", bwd)
+    seen = []
+    for name in ("_band_bwd", "_bwd"):
+        real = getattr(qkv.tiled, name)
+        monkeypatch.setattr(qkv.tiled, name, lambda *a, _real=real, _n=name: seen.append((_n, a[-1])) or _real(*a))
+    real_bwd = _native.attention_bwd
+    monkeypatch.setattr(_native, "attention_bwd", lambda *a: seen.append(("kernel", None)) or real_bwd(*a))
     q, k, v = make_qkv(1, 2, 2, 600, 600, 16, seed=5)
     compare("tiled", q, k, v, grad=True, causal=True, window=(60, 0))
-    assert len(spy) == 1 and kept == [None]
-    monkeypatch.setattr(_native, "ENABLED", False)                 # without it, the band keeps them
+    assert len(spy) == 1 and seen == [("kernel", None)]
+    monkeypatch.setattr(_native, "ENABLED", False)
     compare("tiled", q, k, v, grad=True, causal=True, window=(60, 0))
-    assert len(spy) == 1 and len(kept) == 2 and kept[1] is not None
+    assert len(spy) == 1 and [n for n, _ in seen] == ["kernel", "_bwd", "_band_bwd"] and seen[2][1] is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("geometry", ["window255", "causal", "window_two_sided"])
+def test_lse_gradient(spy, geometry):
+    # A loss on out and lse: d lse / d s = p enters the kernel's backward through its row term.
+    from _oracle import check_fa, naive_attention
+    kw = GEOMETRIES[geometry]
+    q, k, v = make_qkv(1, 4, 2, 300, 280, 24, 40, seed=12)
+    grads = {}
+    for name, dtype, fn in (("kernel", torch.float32, None), ("oracle", torch.float64, naive_attention),
+                            ("plain", torch.float32, naive_attention)):
+        leaves = [x.to(dtype).clone().requires_grad_() for x in (q, k, v)]
+        out, lse = fn(*leaves, **kw) if fn else qkv.attention(*leaves, return_lse=True, backend="tiled", **kw)
+        (3 * lse.masked_fill(torch.isinf(lse), 0).sum() + out.sum()).backward()
+        grads[name] = [x.grad for x in leaves]
+    assert spy
+    for i, key in enumerate(("dq", "dk", "dv")):
+        msg = check_fa(key, grads["kernel"][i], grads["oracle"][i], grads["plain"][i], factor=3.0)
+        assert not msg, msg
 
 
 @needs_kernel

@@ -3,7 +3,7 @@
 It computes the exact forward, out and lse, of calls whose visibility is a key *range* per query row — no
 mask, causal, sliding windows (bottom-right aligned) — with no score mods and no dropout, on CPUs with
 AVX-512, in fp32 (fp16/bf16 inputs are computed in fp32, as every engine accumulates them). The tiled engine
-runs its forward on it when it serves the call (``serves``); the backward stays in torch ops. It is built at
+runs its forward and backward on it when it serves the call (``serves``). It is built at
 install time (``setup.py``, optional) and runs its own threads, as many as ``torch.get_num_threads()``.
 
 ``ENABLED = False`` turns it off (the tiled engine then computes those calls in torch ops).
@@ -17,10 +17,10 @@ import torch
 
 from ._call import Call
 
-__all__ = ["ENABLED", "available", "serves", "attention_fwd"]
+__all__ = ["ENABLED", "available", "serves", "attention_fwd", "attention_bwd"]
 
 ENABLED = True
-_VERSION = 1                 # qkv_native_version() of the C source this wrapper speaks to
+_VERSION = 2                 # qkv_native_version() of the C source this wrapper speaks to
 _lib = None
 _why = None                  # why the kernel cannot run here (None: not probed yet, or loaded)
 
@@ -44,8 +44,10 @@ def _load():
         _why = "this CPU lacks AVX-512 (F, DQ, VL, BW), which the CPU kernel needs"
     else:
         lib.qkv_attn_fwd_f32.restype = ctypes.c_int
-        lib.qkv_attn_fwd_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.POINTER(ctypes.c_int64)] * 2 + [
-            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        tail = [ctypes.POINTER(ctypes.c_int64)] * 2 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        lib.qkv_attn_fwd_f32.argtypes = [ctypes.c_void_p] * 5 + tail
+        lib.qkv_attn_bwd_f32.restype = ctypes.c_int
+        lib.qkv_attn_bwd_f32.argtypes = [ctypes.c_void_p] * 9 + tail
         _lib = lib
     return _lib
 
@@ -76,12 +78,21 @@ def _range(call: Call) -> tuple[int, int]:
     return left, (min(right, 0) if call.causal else right)
 
 
+def _rows(*ts):
+    """fp32 views whose rows are contiguous (what the kernel reads; other strides are free)."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in (t.to(torch.float32) for t in ts)]
+
+
+def _check(rc: int):
+    if rc != 0:
+        raise MemoryError("qkv's CPU attention kernel could not allocate its workspace or start its threads")
+
+
 def attention_fwd(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32 of a call the kernel ``serves``.
-    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides (rows are made contiguous)."""
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides."""
     lib = _load()
-    q, k, v = (t.to(torch.float32) for t in (call.q, call.k, call.v))
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = _rows(call.q, call.k, call.v)
     out = torch.empty(call.B, call.Hq, call.Nq, call.Dv, dtype=torch.float32)
     lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32)
     dims = (ctypes.c_int64 * 7)(call.B, call.Hq, call.Hkv, call.Nq, call.Nk, call.D, call.Dv)
@@ -90,6 +101,34 @@ def attention_fwd(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     left, right = _range(call)
     rc = lib.qkv_attn_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), dims,
                               strides, left, right, call.scale, torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("qkv's CPU attention kernel could not allocate its workspace or start its threads")
+    _check(rc)
     return out.to(call.q.dtype), lse
+
+
+def attention_bwd(call: Call, out, lse, dout, dlse=None):
+    """(dq, dk, dv) in the inputs' dtypes for a call the kernel ``serves``, from its forward's out
+    (B, Hq, Nq, Dv) and lse (B, Hq, Nq) float32, the output gradient dout (B, Hq, Nq, Dv) and, when the lse
+    was used, its gradient dlse (B, Hq, Nq). Probabilities are recomputed from lse (nothing kept)."""
+    lib = _load()
+    q, k, v, g = _rows(call.q, call.k, call.v, dout)
+    delta = (g * out.to(torch.float32)).sum(-1)          # rowsum(dO·O): the softmax backward's row term
+    if dlse is not None:
+        delta = delta - dlse.to(torch.float32)           # d lse / d s = p: folds into the same term
+    lse, delta = lse.to(torch.float32).contiguous(), delta.contiguous()
+    B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
+    # A task owns one kv head's dK/dV share; with fewer kv heads than twice the threads, their query tiles are
+    # split into parts with shares of their own, summed here.
+    nthreads = torch.get_num_threads()
+    parts = max(1, min(-(-2 * nthreads // (B * Hkv)), -(-Nq // 32)))
+    dq = torch.empty(B, Hq, Nq, call.D, dtype=torch.float32)
+    dk = torch.zeros(parts, B, Hkv, Nk, call.D, dtype=torch.float32)
+    dv = torch.zeros(parts, B, Hkv, Nk, call.Dv, dtype=torch.float32)
+    dims = (ctypes.c_int64 * 8)(B, Hq, Hkv, Nq, Nk, call.D, call.Dv, parts)
+    strides = (ctypes.c_int64 * 14)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3],
+                                    *lse.stride()[:2])
+    left, right = _range(call)
+    _check(lib.qkv_attn_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), lse.data_ptr(),
+                                delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dims, strides,
+                                left, right, call.scale, nthreads))
+    dk, dv = (x[0] if parts == 1 else x.sum(0) for x in (dk, dv))
+    return dq.to(call.q.dtype), dk.to(call.k.dtype), dv.to(call.v.dtype)

@@ -520,7 +520,7 @@ class _TiledAttention(torch.autograd.Function):
         else:
             out, lse, out_acc, kept = _fwd(call, q, k, v, bq, sched, band, keep)
         ctx.save_for_backward(q, k, v, out if out_acc is None else out_acc, lse)
-        ctx.call, ctx.bq, ctx.sched, ctx.band, ctx.kept = call, bq, sched, band, kept
+        ctx.call, ctx.bq, ctx.sched, ctx.band, ctx.kept, ctx.native = call, bq, sched, band, kept, native
         return out, lse.to(torch.float32)
 
     @staticmethod
@@ -529,6 +529,9 @@ class _TiledAttention(torch.autograd.Function):
         call = ctx.call
         if dout is None:
             dout = torch.zeros_like(out)
+        if ctx.native:                          # the kernel's backward, from its forward's out and lse
+            dq, dk, dv = _native.attention_bwd(call, out, lse, dout, dlse)
+            return dq, dk, dv, None, None, None, None, None, None, None, None
         need_dbias = call.bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias, ctx.band, ctx.kept)
         return dq, dk, dv, dbias, None, None, None, None, None, None, None
@@ -557,7 +560,7 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     keep = band is not None and training and not native and band.may_keep(call)
     if native and not training:
         return _native.attention_fwd(call)
-    sched = _schedule(call, bq, bk, band.blocks if band else range(0))
+    sched = None if native else _schedule(call, bq, bk, band.blocks if band else range(0))
     return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band, keep,
                                  native)
 

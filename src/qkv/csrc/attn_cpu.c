@@ -38,7 +38,7 @@ typedef struct {
     int64_t dvp;                                  /* Dv rounded up to 32: row stride of the tile's accumulator */
 } job_t;
 
-int qkv_native_version(void) { return 1; }
+int qkv_native_version(void) { return 2; }
 
 int qkv_native_supported(void) {
     __builtin_cpu_init();
@@ -270,6 +270,244 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
     }
 }
 
+/* Runs fn(job) on nthreads threads (the caller's included); they take tasks from the job's counter. */
+static int run_threads(void *(*fn)(void *), void *job, int nthreads, int64_t ntasks) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > ntasks) nthreads = (int)(ntasks ? ntasks : 1);
+    pthread_t th[256];
+    int started = 0, bad = 0;
+    for (; started < nthreads - 1 && started < 256; started++)
+        if (pthread_create(&th[started], NULL, fn, job)) break;
+    if (fn(job)) bad = 1;
+    for (int i = 0; i < started; i++) {
+        void *ret;
+        pthread_join(th[i], &ret);
+        if (ret) bad = 1;
+    }
+    return bad ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------- backward
+ * The gradients of the same calls, FlashAttention-2 style: per 32-row tile, recompute the scores, p from the
+ * saved lse, dP = dO·vᵀ (the QK micro-kernel on dO and v), dS = p·(dP − delta)·scale, then dQ += dS·k for the
+ * tile's rows, and dK += dSᵀ·q, dV += pᵀ·dO for the keys the tile sees. A task owns one kv head (all its
+ * query heads and a share of their tiles) and accumulates dK/dV in its own fp32 buffer: no two threads write
+ * the same memory, and the caller sums the shares. */
+
+/* out[o][c0..c0+32) += Σ_{r in [ra, rb)} a[o·lao + r·lar] · b[r·ldb + c0..], for o < no (≤ 8): scalar
+ * broadcasts of a against rows of b, 16 accumulators; masks for a column tail. out rows have stride ldo. */
+AVX512 INLINE void outer_kern(const int no, const int nv, const int masked, __mmask16 m0, __mmask16 m1,
+                              const float *a, int64_t lao, int64_t lar, const float *b, int64_t ldb, int64_t ra,
+                              int64_t rb, float *out, int64_t ldo) {
+    __m512 acc[8][2];
+#pragma GCC unroll 8
+    for (int o = 0; o < 8; o++) acc[o][0] = acc[o][1] = _mm512_setzero_ps();
+    for (int64_t r = ra; r < rb; r++) {
+        const float *br = b + r * ldb;
+        __m512 b0 = masked ? _mm512_maskz_loadu_ps(m0, br) : _mm512_loadu_ps(br);
+        __m512 b1 = nv > 1 ? (masked ? _mm512_maskz_loadu_ps(m1, br + 16) : _mm512_loadu_ps(br + 16))
+                           : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int o = 0; o < 8; o++) {
+            if (o < no) {
+                __m512 ab = _mm512_set1_ps(a[o * lao + r * lar]);
+                acc[o][0] = _mm512_fmadd_ps(ab, b0, acc[o][0]);
+                if (nv > 1) acc[o][1] = _mm512_fmadd_ps(ab, b1, acc[o][1]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int o = 0; o < 8; o++) {
+        if (o < no) {
+            float *p = out + o * ldo;
+            _mm512_mask_storeu_ps(p, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), acc[o][0]));
+            if (nv > 1)
+                _mm512_mask_storeu_ps(p + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p + 16), acc[o][1]));
+        }
+    }
+}
+
+/* outer_kern over all ncol columns of b and out, in groups of 32, for no outputs (any count). */
+AVX512 static void outer_any(int no, const float *a, int64_t lao, int64_t lar, const float *b, int64_t ldb,
+                             int64_t ra, int64_t rb, float *out, int64_t ldo, int64_t ncol) {
+    if (ra >= rb) return;
+    for (int64_t c = 0; c < ncol; c += 32) {
+        const int64_t w = ncol - c < 32 ? ncol - c : 32;
+        const __mmask16 full = 0xFFFF, tail = (__mmask16)((1u << (w % 16)) - 1);
+        const float *bc = b + c;
+        float *oc = out + c;
+        for (int o0 = 0; o0 < no; o0 += 8) {
+            const int n = no - o0 < 8 ? no - o0 : 8;
+            const float *ao = a + o0 * lao;
+            float *oo = oc + o0 * ldo;
+            if (n == 8 && w == 32) outer_kern(8, 2, 0, full, full, ao, lao, lar, bc, ldb, ra, rb, oo, ldo);
+            else if (n == 8 && w == 16) outer_kern(8, 1, 0, full, 0, ao, lao, lar, bc, ldb, ra, rb, oo, ldo);
+            else if (n == 8 && w > 16) outer_kern(8, 2, 1, full, tail, ao, lao, lar, bc, ldb, ra, rb, oo, ldo);
+            else if (n == 8) outer_kern(8, 1, 1, tail, 0, ao, lao, lar, bc, ldb, ra, rb, oo, ldo);
+            else
+                for (int o = 0; o < n; o++)
+                    outer_kern(1, w > 16 ? 2 : 1, 1, w >= 16 ? full : tail, w > 16 ? (w == 32 ? full : tail) : 0,
+                               ao + o * lao, lao, lar, bc, ldb, ra, rb, oo + o * ldo, ldo);
+        }
+    }
+}
+
+typedef struct {
+    const float *q, *k, *v, *dout, *lse, *delta;
+    float *dq, *dk, *dv;                           /* dq (B, Hq, Nq, D); dk, dv (parts, B, Hk, Nk, D|Dv) */
+    int64_t B, Hq, Hk, Nq, Nk, D, Dv;
+    int64_t qs[3], ks[3], vs[3], gs[3], ls[2];    /* strides of q, k, v, dout (b, h, n), lse and delta (b, h) */
+    int64_t left, right;
+    float scale;
+    int64_t ntiles, parts, ntasks, next;
+    int64_t dp;                                    /* D rounded up to 32: row stride of the dq accumulator */
+} bjob_t;
+
+/* Tile t of query head h, accumulating into dk, dv (this task's (Nk, D) and (Nk, Dv) shares of kv head hk).
+ * ws: QT·D (q, transposed) + QT·Dv (dout, transposed) + 2·KC·QT (p, dS) + QT·dp (dq). */
+AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, float *dk, float *dv, float *ws) {
+    const int64_t hk = h / (J->Hq / J->Hk), i0 = t * QT, nr = J->Nq - i0 < QT ? J->Nq - i0 : QT;
+    const int64_t D = J->D, Dv = J->Dv, Nk = J->Nk, off = Nk - J->Nq, dp = J->dp;
+    const float *q = J->q + b * J->qs[0] + h * J->qs[1] + i0 * J->qs[2];
+    const float *g = J->dout + b * J->gs[0] + h * J->gs[1] + i0 * J->gs[2];
+    const float *k = J->k + b * J->ks[0] + hk * J->ks[1];
+    const float *v = J->v + b * J->vs[0] + hk * J->vs[1];
+    float *dq = J->dq + ((b * J->Hq + h) * J->Nq + i0) * D;
+    float *qt = ws, *gt = qt + QT * D, *st = gt + QT * Dv, *dst = st + (int64_t)KC * QT, *acc = dst + (int64_t)KC * QT;
+
+    int32_t lo[QT], hi[QT];
+    float lsev[QT] __attribute__((aligned(64))), delv[QT] __attribute__((aligned(64)));
+    int64_t jmin = Nk, jmax = 0;
+    for (int r = 0; r < QT; r++) {
+        int64_t a = Nk, e = Nk;
+        if (r < nr) {
+            a = clamp64(i0 + r + off - J->left, 0, Nk);
+            e = clamp64(i0 + r + off + J->right + 1, 0, Nk);
+        }
+        if (a > e) a = e;
+        lo[r] = (int32_t)a, hi[r] = (int32_t)e;
+        if (a < e) { jmin = a < jmin ? a : jmin; jmax = e > jmax ? e : jmax; }
+        lsev[r] = r < nr && a < e ? J->lse[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
+        delv[r] = r < nr && a < e ? J->delta[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
+    }
+    for (int64_t d = 0; d < D; d++)
+        for (int r = 0; r < QT; r++) qt[d * QT + r] = r < nr ? q[r * J->qs[2] + d] : 0.0f;
+    for (int64_t d = 0; d < Dv; d++)
+        for (int r = 0; r < QT; r++) gt[d * QT + r] = r < nr ? g[r * J->gs[2] + d] : 0.0f;
+    memset(acc, 0, sizeof(float) * QT * dp);
+
+    const __m512 sc = _mm512_set1_ps(J->scale), l2e = _mm512_set1_ps(LOG2E);
+    const __m512i lov[2] = {_mm512_loadu_si512(lo), _mm512_loadu_si512(lo + 16)};
+    const __m512i hiv[2] = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 16)};
+    int64_t hl[2], hr[2], fl[2], fr[2];
+    for (int s = 0; s < 2; s++) {
+        hl[s] = Nk, hr[s] = 0, fl[s] = 0, fr[s] = Nk;
+        for (int r = 16 * s; r < 16 * s + 16; r++) {
+            if (lo[r] < hi[r]) {
+                hl[s] = lo[r] < hl[s] ? lo[r] : hl[s];
+                hr[s] = hi[r] > hr[s] ? hi[r] : hr[s];
+            }
+            fl[s] = lo[r] > fl[s] ? lo[r] : fl[s];
+            fr[s] = hi[r] < fr[s] ? hi[r] : fr[s];
+        }
+    }
+    for (int64_t c0 = jmin; c0 < jmax; c0 += KC) {
+        const int64_t c1 = c0 + KC < jmax ? c0 + KC : jmax;
+        for (int64_t j = c0; j < c1; j += KG) {
+            const int nk = c1 - j < KG ? (int)(c1 - j) : KG;
+            const int h0 = j < hr[0] && j + nk > hl[0], h1 = j < hr[1] && j + nk > hl[1];
+            if (!(h0 || h1)) continue;
+            qk_any(nk, h0, h1, qt, k + j * J->ks[2], J->ks[2], D, st + (j - c0) * QT);
+            qk_any(nk, h0, h1, gt, v + j * J->vs[2], J->vs[2], Dv, dst + (j - c0) * QT);
+        }
+        /* p = exp(s·scale − lse) and dS = p·(dP − delta)·scale where visible, 0 elsewhere in the chunk */
+        for (int s = 0; s < 2; s++) {
+            const __m512 L = _mm512_load_ps(lsev + 16 * s), Dl = _mm512_load_ps(delv + 16 * s);
+            for (int64_t j = c0; j < c1; j++) {
+                float *pp = st + (j - c0) * QT + 16 * s, *pd = dst + (j - c0) * QT + 16 * s;
+                if (j < hl[s] || j >= hr[s]) {
+                    _mm512_store_ps(pp, _mm512_setzero_ps());
+                    _mm512_store_ps(pd, _mm512_setzero_ps());
+                    continue;
+                }
+                __mmask16 ok = 0xFFFF;
+                if (j < fl[s] || j >= fr[s]) {
+                    __m512i jv = _mm512_set1_epi32((int32_t)j);
+                    ok = _mm512_cmpge_epi32_mask(jv, lov[s]) & _mm512_cmplt_epi32_mask(jv, hiv[s]);
+                }
+                __m512 p = _mm512_maskz_mov_ps(ok, exp2v(_mm512_mul_ps(_mm512_fmsub_ps(_mm512_load_ps(pp), sc, L),
+                                                                       l2e)));
+                __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_load_ps(pd), Dl)), sc);
+                _mm512_store_ps(pp, p);
+                _mm512_store_ps(pd, ds);
+            }
+        }
+        /* dQ (tile rows, by 8-row blocks over the keys they see) += dS·k */
+        for (int r0 = 0; r0 < QT; r0 += RB) {
+            int64_t a = Nk, e = 0;
+            for (int r = r0; r < r0 + RB; r++)
+                if (lo[r] < hi[r]) { a = lo[r] < a ? lo[r] : a; e = hi[r] > e ? hi[r] : e; }
+            a = a > c0 ? a : c0, e = e < c1 ? e : c1;
+            if (a < e)
+                outer_any(RB, dst + r0, 1, QT, k + c0 * J->ks[2], J->ks[2], a - c0, e - c0, acc + r0 * dp, dp, D);
+        }
+        /* dK += dSᵀ·q and dV += pᵀ·dO, by 8-key groups over the rows that see them */
+        for (int64_t j = c0; j < c1; j += KG) {
+            const int nk = c1 - j < KG ? (int)(c1 - j) : KG;
+            int ra = 0, rb = 0;
+            while (ra < QT && hi[ra] <= j) ra++;                 /* first row that sees a key >= j */
+            rb = ra;
+            while (rb < QT && lo[rb] < j + nk && lo[rb] < hi[rb]) rb++;   /* ... through the last that sees < j+nk */
+            if (ra >= rb) continue;
+            outer_any(nk, dst + (j - c0) * QT, QT, 1, q, J->qs[2], ra, rb, dk + j * D, D, D);
+            outer_any(nk, st + (j - c0) * QT, QT, 1, g, J->gs[2], ra, rb, dv + j * Dv, Dv, Dv);
+        }
+    }
+    for (int r = 0; r < nr; r++) memcpy(dq + r * D, acc + r * dp, sizeof(float) * D);
+}
+
+static void *worker_bwd(void *arg) {
+    bjob_t *J = (bjob_t *)arg;
+    size_t n = (size_t)(QT * J->D + QT * J->Dv + 2 * (int64_t)KC * QT + QT * J->dp);
+    float *ws = aligned_alloc(64, ((n * sizeof(float)) + 63) / 64 * 64);
+    if (!ws) return (void *)1;
+    const int64_t G = J->Hq / J->Hk;
+    for (;;) {
+        int64_t task = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
+        if (task >= J->ntasks) break;
+        const int64_t part = task % J->parts, bh = task / J->parts, b = bh / J->Hk, hk = bh % J->Hk;
+        const int64_t t0 = J->ntiles * part / J->parts, t1 = J->ntiles * (part + 1) / J->parts;
+        float *dk = J->dk + ((part * J->B + b) * J->Hk + hk) * J->Nk * J->D;
+        float *dv = J->dv + ((part * J->B + b) * J->Hk + hk) * J->Nk * J->Dv;
+        for (int64_t h = hk * G; h < (hk + 1) * G; h++)
+            for (int64_t t = t0; t < t1; t++) tile_bwd(J, b, h, t, dk, dv, ws);
+    }
+    free(ws);
+    return NULL;
+}
+
+/* dims: B, Hq, Hk, Nq, Nk, D, Dv, parts. strides: q, k, v, dout (b, h, n), then lse/delta (b, h).
+ * dq: (B, Hq, Nq, D) contiguous; dk, dv: (parts, B, Hk, Nk, D|Dv) contiguous and zeroed; part p of a kv head
+ * takes its query tiles [p·T/parts, (p+1)·T/parts). delta = rowsum(dout·out) − dlse. Returns 0 or -1. */
+int qkv_attn_bwd_f32(const float *q, const float *k, const float *v, const float *dout, const float *lse,
+                     const float *delta, float *dq, float *dk, float *dv, const int64_t *dims,
+                     const int64_t *strides, int64_t left, int64_t right, float scale, int nthreads) {
+    bjob_t J;
+    memset(&J, 0, sizeof J);
+    J.q = q, J.k = k, J.v = v, J.dout = dout, J.lse = lse, J.delta = delta, J.dq = dq, J.dk = dk, J.dv = dv;
+    J.B = dims[0], J.Hq = dims[1], J.Hk = dims[2], J.Nq = dims[3], J.Nk = dims[4], J.D = dims[5], J.Dv = dims[6];
+    J.parts = dims[7] < 1 ? 1 : dims[7];
+    for (int i = 0; i < 3; i++) {
+        J.qs[i] = strides[i], J.ks[i] = strides[3 + i], J.vs[i] = strides[6 + i], J.gs[i] = strides[9 + i];
+    }
+    J.ls[0] = strides[12], J.ls[1] = strides[13];
+    J.left = left, J.right = right, J.scale = scale;
+    J.ntiles = (J.Nq + QT - 1) / QT;
+    J.ntasks = J.B * J.Hk * J.parts;
+    J.dp = (J.D + 31) / 32 * 32;
+    return run_threads(worker_bwd, &J, nthreads, J.ntasks);
+}
+
 static void *worker(void *arg) {
     job_t *J = (job_t *)arg;
     size_t n = (size_t)(QT * J->D + (int64_t)KC * QT + QT * J->dvp);
@@ -300,17 +538,5 @@ int qkv_attn_fwd_f32(const float *q, const float *k, const float *v, float *o, f
     J.ntiles = (J.Nq + QT - 1) / QT;
     J.ntasks = J.B * J.Hq * J.ntiles;
     J.dvp = (J.Dv + 31) / 32 * 32;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > J.ntasks) nthreads = (int)(J.ntasks ? J.ntasks : 1);
-    pthread_t th[256];
-    int started = 0, bad = 0;
-    for (; started < nthreads - 1 && started < 256; started++)
-        if (pthread_create(&th[started], NULL, worker, &J)) break;
-    if (worker(&J)) bad = 1;
-    for (int i = 0; i < started; i++) {
-        void *ret;
-        pthread_join(th[i], &ret);
-        if (ret) bad = 1;
-    }
-    return bad ? -1 : 0;
+    return run_threads(worker, &J, nthreads, J.ntasks);
 }
