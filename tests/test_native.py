@@ -218,13 +218,14 @@ def test_hypothesis_range_calls(case):
 
 
 @needs_kernel
-def test_auto_runs_inference_on_the_kernel_from_enough_rows(monkeypatch):
+def test_auto_runs_the_kernel_from_enough_rows(monkeypatch):
     q, k, v = make_qkv(1, 2, 2, 256, 256, 16, seed=11)            # 256 rows: AUTO_KERNEL_ROWS
     pick = lambda q=q, **kw: qkv.select_backend(q, k, v, **kw).name   # noqa: E731
     assert pick(causal=True) == pick() == pick(window=(30, 0)) == "tiled"
     assert qkv.select_backend(*(t[:, :, :255] for t in (q, k, v)), causal=True).name == "sdpa"   # fewer
-    assert pick(q=q.clone().requires_grad_(), causal=True) == "sdpa"         # training: SDPA
+    assert pick(q=q.clone().requires_grad_(), causal=True) == "tiled"        # masked training: the kernel
+    assert pick(q=q.clone().requires_grad_()) == "sdpa"                      # unmasked training: SDPA
     with torch.no_grad():
-        assert pick(q=q.clone().requires_grad_(), causal=True) == "tiled"
+        assert pick(q=q.clone().requires_grad_()) == "tiled"
     monkeypatch.setattr(_native, "ENABLED", False)
     assert pick(causal=True) == "sdpa"

@@ -23,10 +23,11 @@ BACKENDS = ("reference", "tiled", "sdpa", "triton")
 #: ≈ 1.09 × density × SDPA-with-a-dense-mask (which pays for every tile), so they break even near 0.92.
 AUTO_TILED_DENSITY = 0.85
 
-#: auto sends an inference call that the CPU kernel serves (no mask, causal, windows) to the tiled engine from
-#: this many query rows on. Measured (benchmarks/NOTES.md step 18, 2 threads, B=1 H=8, D=64/128, fp32 and
-#: half): its forward is 1.2-2.1x SDPA's from 256 rows to 8192 (one exception: full attention at N=8192 D=128,
-#: 0.87x); below, the fixed cost of a call dominates (64 rows: 0.4-0.8x; one decoding query: 0.2-0.9x).
+#: auto sends a call that the CPU kernel serves (no mask, causal, windows) to the tiled engine from this many
+#: query rows on: in inference always, in training when it is masked. Measured (benchmarks/NOTES.md steps
+#: 18-19, 2 threads, B=1 H=8, D=64/128): forward 1.2-2.1x SDPA's from 256 rows to 8192 (one exception: full
+#: attention at N=8192 D=128, 0.87x); forward+backward causal 1.15-1.63x, but unmasked 0.78-1.29x (so
+#: unmasked training stays on SDPA); below 256 rows the fixed cost of a call dominates (64 rows: 0.4-0.8x).
 AUTO_KERNEL_ROWS = 256
 
 
@@ -68,9 +69,10 @@ def _auto(call: _call.Call) -> Selection:
     if not ok:
         return Selection("tiled", f"sdpa cannot serve it ({why})")
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
-    if not training and call.Nq >= AUTO_KERNEL_ROWS and _native.serves(call):
-        return Selection("tiled", f"inference with {call.Nq} >= {AUTO_KERNEL_ROWS} query rows: qkv's CPU kernel "
-                                  f"is faster than SDPA here (benchmarks/NOTES.md)")
+    if call.Nq >= AUTO_KERNEL_ROWS and (call.has_mask or not training) and _native.serves(call):
+        return Selection("tiled", f"{'training' if training else 'inference'} with {call.Nq} >= "
+                                  f"{AUTO_KERNEL_ROWS} query rows: qkv's CPU kernel is faster than SDPA here "
+                                  f"(benchmarks/NOTES.md)")
     if not call.has_mask:
         return Selection("sdpa", "no mask: SDPA's fused kernel is fastest (benchmarks/NOTES.md)")
     if why.startswith("is_causal"):

@@ -20,9 +20,9 @@ BAND_Q + left + right keys. In training it keeps those probabilities for the bac
 BAND_KEEP_BYTES and are at most BAND_KEEP_RATIO times as many values as q (B·Hq·N·span: O(N·window), not
 O(N²)), which spares the backward one of its five matmuls; ``BAND_KEEP_BYTES = 0`` recomputes them instead.
 
-On CPUs with AVX-512 the forward of calls whose visibility is a key range (no mask, causal, windows) with no
-score mods or dropout runs on qkv's C kernel (:mod:`qkv._native`), all rows at once; the backward below is fed
-its out and LSE (and recomputes band probabilities: nothing is kept then).
+On CPUs with AVX-512, calls whose visibility is a key range (no mask, causal, windows) with no score mods or
+dropout run forward and backward on qkv's C kernel (:mod:`qkv._native`), all rows at once; the schedule, the
+band path and the backward below then stay idle (nothing is kept for the backward).
 """
 from __future__ import annotations
 
@@ -553,10 +553,10 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     else:
         bq, bk = (_fused_rows(call) if _use_fused(call) else BLOCK_Q), BLOCK_K
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
-    # The CPU kernel computes the forward of the calls it serves (all rows, out and lse).
+    # The CPU kernel computes the calls it serves, forward (all rows, out and lse) and backward.
     native = not block_size and _native.serves(call)
     # Otherwise the band path keeps its probabilities for a backward that will run (which then skips their
-    # recompute). The kernel's forward and a recomputing backward are as fast, and keep nothing (NOTES step 18).
+    # recompute). The kernel's recomputing backward is faster still, and keeps nothing (NOTES steps 18-19).
     keep = band is not None and training and not native and band.may_keep(call)
     if native and not training:
         return _native.attention_fwd(call)
