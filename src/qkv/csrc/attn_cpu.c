@@ -135,30 +135,55 @@ AVX512 INLINE void pv_kern(const int nv, const int masked, __mmask16 m0, __mmask
 
 static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
 
+/* The key ranges of a tile's rows i0 .. i0+nr: row r sees keys [lo[r], hi[r]) (empty past nr), both bounds
+ * non-decreasing in r; [jmin, jmax) is their union; per half tile s, [hl, hr) the keys any of its rows sees
+ * and [fl, fr) those all of them see (no per-element mask needed there). */
+typedef struct {
+    int32_t lo[QT], hi[QT];
+    int64_t jmin, jmax, hl[2], hr[2], fl[2], fr[2];
+} rows_t;
+
+static void row_ranges(rows_t *R, int64_t i0, int64_t nr, int64_t Nq, int64_t Nk, int64_t left, int64_t right) {
+    const int64_t off = Nk - Nq;
+    R->jmin = Nk, R->jmax = 0;
+    for (int r = 0; r < QT; r++) {
+        int64_t a = Nk, e = Nk;
+        if (r < nr) {
+            a = clamp64(i0 + r + off - left, 0, Nk);
+            e = clamp64(i0 + r + off + right + 1, 0, Nk);
+        }
+        if (a > e) a = e;
+        R->lo[r] = (int32_t)a, R->hi[r] = (int32_t)e;
+        if (a < e) { R->jmin = a < R->jmin ? a : R->jmin; R->jmax = e > R->jmax ? e : R->jmax; }
+    }
+    for (int s = 0; s < 2; s++) {
+        R->hl[s] = Nk, R->hr[s] = 0, R->fl[s] = 0, R->fr[s] = Nk;
+        for (int r = 16 * s; r < 16 * s + 16; r++) {
+            if (R->lo[r] < R->hi[r]) {
+                R->hl[s] = R->lo[r] < R->hl[s] ? R->lo[r] : R->hl[s];
+                R->hr[s] = R->hi[r] > R->hr[s] ? R->hi[r] : R->hr[s];
+            }
+            R->fl[s] = R->lo[r] > R->fl[s] ? R->lo[r] : R->fl[s];
+            R->fr[s] = R->hi[r] < R->fr[s] ? R->hi[r] : R->fr[s];
+        }
+    }
+}
+
 /* One tile: rows i0 .. i0+nr of (b, h). ws: QT·D (q, transposed) + KC·QT (scores) + QT·dvp (accumulator). */
 AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
     const int64_t per = J->Hq * J->ntiles, b = task / per, h = task % per / J->ntiles, t = task % J->ntiles;
     const int64_t hk = h / (J->Hq / J->Hk), i0 = t * QT, nr = J->Nq - i0 < QT ? J->Nq - i0 : QT;
-    const int64_t D = J->D, Dv = J->Dv, Nk = J->Nk, off = Nk - J->Nq, dvp = J->dvp;
+    const int64_t D = J->D, Dv = J->Dv, Nk = J->Nk, dvp = J->dvp;
     const float *q = J->q + b * J->qs[0] + h * J->qs[1] + i0 * J->qs[2];
     const float *k = J->k + b * J->ks[0] + hk * J->ks[1];
     const float *v = J->v + b * J->vs[0] + hk * J->vs[1];
     float *o = J->o + b * J->os[0] + h * J->os[1] + i0 * J->os[2];
     float *qt = ws, *st = ws + QT * D, *acc = st + (int64_t)KC * QT;
 
-    /* Row r sees keys [lo[r], hi[r]) (empty past nr); both bounds are non-decreasing in r. */
-    int32_t lo[QT], hi[QT];
-    int64_t jmin = Nk, jmax = 0;
-    for (int r = 0; r < QT; r++) {
-        int64_t a = Nk, e = Nk;
-        if (r < nr) {
-            a = clamp64(i0 + r + off - J->left, 0, Nk);
-            e = clamp64(i0 + r + off + J->right + 1, 0, Nk);
-        }
-        if (a > e) a = e;
-        lo[r] = (int32_t)a, hi[r] = (int32_t)e;
-        if (a < e) { jmin = a < jmin ? a : jmin; jmax = e > jmax ? e : jmax; }
-    }
+    rows_t R;
+    row_ranges(&R, i0, nr, J->Nq, Nk, J->left, J->right);
+    const int32_t *lo = R.lo, *hi = R.hi;
+    const int64_t jmin = R.jmin, jmax = R.jmax, *hl = R.hl, *hr = R.hr, *fl = R.fl, *fr = R.fr;
 
     for (int64_t d = 0; d < D; d++)
         for (int r = 0; r < QT; r++) qt[d * QT + r] = r < nr ? q[r * J->qs[2] + d] : 0.0f;
@@ -173,19 +198,6 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
     l[0] = l[1] = _mm512_setzero_ps();
     const __m512i lov[2] = {_mm512_loadu_si512(lo), _mm512_loadu_si512(lo + 16)};
     const __m512i hiv[2] = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 16)};
-    /* per half: the keys any of its rows sees [hl, hr), and those all of its rows see [fl, fr) */
-    int64_t hl[2], hr[2], fl[2], fr[2];
-    for (int s = 0; s < 2; s++) {
-        hl[s] = Nk, hr[s] = 0, fl[s] = 0, fr[s] = Nk;
-        for (int r = 16 * s; r < 16 * s + 16; r++) {
-            if (lo[r] < hi[r]) {
-                hl[s] = lo[r] < hl[s] ? lo[r] : hl[s];
-                hr[s] = hi[r] > hr[s] ? hi[r] : hr[s];
-            }
-            fl[s] = lo[r] > fl[s] ? lo[r] : fl[s];
-            fr[s] = hi[r] < fr[s] ? hi[r] : fr[s];
-        }
-    }
     for (int64_t c0 = jmin; c0 < jmax; c0 += KC) {
         const int64_t c1 = c0 + KC < jmax ? c0 + KC : jmax;
         for (int64_t j = c0; j < c1; j += KG) {
@@ -367,7 +379,7 @@ typedef struct {
  * ws: QT·D (q, transposed) + QT·Dv (dout, transposed) + 2·KC·QT (p, dS) + QT·dp (dq). */
 AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, float *dk, float *dv, float *ws) {
     const int64_t hk = h / (J->Hq / J->Hk), i0 = t * QT, nr = J->Nq - i0 < QT ? J->Nq - i0 : QT;
-    const int64_t D = J->D, Dv = J->Dv, Nk = J->Nk, off = Nk - J->Nq, dp = J->dp;
+    const int64_t D = J->D, Dv = J->Dv, Nk = J->Nk, dp = J->dp;
     const float *q = J->q + b * J->qs[0] + h * J->qs[1] + i0 * J->qs[2];
     const float *g = J->dout + b * J->gs[0] + h * J->gs[1] + i0 * J->gs[2];
     const float *k = J->k + b * J->ks[0] + hk * J->ks[1];
@@ -375,20 +387,15 @@ AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, fl
     float *dq = J->dq + ((b * J->Hq + h) * J->Nq + i0) * D;
     float *qt = ws, *gt = qt + QT * D, *st = gt + QT * Dv, *dst = st + (int64_t)KC * QT, *acc = dst + (int64_t)KC * QT;
 
-    int32_t lo[QT], hi[QT];
+    rows_t R;
+    row_ranges(&R, i0, nr, J->Nq, Nk, J->left, J->right);
+    const int32_t *lo = R.lo, *hi = R.hi;
+    const int64_t jmin = R.jmin, jmax = R.jmax, *hl = R.hl, *hr = R.hr, *fl = R.fl, *fr = R.fr;
     float lsev[QT] __attribute__((aligned(64))), delv[QT] __attribute__((aligned(64)));
-    int64_t jmin = Nk, jmax = 0;
     for (int r = 0; r < QT; r++) {
-        int64_t a = Nk, e = Nk;
-        if (r < nr) {
-            a = clamp64(i0 + r + off - J->left, 0, Nk);
-            e = clamp64(i0 + r + off + J->right + 1, 0, Nk);
-        }
-        if (a > e) a = e;
-        lo[r] = (int32_t)a, hi[r] = (int32_t)e;
-        if (a < e) { jmin = a < jmin ? a : jmin; jmax = e > jmax ? e : jmax; }
-        lsev[r] = r < nr && a < e ? J->lse[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
-        delv[r] = r < nr && a < e ? J->delta[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
+        const int sees = r < nr && lo[r] < hi[r];
+        lsev[r] = sees ? J->lse[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
+        delv[r] = sees ? J->delta[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
     }
     for (int64_t d = 0; d < D; d++)
         for (int r = 0; r < QT; r++) qt[d * QT + r] = r < nr ? q[r * J->qs[2] + d] : 0.0f;
@@ -399,18 +406,6 @@ AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, fl
     const __m512 sc = _mm512_set1_ps(J->scale), l2e = _mm512_set1_ps(LOG2E);
     const __m512i lov[2] = {_mm512_loadu_si512(lo), _mm512_loadu_si512(lo + 16)};
     const __m512i hiv[2] = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 16)};
-    int64_t hl[2], hr[2], fl[2], fr[2];
-    for (int s = 0; s < 2; s++) {
-        hl[s] = Nk, hr[s] = 0, fl[s] = 0, fr[s] = Nk;
-        for (int r = 16 * s; r < 16 * s + 16; r++) {
-            if (lo[r] < hi[r]) {
-                hl[s] = lo[r] < hl[s] ? lo[r] : hl[s];
-                hr[s] = hi[r] > hr[s] ? hi[r] : hr[s];
-            }
-            fl[s] = lo[r] > fl[s] ? lo[r] : fl[s];
-            fr[s] = hi[r] < fr[s] ? hi[r] : fr[s];
-        }
-    }
     for (int64_t c0 = jmin; c0 < jmax; c0 += KC) {
         const int64_t c1 = c0 + KC < jmax ? c0 + KC : jmax;
         for (int64_t j = c0; j < c1; j += KG) {
