@@ -27,16 +27,23 @@
 #define AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
 #define INLINE static inline __attribute__((always_inline))
 
-typedef struct {
+/* One call, forward or backward: its tensors, sizes, strides and key ranges, and the tasks its threads take. */
+typedef struct job job_t;
+struct job {
     const float *q, *k, *v;
-    float *o, *lse;
+    float *o, *lse;                 /* forward: out, and lse (may be NULL); the backward reads lse */
+    const float *dout, *delta;      /* backward: dout, and delta = rowsum(dout·out) − dlse (b, h, n) */
+    float *dq, *dk, *dv;            /* backward: dq (B, Hq, Nq, D); dk, dv (parts, B, Hk, Nk, D|Dv) shares */
     int64_t B, Hq, Hk, Nq, Nk, D, Dv;
-    int64_t qs[3], ks[3], vs[3], os[3], ls[2];   /* strides (elements) of batch, head, row; last dim is 1 */
-    int64_t left, right;                          /* key j visible to row i iff i+off-left <= j <= i+off+right */
+    int64_t qs[3], ks[3], vs[3];    /* strides (elements) of batch, head, row; last dims are 1 */
+    int64_t xs[3], ls[2];           /* ... of out (forward) or dout (backward); of lse and delta (batch, head) */
+    int64_t left, right;            /* key j visible to row i iff i+off-left <= j <= i+off+right */
     float scale;
-    int64_t ntiles, ntasks, next;
-    int64_t dvp;                                  /* Dv rounded up to 32: row stride of the tile's accumulator */
-} job_t;
+    int64_t ntiles, parts, ntasks, next;
+    int64_t dvp, dp;                /* Dv, D rounded up to 32: row strides of the tile accumulators */
+    size_t ws;                      /* workspace floats per thread */
+    void (*task)(const job_t *, int64_t, float *);
+};
 
 int qkv_native_version(void) { return 2; }
 
@@ -140,10 +147,11 @@ static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo
  * and [fl, fr) those all of them see (no per-element mask needed there). */
 typedef struct {
     int32_t lo[QT], hi[QT];
+    __m512i lov[2], hiv[2];         /* lo and hi per half, as vectors */
     int64_t jmin, jmax, hl[2], hr[2], fl[2], fr[2];
 } rows_t;
 
-static void row_ranges(rows_t *R, int64_t i0, int64_t nr, int64_t Nq, int64_t Nk, int64_t left, int64_t right) {
+AVX512 static void row_ranges(rows_t *R, int64_t i0, int64_t nr, int64_t Nq, int64_t Nk, int64_t left, int64_t right) {
     const int64_t off = Nk - Nq;
     R->jmin = Nk, R->jmax = 0;
     for (int r = 0; r < QT; r++) {
@@ -166,6 +174,38 @@ static void row_ranges(rows_t *R, int64_t i0, int64_t nr, int64_t Nq, int64_t Nk
             R->fl[s] = R->lo[r] > R->fl[s] ? R->lo[r] : R->fl[s];
             R->fr[s] = R->hi[r] < R->fr[s] ? R->hi[r] : R->fr[s];
         }
+        R->lov[s] = _mm512_loadu_si512(R->lo + 16 * s), R->hiv[s] = _mm512_loadu_si512(R->hi + 16 * s);
+    }
+}
+
+/* The lanes of half s whose rows see key j. */
+AVX512 INLINE __mmask16 sees(const rows_t *R, int s, int64_t j) {
+    const __m512i jv = _mm512_set1_epi32((int32_t)j);
+    return _mm512_cmpge_epi32_mask(jv, R->lov[s]) & _mm512_cmplt_epi32_mask(jv, R->hiv[s]);
+}
+
+/* The keys that rows r0 .. r0+RB see within [c0, c1): [*a, *e), empty when *a >= *e. */
+static inline void block_keys(const rows_t *R, int r0, int64_t c0, int64_t c1, int64_t *a, int64_t *e) {
+    int64_t x = c1, y = c0;
+    for (int r = r0; r < r0 + RB; r++)
+        if (R->lo[r] < R->hi[r]) { x = R->lo[r] < x ? R->lo[r] : x; y = R->hi[r] > y ? R->hi[r] : y; }
+    *a = x > c0 ? x : c0, *e = y < c1 ? y : c1;
+}
+
+/* dst[d·QT + r] = src[r·ld + d] (d < n) for the tile's rows r < nr, 0 for its others: a tile transposed. */
+static void pack_t(float *dst, const float *src, int64_t ld, int64_t nr, int64_t n) {
+    for (int64_t d = 0; d < n; d++)
+        for (int r = 0; r < QT; r++) dst[d * QT + r] = r < nr ? src[r * ld + d] : 0.0f;
+}
+
+/* st[(j − c0)·QT + r] = xt[·][r] · y[j] for the keys j in [c0, c1), by 8-key groups, for the halves of the tile
+ * whose rows see them (xt: a packed tile (n, QT); y: rows of n values, stride ldy). */
+AVX512 static void tile_scores(const rows_t *R, int64_t c0, int64_t c1, const float *xt, const float *y,
+                               int64_t ldy, int64_t n, float *st) {
+    for (int64_t j = c0; j < c1; j += KG) {
+        const int nk = c1 - j < KG ? (int)(c1 - j) : KG;
+        const int h0 = j < R->hr[0] && j + nk > R->hl[0], h1 = j < R->hr[1] && j + nk > R->hl[1];
+        if (h0 || h1) qk_any(nk, h0, h1, xt, y + j * ldy, ldy, n, st + (j - c0) * QT);
     }
 }
 
@@ -177,16 +217,13 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
     const float *q = J->q + b * J->qs[0] + h * J->qs[1] + i0 * J->qs[2];
     const float *k = J->k + b * J->ks[0] + hk * J->ks[1];
     const float *v = J->v + b * J->vs[0] + hk * J->vs[1];
-    float *o = J->o + b * J->os[0] + h * J->os[1] + i0 * J->os[2];
+    float *o = J->o + b * J->xs[0] + h * J->xs[1] + i0 * J->xs[2];
     float *qt = ws, *st = ws + QT * D, *acc = st + (int64_t)KC * QT;
 
     rows_t R;
     row_ranges(&R, i0, nr, J->Nq, Nk, J->left, J->right);
-    const int32_t *lo = R.lo, *hi = R.hi;
     const int64_t jmin = R.jmin, jmax = R.jmax, *hl = R.hl, *hr = R.hr, *fl = R.fl, *fr = R.fr;
-
-    for (int64_t d = 0; d < D; d++)
-        for (int r = 0; r < QT; r++) qt[d * QT + r] = r < nr ? q[r * J->qs[2] + d] : 0.0f;
+    pack_t(qt, q, J->qs[2], nr, D);
     /* Scores are scaled as the plain computation scales them, s·scale, and the maxima m are kept in those
      * units: p = 2^((s·scale − m)·log2 e), the difference formed by one FMA. (Folding scale·log2 e into q
      * instead would round every product and cost the lse ~1e-6 relative at large scores.) */
@@ -196,15 +233,9 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
     __m512 m[2], l[2];
     m[0] = m[1] = _mm512_set1_ps(-INFINITY);
     l[0] = l[1] = _mm512_setzero_ps();
-    const __m512i lov[2] = {_mm512_loadu_si512(lo), _mm512_loadu_si512(lo + 16)};
-    const __m512i hiv[2] = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 16)};
     for (int64_t c0 = jmin; c0 < jmax; c0 += KC) {
         const int64_t c1 = c0 + KC < jmax ? c0 + KC : jmax;
-        for (int64_t j = c0; j < c1; j += KG) {
-            const int nk = c1 - j < KG ? (int)(c1 - j) : KG;
-            const int h0 = j < hr[0] && j + nk > hl[0], h1 = j < hr[1] && j + nk > hl[1];
-            if (h0 || h1) qk_any(nk, h0, h1, qt, k + j * J->ks[2], J->ks[2], D, st + (j - c0) * QT);
-        }
+        tile_scores(&R, c0, c1, qt, k, J->ks[2], D, st);
         float alpha[QT] __attribute__((aligned(64)));
         for (int s = 0; s < 2; s++) {
             const int64_t a = hl[s] > c0 ? hl[s] : c0, e = hr[s] < c1 ? hr[s] : c1;
@@ -217,9 +248,7 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
                 float *p = st + (j - c0) * QT + 16 * s;   /* st[(j - c0)·QT + r]: key j, row r */
                 __m512 x = _mm512_load_ps(p);
                 if (j < fl[s] || j >= fr[s]) {   /* some row of this half does not see key j */
-                    __m512i jv = _mm512_set1_epi32((int32_t)j);
-                    __mmask16 ok = _mm512_cmpge_epi32_mask(jv, lov[s]) & _mm512_cmplt_epi32_mask(jv, hiv[s]);
-                    x = _mm512_mask_blend_ps(ok, _mm512_set1_ps(-INFINITY), x);
+                    x = _mm512_mask_blend_ps(sees(&R, s, j), _mm512_set1_ps(-INFINITY), x);
                     _mm512_store_ps(p, x);
                 }
                 mx = _mm512_max_ps(mx, x);
@@ -244,10 +273,8 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
         }
         /* P·V, by 8-row blocks over the keys those rows see, by 32 value columns */
         for (int r0 = 0; r0 < QT; r0 += RB) {
-            int64_t a = Nk, e = 0;
-            for (int r = r0; r < r0 + RB; r++)
-                if (lo[r] < hi[r]) { a = lo[r] < a ? lo[r] : a; e = hi[r] > e ? hi[r] : e; }
-            a = a > c0 ? a : c0, e = e < c1 ? e : c1;
+            int64_t a, e;
+            block_keys(&R, r0, c0, c1, &a, &e);
             if (a >= e) continue;                /* no key here: these rows' m did not move, alpha is 1 */
             const float *pt = st + r0, *vj = v + c0 * J->vs[2];   /* relative to the chunk's first key */
             a -= c0, e -= c0;
@@ -271,7 +298,7 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
     _mm512_storeu_ps(lv, l[0]), _mm512_storeu_ps(lv + 16, l[1]);
     for (int r = 0; r < nr; r++) {
         const float il = lv[r] > 0 ? 1.0f / lv[r] : 0.0f;
-        float *orow = o + r * J->os[2];
+        float *orow = o + r * J->xs[2];
         const float *arow = acc + r * dvp;
         for (int64_t c = 0; c < Dv; c += 16) {
             __mmask16 mk = Dv - c >= 16 ? 0xFFFF : (__mmask16)((1u << (Dv - c)) - 1);
@@ -282,21 +309,52 @@ AVX512 static void tile(const job_t *J, int64_t task, float *ws) {
     }
 }
 
-/* Runs fn(job) on nthreads threads (the caller's included); they take tasks from the job's counter. */
-static int run_threads(void *(*fn)(void *), void *job, int nthreads, int64_t ntasks) {
+/* A thread: takes the job's tasks from its counter until none is left. */
+static void *worker(void *arg) {
+    job_t *J = (job_t *)arg;
+    float *ws = aligned_alloc(64, (J->ws * sizeof(float) + 63) / 64 * 64);
+    if (!ws) return (void *)1;
+    for (;;) {
+        int64_t t = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
+        if (t >= J->ntasks) break;
+        J->task(J, t, ws);
+    }
+    free(ws);
+    return NULL;
+}
+
+/* Runs the job on nthreads threads (the caller's included). Returns 0, or -1 when a workspace could not be
+ * allocated (threads that cannot be started leave their share to the others). */
+static int run(job_t *J, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > ntasks) nthreads = (int)(ntasks ? ntasks : 1);
+    if (nthreads > J->ntasks) nthreads = (int)(J->ntasks ? J->ntasks : 1);
     pthread_t th[256];
     int started = 0, bad = 0;
     for (; started < nthreads - 1 && started < 256; started++)
-        if (pthread_create(&th[started], NULL, fn, job)) break;
-    if (fn(job)) bad = 1;
+        if (pthread_create(&th[started], NULL, worker, J)) break;
+    if (worker(J)) bad = 1;
     for (int i = 0; i < started; i++) {
         void *ret;
         pthread_join(th[i], &ret);
         if (ret) bad = 1;
     }
     return bad ? -1 : 0;
+}
+
+/* The fields both passes share. dims: B, Hq, Hk, Nq, Nk, D, Dv. strides: q, k, v, then out or dout (batch,
+ * head, row), then lse (batch, head); elements. */
+static void job_init(job_t *J, const int64_t *dims, const int64_t *strides, int64_t left, int64_t right,
+                     float scale) {
+    memset(J, 0, sizeof *J);
+    J->B = dims[0], J->Hq = dims[1], J->Hk = dims[2], J->Nq = dims[3], J->Nk = dims[4], J->D = dims[5];
+    J->Dv = dims[6];
+    for (int i = 0; i < 3; i++) {
+        J->qs[i] = strides[i], J->ks[i] = strides[3 + i], J->vs[i] = strides[6 + i], J->xs[i] = strides[9 + i];
+    }
+    J->ls[0] = strides[12], J->ls[1] = strides[13];
+    J->left = left, J->right = right, J->scale = scale;
+    J->ntiles = (J->Nq + QT - 1) / QT;
+    J->dvp = (J->Dv + 31) / 32 * 32, J->dp = (J->D + 31) / 32 * 32;
 }
 
 /* ------------------------------------------------------------------------------------------- backward
@@ -364,24 +422,13 @@ AVX512 static void outer_any(int no, const float *a, int64_t lao, int64_t lar, c
     }
 }
 
-typedef struct {
-    const float *q, *k, *v, *dout, *lse, *delta;
-    float *dq, *dk, *dv;                           /* dq (B, Hq, Nq, D); dk, dv (parts, B, Hk, Nk, D|Dv) */
-    int64_t B, Hq, Hk, Nq, Nk, D, Dv;
-    int64_t qs[3], ks[3], vs[3], gs[3], ls[2];    /* strides of q, k, v, dout (b, h, n), lse and delta (b, h) */
-    int64_t left, right;
-    float scale;
-    int64_t ntiles, parts, ntasks, next;
-    int64_t dp;                                    /* D rounded up to 32: row stride of the dq accumulator */
-} bjob_t;
-
 /* Tile t of query head h, accumulating into dk, dv (this task's (Nk, D) and (Nk, Dv) shares of kv head hk).
  * ws: QT·D (q, transposed) + QT·Dv (dout, transposed) + 2·KC·QT (p, dS) + QT·dp (dq). */
-AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, float *dk, float *dv, float *ws) {
+AVX512 static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk, float *dv, float *ws) {
     const int64_t hk = h / (J->Hq / J->Hk), i0 = t * QT, nr = J->Nq - i0 < QT ? J->Nq - i0 : QT;
     const int64_t D = J->D, Dv = J->Dv, Nk = J->Nk, dp = J->dp;
     const float *q = J->q + b * J->qs[0] + h * J->qs[1] + i0 * J->qs[2];
-    const float *g = J->dout + b * J->gs[0] + h * J->gs[1] + i0 * J->gs[2];
+    const float *g = J->dout + b * J->xs[0] + h * J->xs[1] + i0 * J->xs[2];
     const float *k = J->k + b * J->ks[0] + hk * J->ks[1];
     const float *v = J->v + b * J->vs[0] + hk * J->vs[1];
     float *dq = J->dq + ((b * J->Hq + h) * J->Nq + i0) * D;
@@ -397,24 +444,15 @@ AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, fl
         lsev[r] = sees ? J->lse[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
         delv[r] = sees ? J->delta[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
     }
-    for (int64_t d = 0; d < D; d++)
-        for (int r = 0; r < QT; r++) qt[d * QT + r] = r < nr ? q[r * J->qs[2] + d] : 0.0f;
-    for (int64_t d = 0; d < Dv; d++)
-        for (int r = 0; r < QT; r++) gt[d * QT + r] = r < nr ? g[r * J->gs[2] + d] : 0.0f;
+    pack_t(qt, q, J->qs[2], nr, D);
+    pack_t(gt, g, J->xs[2], nr, Dv);
     memset(acc, 0, sizeof(float) * QT * dp);
 
     const __m512 sc = _mm512_set1_ps(J->scale), l2e = _mm512_set1_ps(LOG2E);
-    const __m512i lov[2] = {_mm512_loadu_si512(lo), _mm512_loadu_si512(lo + 16)};
-    const __m512i hiv[2] = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 16)};
     for (int64_t c0 = jmin; c0 < jmax; c0 += KC) {
         const int64_t c1 = c0 + KC < jmax ? c0 + KC : jmax;
-        for (int64_t j = c0; j < c1; j += KG) {
-            const int nk = c1 - j < KG ? (int)(c1 - j) : KG;
-            const int h0 = j < hr[0] && j + nk > hl[0], h1 = j < hr[1] && j + nk > hl[1];
-            if (!(h0 || h1)) continue;
-            qk_any(nk, h0, h1, qt, k + j * J->ks[2], J->ks[2], D, st + (j - c0) * QT);
-            qk_any(nk, h0, h1, gt, v + j * J->vs[2], J->vs[2], Dv, dst + (j - c0) * QT);
-        }
+        tile_scores(&R, c0, c1, qt, k, J->ks[2], D, st);
+        tile_scores(&R, c0, c1, gt, v, J->vs[2], Dv, dst);
         /* p = exp(s·scale − lse) and dS = p·(dP − delta)·scale where visible, 0 elsewhere in the chunk */
         for (int s = 0; s < 2; s++) {
             const __m512 L = _mm512_load_ps(lsev + 16 * s), Dl = _mm512_load_ps(delv + 16 * s);
@@ -425,11 +463,7 @@ AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, fl
                     _mm512_store_ps(pd, _mm512_setzero_ps());
                     continue;
                 }
-                __mmask16 ok = 0xFFFF;
-                if (j < fl[s] || j >= fr[s]) {
-                    __m512i jv = _mm512_set1_epi32((int32_t)j);
-                    ok = _mm512_cmpge_epi32_mask(jv, lov[s]) & _mm512_cmplt_epi32_mask(jv, hiv[s]);
-                }
+                const __mmask16 ok = j < fl[s] || j >= fr[s] ? sees(&R, s, j) : 0xFFFF;
                 __m512 p = _mm512_maskz_mov_ps(ok, exp2v(_mm512_mul_ps(_mm512_fmsub_ps(_mm512_load_ps(pp), sc, L),
                                                                        l2e)));
                 __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_load_ps(pd), Dl)), sc);
@@ -439,10 +473,8 @@ AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, fl
         }
         /* dQ (tile rows, by 8-row blocks over the keys they see) += dS·k */
         for (int r0 = 0; r0 < QT; r0 += RB) {
-            int64_t a = Nk, e = 0;
-            for (int r = r0; r < r0 + RB; r++)
-                if (lo[r] < hi[r]) { a = lo[r] < a ? lo[r] : a; e = hi[r] > e ? hi[r] : e; }
-            a = a > c0 ? a : c0, e = e < c1 ? e : c1;
+            int64_t a, e;
+            block_keys(&R, r0, c0, c1, &a, &e);
             if (a < e)
                 outer_any(RB, dst + r0, 1, QT, k + c0 * J->ks[2], J->ks[2], a - c0, e - c0, acc + r0 * dp, dp, D);
         }
@@ -455,30 +487,20 @@ AVX512 static void tile_bwd(const bjob_t *J, int64_t b, int64_t h, int64_t t, fl
             while (rb < QT && lo[rb] < j + nk && lo[rb] < hi[rb]) rb++;   /* ... through the last that sees < j+nk */
             if (ra >= rb) continue;
             outer_any(nk, dst + (j - c0) * QT, QT, 1, q, J->qs[2], ra, rb, dk + j * D, D, D);
-            outer_any(nk, st + (j - c0) * QT, QT, 1, g, J->gs[2], ra, rb, dv + j * Dv, Dv, Dv);
+            outer_any(nk, st + (j - c0) * QT, QT, 1, g, J->xs[2], ra, rb, dv + j * Dv, Dv, Dv);
         }
     }
     for (int r = 0; r < nr; r++) memcpy(dq + r * D, acc + r * dp, sizeof(float) * D);
 }
 
-static void *worker_bwd(void *arg) {
-    bjob_t *J = (bjob_t *)arg;
-    size_t n = (size_t)(QT * J->D + QT * J->Dv + 2 * (int64_t)KC * QT + QT * J->dp);
-    float *ws = aligned_alloc(64, ((n * sizeof(float)) + 63) / 64 * 64);
-    if (!ws) return (void *)1;
-    const int64_t G = J->Hq / J->Hk;
-    for (;;) {
-        int64_t task = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
-        if (task >= J->ntasks) break;
-        const int64_t part = task % J->parts, bh = task / J->parts, b = bh / J->Hk, hk = bh % J->Hk;
-        const int64_t t0 = J->ntiles * part / J->parts, t1 = J->ntiles * (part + 1) / J->parts;
-        float *dk = J->dk + ((part * J->B + b) * J->Hk + hk) * J->Nk * J->D;
-        float *dv = J->dv + ((part * J->B + b) * J->Hk + hk) * J->Nk * J->Dv;
-        for (int64_t h = hk * G; h < (hk + 1) * G; h++)
-            for (int64_t t = t0; t < t1; t++) tile_bwd(J, b, h, t, dk, dv, ws);
-    }
-    free(ws);
-    return NULL;
+/* Task: a share (part) of one kv head's query tiles, all its query heads, into that share's dK/dV. */
+AVX512 static void bwd_task(const job_t *J, int64_t task, float *ws) {
+    const int64_t G = J->Hq / J->Hk, part = task % J->parts, bh = task / J->parts, b = bh / J->Hk, hk = bh % J->Hk;
+    const int64_t t0 = J->ntiles * part / J->parts, t1 = J->ntiles * (part + 1) / J->parts;
+    float *dk = J->dk + ((part * J->B + b) * J->Hk + hk) * J->Nk * J->D;
+    float *dv = J->dv + ((part * J->B + b) * J->Hk + hk) * J->Nk * J->Dv;
+    for (int64_t h = hk * G; h < (hk + 1) * G; h++)
+        for (int64_t t = t0; t < t1; t++) tile_bwd(J, b, h, t, dk, dv, ws);
 }
 
 /* dims: B, Hq, Hk, Nq, Nk, D, Dv, parts. strides: q, k, v, dout (b, h, n), then lse/delta (b, h).
@@ -487,34 +509,15 @@ static void *worker_bwd(void *arg) {
 int qkv_attn_bwd_f32(const float *q, const float *k, const float *v, const float *dout, const float *lse,
                      const float *delta, float *dq, float *dk, float *dv, const int64_t *dims,
                      const int64_t *strides, int64_t left, int64_t right, float scale, int nthreads) {
-    bjob_t J;
-    memset(&J, 0, sizeof J);
-    J.q = q, J.k = k, J.v = v, J.dout = dout, J.lse = lse, J.delta = delta, J.dq = dq, J.dk = dk, J.dv = dv;
-    J.B = dims[0], J.Hq = dims[1], J.Hk = dims[2], J.Nq = dims[3], J.Nk = dims[4], J.D = dims[5], J.Dv = dims[6];
+    job_t J;
+    job_init(&J, dims, strides, left, right, scale);
+    J.q = q, J.k = k, J.v = v, J.dout = dout, J.lse = (float *)lse, J.delta = delta;   /* lse: read only */
+    J.dq = dq, J.dk = dk, J.dv = dv;
     J.parts = dims[7] < 1 ? 1 : dims[7];
-    for (int i = 0; i < 3; i++) {
-        J.qs[i] = strides[i], J.ks[i] = strides[3 + i], J.vs[i] = strides[6 + i], J.gs[i] = strides[9 + i];
-    }
-    J.ls[0] = strides[12], J.ls[1] = strides[13];
-    J.left = left, J.right = right, J.scale = scale;
-    J.ntiles = (J.Nq + QT - 1) / QT;
     J.ntasks = J.B * J.Hk * J.parts;
-    J.dp = (J.D + 31) / 32 * 32;
-    return run_threads(worker_bwd, &J, nthreads, J.ntasks);
-}
-
-static void *worker(void *arg) {
-    job_t *J = (job_t *)arg;
-    size_t n = (size_t)(QT * J->D + (int64_t)KC * QT + QT * J->dvp);
-    float *ws = aligned_alloc(64, ((n * sizeof(float)) + 63) / 64 * 64);
-    if (!ws) return (void *)1;
-    for (;;) {
-        int64_t t = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
-        if (t >= J->ntasks) break;
-        tile(J, t, ws);
-    }
-    free(ws);
-    return NULL;
+    J.ws = (size_t)(QT * J.D + QT * J.Dv + 2 * (int64_t)KC * QT + QT * J.dp);
+    J.task = bwd_task;
+    return run(&J, nthreads);
 }
 
 /* dims: B, Hq, Hk, Nq, Nk, D, Dv. strides: q (b, h, n), k, v, o, then lse (b, h) — elements, last dims 1.
@@ -522,16 +525,10 @@ static void *worker(void *arg) {
 int qkv_attn_fwd_f32(const float *q, const float *k, const float *v, float *o, float *lse, const int64_t *dims,
                      const int64_t *strides, int64_t left, int64_t right, float scale, int nthreads) {
     job_t J;
-    memset(&J, 0, sizeof J);
+    job_init(&J, dims, strides, left, right, scale);
     J.q = q, J.k = k, J.v = v, J.o = o, J.lse = lse;
-    J.B = dims[0], J.Hq = dims[1], J.Hk = dims[2], J.Nq = dims[3], J.Nk = dims[4], J.D = dims[5], J.Dv = dims[6];
-    for (int i = 0; i < 3; i++) {
-        J.qs[i] = strides[i], J.ks[i] = strides[3 + i], J.vs[i] = strides[6 + i], J.os[i] = strides[9 + i];
-    }
-    J.ls[0] = strides[12], J.ls[1] = strides[13];
-    J.left = left, J.right = right, J.scale = scale;
-    J.ntiles = (J.Nq + QT - 1) / QT;
     J.ntasks = J.B * J.Hq * J.ntiles;
-    J.dvp = (J.Dv + 31) / 32 * 32;
-    return run_threads(worker, &J, nthreads, J.ntasks);
+    J.ws = (size_t)(QT * J.D + (int64_t)KC * QT + QT * J.dvp);
+    J.task = tile;
+    return run(&J, nthreads);
 }
