@@ -96,6 +96,11 @@ class Call:
         return self.softcap is not None or self.alibi is not None or self.bias is not None or self.score_mod is not None
 
     @property
+    def training(self) -> bool:
+        """Whether a backward through q, k or v may follow (grad mode on and one of them requires grad)."""
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+    @property
     def block_mask(self) -> BlockMask | None:
         return next((r for kind, r in self._rules if kind == "block"), None)
 

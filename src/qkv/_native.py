@@ -56,7 +56,7 @@ def available() -> tuple[bool, str]:
     """Whether the kernel can run on this machine, and if not, why."""
     if _load() is None:
         return False, _why
-    return True, "AVX-512 CPU kernel (causal / sliding-window / unmasked forward, fp32 accumulation)"
+    return True, "AVX-512 CPU kernel (causal / sliding-window / unmasked, forward and backward, fp32)"
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -78,6 +78,15 @@ def _range(call: Call) -> tuple[int, int]:
     return left, (min(right, 0) if call.causal else right)
 
 
+def _geometry(call: Call, q, k, v, x, lse, *more):
+    """The kernel's shape arguments: dims (B, Hq, Hkv, Nq, Nk, D, Dv, *more), strides (q, k, v, x: batch,
+    head, row; lse: batch, head), the key range (left, right) and the scale."""
+    dims = (ctypes.c_int64 * (7 + len(more)))(call.B, call.Hq, call.Hkv, call.Nq, call.Nk, call.D, call.Dv, *more)
+    strides = (ctypes.c_int64 * 14)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *x.stride()[:3],
+                                    *lse.stride()[:2])
+    return (dims, strides, *_range(call), call.scale)
+
+
 def _rows(*ts):
     """fp32 views whose rows are contiguous (what the kernel reads; other strides are free)."""
     return [t if t.stride(-1) == 1 else t.contiguous() for t in (t.to(torch.float32) for t in ts)]
@@ -95,13 +104,8 @@ def attention_fwd(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _rows(call.q, call.k, call.v)
     out = torch.empty(call.B, call.Hq, call.Nq, call.Dv, dtype=torch.float32)
     lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32)
-    dims = (ctypes.c_int64 * 7)(call.B, call.Hq, call.Hkv, call.Nq, call.Nk, call.D, call.Dv)
-    strides = (ctypes.c_int64 * 14)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                                    *lse.stride()[:2])
-    left, right = _range(call)
-    rc = lib.qkv_attn_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), dims,
-                              strides, left, right, call.scale, torch.get_num_threads())
-    _check(rc)
+    _check(lib.qkv_attn_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                *_geometry(call, q, k, v, out, lse), torch.get_num_threads()))
     return out.to(call.q.dtype), lse
 
 
@@ -123,12 +127,8 @@ def attention_bwd(call: Call, out, lse, dout, dlse=None):
     dq = torch.empty(B, Hq, Nq, call.D, dtype=torch.float32)
     dk = torch.zeros(parts, B, Hkv, Nk, call.D, dtype=torch.float32)
     dv = torch.zeros(parts, B, Hkv, Nk, call.Dv, dtype=torch.float32)
-    dims = (ctypes.c_int64 * 8)(B, Hq, Hkv, Nq, Nk, call.D, call.Dv, parts)
-    strides = (ctypes.c_int64 * 14)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3],
-                                    *lse.stride()[:2])
-    left, right = _range(call)
     _check(lib.qkv_attn_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), lse.data_ptr(),
-                                delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dims, strides,
-                                left, right, call.scale, nthreads))
+                                delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                *_geometry(call, q, k, v, g, lse, parts), nthreads))
     dk, dv = (x[0] if parts == 1 else x.sum(0) for x in (dk, dv))
     return dq.to(call.q.dtype), dk.to(call.k.dtype), dv.to(call.v.dtype)

@@ -45,11 +45,12 @@ class Selection(NamedTuple):
 def backends(device=None) -> list[BackendInfo]:
     """Which engines can run here (on ``device``, default CPU), and why not."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    kernel, why_not = _native.available()
     return [
         BackendInfo("reference", True, "materialises the scores (the oracle); O(N²) memory, bounded"),
         BackendInfo("tiled", True, "FlashAttention's algorithm in torch ops; any device, every feature; "
-                    + ("on CPU, forwards of causal/window calls run on qkv's C kernel" if _native.available()[0]
-                       else f"no CPU kernel ({_native.available()[1]})")),
+                    + ("on CPU, causal/window calls run on qkv's C kernel" if kernel
+                       else f"no CPU kernel ({why_not})")),
         BackendInfo("sdpa", True, f"torch {torch.__version__} scaled_dot_product_attention, when a call fits"),
         BackendInfo("triton", False, "qkv's Triton kernels are not in this release"
                     + ("" if dev.type == "cuda" else "; they would need a CUDA device")),
@@ -68,9 +69,8 @@ def _auto(call: _call.Call) -> Selection:
     ok, why = sdpa_supports(call)
     if not ok:
         return Selection("tiled", f"sdpa cannot serve it ({why})")
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
-    if call.Nq >= AUTO_KERNEL_ROWS and (call.has_mask or not training) and _native.serves(call):
-        return Selection("tiled", f"{'training' if training else 'inference'} with {call.Nq} >= "
+    if call.Nq >= AUTO_KERNEL_ROWS and (call.has_mask or not call.training) and _native.serves(call):
+        return Selection("tiled", f"{'training' if call.training else 'inference'} with {call.Nq} >= "
                                   f"{AUTO_KERNEL_ROWS} query rows: qkv's CPU kernel is faster than SDPA here "
                                   f"(benchmarks/NOTES.md)")
     if not call.has_mask:

@@ -552,13 +552,12 @@ def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
         bq, bk = bm.block_size                  # the grid its states were built on
     else:
         bq, bk = (_fused_rows(call) if _use_fused(call) else BLOCK_Q), BLOCK_K
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
     # The CPU kernel computes the calls it serves, forward (all rows, out and lse) and backward.
     native = not block_size and _native.serves(call)
     # Otherwise the band path keeps its probabilities for a backward that will run (which then skips their
     # recompute). The kernel's recomputing backward is faster still, and keeps nothing (NOTES steps 18-19).
-    keep = band is not None and training and not native and band.may_keep(call)
-    if native and not training:
+    keep = band is not None and call.training and not native and band.may_keep(call)
+    if native and not call.training:
         return _native.attention_fwd(call)
     sched = None if native else _schedule(call, bq, bk, band.blocks if band else range(0))
     return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band, keep,
