@@ -5,7 +5,8 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "qkv._attn_cpu", ["src/qkv/csrc/attn_cpu.c"],
-    extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno"],
-    libraries=["pthread", "m"],
+    extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-fopenmp"],
+    extra_link_args=["-fopenmp"],
+    libraries=["m"],
     optional=True,
 )])

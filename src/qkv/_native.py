@@ -4,7 +4,7 @@ It computes the exact forward, out and lse, of calls whose visibility is a key *
 mask, causal, sliding windows (bottom-right aligned) — with no score mods and no dropout, on CPUs with
 AVX-512, in fp32 (fp16/bf16 inputs are computed in fp32, as every engine accumulates them). The tiled engine
 runs its forward and backward on it when it serves the call (``serves``). It is built at
-install time (``setup.py``, optional) and runs its own threads, as many as ``torch.get_num_threads()``.
+install time (``setup.py``, optional) and runs on torch's OpenMP pool, ``torch.get_num_threads()`` threads.
 
 ``ENABLED = False`` turns it off (the tiled engine then computes those calls in torch ops).
 """
