@@ -32,6 +32,17 @@ except ImportError:  # pragma: no cover
     pass
 
 
+@pytest.fixture
+def set_options():
+    """``set_options(cpu_kernel=False, ...)``: qkv.options for the rest of the test (undone at teardown)."""
+    import contextlib
+
+    import qkv
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **kw: stack.enter_context(qkv.options(**kw))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

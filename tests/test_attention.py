@@ -1,6 +1,6 @@
 """qkv.attention: the DESIGN §2 semantics on every engine, against the independent fp64 oracle.
 
-Tolerances follow FlashAttention's rule (tests/_oracle.py: check_fa): an engine's error against the fp64
+Tolerances follow FlashAttention's rule (qkv.testing: check_fa): an engine's error against the fp64
 oracle may be at most 2x (3x for gradients) the error of the same math done plainly in the input dtype,
 plus 1e-5.
 """
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import qkv
-from _oracle import compare, make_qkv, naive_attention
-from qkv import _native
+from qkv.testing import compare, make_qkv, naive_attention
 
 # "tiled" runs its forward on the CPU kernel where that serves the call; the case "tiled-ops" runs the same
 # engine with the kernel off (its torch-ops paths): see _kernel_off.
@@ -17,10 +16,10 @@ ENGINES = ["reference", "tiled", pytest.param("tiled", id="tiled-ops"), "auto"]
 
 
 @pytest.fixture(autouse=True)
-def _kernel_off(request, monkeypatch):
+def _kernel_off(request, set_options):
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and "tiled-ops" in callspec.id:
-        monkeypatch.setattr(_native, "ENABLED", False)
+        set_options(cpu_kernel=False)
 
 
 # ------------------------------------------------------------------------------------------ shapes

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from qkv import bench
-from qkv.bench import BenchError, Case, Config, Provider, parse_mask
+from qkv.tools import bench
+from qkv.tools.bench import BenchError, Case, Config, Provider, parse_mask
 
 
 def tiny(**kw):

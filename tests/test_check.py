@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
-from qkv import check, cli
+from qkv.tools import check, cli
 
 SMALL = [(1, 2, 1, 9, 13, 8, 8), (1, 2, 2, 12, 7, 8, 6)]
 

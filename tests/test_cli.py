@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import qkv
-from qkv import cli
+import qkv.tools
+from qkv.tools import cli
 
 TINY = ["--device", "cpu", "--seqlens", "32", "64", "--heads", "2", "--head-dim", "16", "--reps", "2",
         "--warmup", "1", "--quiet"]
@@ -87,8 +88,8 @@ def test_show_and_demo_are_wired(monkeypatch):
     fake_viz = types.SimpleNamespace(show=lambda text, **kw: calls.append(("show", text, kw)))
     fake_demo = types.SimpleNamespace(run=lambda **kw: calls.append(("demo", kw)))
     for name, mod in (("viz", fake_viz), ("demo", fake_demo)):
-        monkeypatch.setitem(sys.modules, f"qkv.{name}", mod)
-        monkeypatch.setattr(qkv, name, mod, raising=False)
+        monkeypatch.setitem(sys.modules, f"qkv.tools.{name}", mod)
+        monkeypatch.setattr(qkv.tools, name, mod, raising=False)
     assert cli.main(["show", "the river bank", "--layer", "2", "--head", "3", "--out", "d"]) == 0
     assert cli.main(["show", "hi"]) == 0
     assert cli.main(["demo"]) == 0
@@ -101,7 +102,7 @@ def test_show_and_demo_are_wired(monkeypatch):
 def test_issue2_bar_commands_parse_and_validate():
     """benchmarks/issue2_bar.py's commands stay valid `qkv bench` invocations (parsed and validated, not run)."""
     import importlib.util
-    from qkv import bench
+    from qkv.tools import bench
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "issue2_bar.py")
     spec = importlib.util.spec_from_file_location("issue2_bar", path)
     mod = importlib.util.module_from_spec(spec)

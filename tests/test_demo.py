@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from qkv import demo
+from qkv.tools import demo
 
 
 def test_bench_points_measure_quadratic_vs_linear_memory():
     # A fresh process, as `qkv demo` is: in this one, pages freed by earlier tests stay resident and a new
     # N×N allocation may reuse them without growing the RSS that the meter reads.
-    code = ("import json; from qkv import demo; "
+    code = ("import json; from qkv.tools import demo; "
             "print(json.dumps(demo.bench_points((512, 1024), providers=('naive', 'tiled'))))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qkv
-from _oracle import eval_mask_mod, index_grids, make_qkv, compare
+from qkv.testing import eval_mask_mod, index_grids, make_qkv, compare
 
 SIZES = [(7, 7), (5, 12), (12, 5), (1, 9)]
 

@@ -5,9 +5,10 @@ import torch
 from hypothesis import given, strategies as st
 
 import qkv
-from _oracle import compare, make_qkv
-from qkv import _call, _native
-from qkv.info import _cpuinfo
+from qkv.testing import compare, make_qkv
+from qkv.core import call as _call
+from qkv.engines import cpu_kernel as _native
+from qkv.tools.info import cpuinfo as _cpuinfo
 
 
 # What /proc/cpuinfo says (qkv info's reading), independent of the kernel's own probe.
@@ -85,20 +86,20 @@ def test_training_with_gqa_and_ragged_sizes(spy, geometry):
 
 
 @needs_kernel
-def test_training_runs_both_passes_on_the_kernel(spy, monkeypatch):
+def test_training_runs_both_passes_on_the_kernel(spy, monkeypatch, set_options):
     # Training: kernel forward and kernel backward (probabilities recomputed, none kept); with the kernel
     # off, the band path keeps them for its own backward.
-    monkeypatch.setattr(qkv.tiled, "BAND_KEEP_RATIO", 10**6)
+    set_options(band_keep_ratio=10**6)
     seen = []
     for name in ("_band_bwd", "_bwd"):
-        real = getattr(qkv.tiled, name)
-        monkeypatch.setattr(qkv.tiled, name, lambda *a, _real=real, _n=name: seen.append((_n, a[-1])) or _real(*a))
+        real = getattr(qkv.engines.tiled, name)
+        monkeypatch.setattr(qkv.engines.tiled, name, lambda *a, _real=real, _n=name: seen.append((_n, a[-1])) or _real(*a))
     real_bwd = _native.attention_bwd
     monkeypatch.setattr(_native, "attention_bwd", lambda *a: seen.append(("kernel", None)) or real_bwd(*a))
     q, k, v = make_qkv(1, 2, 2, 600, 600, 16, seed=5)
     compare("tiled", q, k, v, grad=True, causal=True, window=(60, 0))
     assert len(spy) == 1 and seen == [("kernel", None)]
-    monkeypatch.setattr(_native, "ENABLED", False)
+    set_options(cpu_kernel=False)
     compare("tiled", q, k, v, grad=True, causal=True, window=(60, 0))
     assert len(spy) == 1 and [n for n, _ in seen] == ["kernel", "_bwd", "_band_bwd"] and seen[2][1] is not None
 
@@ -107,7 +108,7 @@ def test_training_runs_both_passes_on_the_kernel(spy, monkeypatch):
 @pytest.mark.parametrize("geometry", ["window255", "causal", "window_two_sided"])
 def test_lse_gradient(spy, geometry):
     # A loss on out and lse: d lse / d s = p enters the kernel's backward through its row term.
-    from _oracle import check_fa, naive_attention
+    from qkv.testing import check_fa, naive_attention
     kw = GEOMETRIES[geometry]
     q, k, v = make_qkv(1, 4, 2, 300, 280, 24, 40, seed=12)
     grads = {}
@@ -176,8 +177,8 @@ def test_declines_what_it_cannot_compute_exactly():
     assert serves(mask=qkv.masks.sliding_window(3, 0)) == base
 
 
-def test_disabled_means_torch_ops(spy, monkeypatch):
-    monkeypatch.setattr(_native, "ENABLED", False)
+def test_disabled_means_torch_ops(spy, set_options):
+    set_options(cpu_kernel=False)
     q, k, v = make_qkv(1, 2, 2, 40, 40, 8, seed=10)
     compare("tiled", q, k, v, causal=True)
     assert not spy
@@ -212,7 +213,7 @@ def test_hypothesis_range_calls(case):
 
 
 @needs_kernel
-def test_auto_runs_the_kernel_from_enough_rows(monkeypatch):
+def test_auto_runs_the_kernel_from_enough_rows(set_options):
     q, k, v = make_qkv(1, 2, 2, 256, 256, 16, seed=11)            # 256 rows: AUTO_KERNEL_ROWS
     pick = lambda q=q, **kw: qkv.select_backend(q, k, v, **kw).name   # noqa: E731
     assert pick(causal=True) == pick() == pick(window=(30, 0)) == "tiled"
@@ -221,5 +222,5 @@ def test_auto_runs_the_kernel_from_enough_rows(monkeypatch):
     assert pick(q=q.clone().requires_grad_()) == "sdpa"                      # unmasked training: SDPA
     with torch.no_grad():
         assert pick(q=q.clone().requires_grad_()) == "tiled"
-    monkeypatch.setattr(_native, "ENABLED", False)
+    set_options(cpu_kernel=False)
     assert pick(causal=True) == "sdpa"

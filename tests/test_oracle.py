@@ -1,4 +1,4 @@
-"""Self-checks of the test oracle (tests/_oracle.py) against PyTorch's own SDPA math.
+"""Self-checks of the test oracle (qkv.testing) against PyTorch's own SDPA math.
 
 These do not import qkv: they make sure the yardstick every other test uses is right.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _oracle import alibi_slopes_paper, check_fa, make_qkv, naive_attention, visibility
+from qkv.testing import alibi_slopes_paper, check_fa, make_qkv, naive_attention, visibility
 
 
 def sdpa64(q, k, v, **kw):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkv
-from _oracle import compare, make_qkv, naive_attention
+from qkv.testing import compare, make_qkv, naive_attention
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 

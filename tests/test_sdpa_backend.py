@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import qkv
-from _oracle import compare, make_qkv
+from qkv.testing import compare, make_qkv
 
 SERVED = {
     "plain": dict(),

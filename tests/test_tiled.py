@@ -8,13 +8,12 @@ import torch
 from hypothesis import given, strategies as st
 
 import qkv
-from _oracle import compare, make_qkv
-from qkv import _native
+from qkv.testing import compare, make_qkv
 
 
 @pytest.fixture(autouse=True)
-def _torch_ops_only(monkeypatch):
-    monkeypatch.setattr(_native, "ENABLED", False)
+def _torch_ops_only(set_options):
+    set_options(cpu_kernel=False)
 
 SCORE_MODS = {
     "none": None,
@@ -213,7 +212,8 @@ def test_tiled_mqa_single_key_dv():
 # The engine's internal paths, each against the oracle: the banded sliding-window path (interior query blocks
 # batched over overlapping key bands), the fused-kernel path with is_causal diagonal tiles and per-head GQA
 # backward, and the torch-ops path (score mods, Dv != D). Shapes are large enough that each path really runs.
-from qkv import _call, tiled  # noqa: E402
+from qkv.core import call as _call  # noqa: E402
+from qkv.engines import tiled  # noqa: E402
 
 
 def _band_runs(q, k, v, **kw):
@@ -230,9 +230,8 @@ def _band_runs(q, k, v, **kw):
     (2, 2, 900, 600, (80, 0), True),      # Nq > Nk: early rows see nothing
     (2, 2, 400, 400, (20, 10), False),    # window narrower than a band block: every column masks some row
 ])
-def test_band_path_matches_oracle(monkeypatch, keep, Hq, Hkv, Nq, Nk, window, causal):
-    monkeypatch.setattr(tiled, "BAND_KEEP_BYTES", 2**40 if keep else 0)
-    monkeypatch.setattr(tiled, "BAND_KEEP_RATIO", 10**6)
+def test_band_path_matches_oracle(monkeypatch, set_options, keep, Hq, Hkv, Nq, Nk, window, causal):
+    set_options(band_keep_bytes=2**40 if keep else 0, band_keep_ratio=10**6)
     monkeypatch.setattr(tiled, "BAND_TILE_BYTES", (2**17, 2**16))        # several chunks per head
     q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, 16, seed=3)
     _band_runs(q, k, v, window=window, causal=causal)
@@ -262,7 +261,7 @@ def test_band_path_dtypes(dtype):
 
 def test_band_path_without_lse_and_noncontiguous_inputs():
     # return_lse=False skips the band rows' lse; inputs in (B, N, H, D) memory order are not contiguous
-    from _oracle import assert_fa_close, run_engine, run_naive
+    from qkv.testing import assert_fa_close, run_engine, run_naive
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(1, 3, 3, 520, 520, 16, seed=9))
     assert not k.is_contiguous()
     _band_runs(q, k, v, window=(70, 0), causal=True)
@@ -275,11 +274,10 @@ def test_band_path_without_lse_and_noncontiguous_inputs():
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_band_path_lse_gradient(monkeypatch, keep):
+def test_band_path_lse_gradient(set_options, keep):
     # a loss on out and lse: the band backward adds p·dlse to the softmax backward
-    from _oracle import naive_attention
-    monkeypatch.setattr(tiled, "BAND_KEEP_BYTES", 2**40 if keep else 0)
-    monkeypatch.setattr(tiled, "BAND_KEEP_RATIO", 10**6)
+    from qkv.testing import naive_attention
+    set_options(band_keep_bytes=2**40 if keep else 0, band_keep_ratio=10**6)
     q, k, v = make_qkv(1, 2, 2, 500, 500, 8, dtype=torch.float64, seed=29)
     _band_runs(q, k, v, window=(60, 0), causal=True)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -319,18 +317,18 @@ def band_calls(draw):
     causal = draw(st.booleans())
     window = (draw(st.integers(0, 30)), draw(st.integers(0, 30)))
     knobs = dict(BAND_Q=bq, BAND_TILE_BYTES=draw(st.sampled_from([(2**9, 2**9), (2**12, 2**10), (2**20, 2**20)])),
-                 BAND_KEEP_BYTES=draw(st.sampled_from([0, 2**30])), BAND_KEEP_RATIO=10**6,
                  BAND_ALIGN=draw(st.sampled_from([1, 16])))
+    opts = dict(band_keep_bytes=draw(st.sampled_from([0, 2**30])), band_keep_ratio=10**6)
     D = draw(st.sampled_from([3, 8, 17]))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    return (Hq, Hkv, Nq, Nk, D, dtype, draw(st.integers(0, 10_000))), dict(causal=causal, window=window), knobs
+    return (Hq, Hkv, Nq, Nk, D, dtype, draw(st.integers(0, 10_000))), dict(causal=causal, window=window), knobs, opts
 
 
 @given(band_calls())
 def test_band_path_hypothesis(case):
-    (Hq, Hkv, Nq, Nk, D, dtype, seed), kw, knobs = case
+    (Hq, Hkv, Nq, Nk, D, dtype, seed), kw, knobs, opts = case
     q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, D, dtype=dtype, seed=seed)
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, qkv.options(**opts):
         for name, value in knobs.items():
             mp.setattr(tiled, name, value)
         compare("tiled", q, k, v, grad=True, **kw)
@@ -339,17 +337,15 @@ def test_band_path_hypothesis(case):
 def test_band_keeps_probabilities_only_when_small():
     # kept for backward: window 256 at D=64 (5x the values of q, 39 MiB); recomputed: a wide window (over
     # BAND_KEEP_RATIO x q) or over BAND_KEEP_BYTES. Inference and no-grad calls never keep.
-    def decide(N, D, window, **patch):
+    def decide(N, D, window, **opts):
         q, k, v = (torch.zeros(1, 8, N, D) for _ in range(3))
         call = _call.prepare(q, k, v, causal=True, window=window)
         band = tiled._Band.plan(call, tiled.BAND_Q)
-        with pytest.MonkeyPatch.context() as mp:
-            for name, value in patch.items():
-                mp.setattr(tiled, name, value)
+        with qkv.options(**opts):
             return band.may_keep(call)
     assert decide(4096, 64, (255, 0))
     assert not decide(4096, 64, (1023, 0))                       # 17x the values of q
-    assert not decide(4096, 64, (255, 0), BAND_KEEP_BYTES=2**25)  # 39 MiB > 32 MiB
+    assert not decide(4096, 64, (255, 0), band_keep_bytes=2**25)  # 39 MiB > 32 MiB
 
     seen = []
     real = tiled._band_fwd

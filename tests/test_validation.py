@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qkv
-from _oracle import make_qkv
+from qkv.testing import make_qkv
 
 
 def qkv3(**over):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qkv import viz
+from qkv.tools import viz
 
 TOKENS = ["[CLS]", "the", "bank", "of", "the", "river", "was", "muddy", "[SEP]"]
 

@@ -17,15 +17,9 @@ from numbers import Integral, Real
 import torch
 from torch import nn
 
+from .api import attention, attention_weights
+
 __all__ = ["SelfAttention", "RotaryEmbedding", "KVCache"]
-
-
-def _core():
-    # Resolved at call time: ``qkv/__init__`` imports this module, and ``qkv.attention`` is the function re-exported
-    # there (the name shadows the ``qkv.attention`` submodule), so a module-level import would be circular.
-    import qkv
-
-    return qkv
 
 
 def _is_int(x) -> bool:
@@ -399,11 +393,10 @@ class SelfAttention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
 
         # ---- attention
-        core = _core()
         kw = dict(causal=self.causal, window=self.window, mask=mask, scale=self.scale)
-        out = core.attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **kw)  # (B, Hq, N, D)
+        out = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **kw)  # (B, Hq, N, D)
         out = self.o_proj(out.transpose(1, 2).reshape(B, N, self.n_heads * self.head_dim))  # (B, N, d_model)
         if need_weights:
-            weights = core.attention_weights(q, k, **kw)                                # (B, Hq, N, Nk)
+            weights = attention_weights(q, k, **kw)                                # (B, Hq, N, Nk)
             return out, weights
         return out

@@ -1,6 +1,6 @@
 /* qkv's CPU attention kernel: the exact forward of softmax(scale·q·kᵀ)·v over key ranges (causal and sliding
  * windows, bottom-right aligned), fp32, AVX-512. Plain C with no Python or torch headers: it is loaded with
- * ctypes (src/qkv/_native.py), which releases the GIL, and it runs on torch's OpenMP threads (see run()).
+ * ctypes (src/qkv/engines/cpu_kernel.py), which releases the GIL, and it runs on torch's OpenMP threads (see run()).
  *
  * Layout of the work: a tile is 32 query rows of one (batch, head). Scores are computed *transposed*, one
  * 16-lane vector per key and half tile (st[j][r]), so only the query tile is packed (transposed, qt[d][r]);

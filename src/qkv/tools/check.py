@@ -5,9 +5,9 @@ The rule is FlashAttention's: an engine passes a case when its error against the
 dtype) ``+ 1e-5`` for the output, and ``3 × ... + 1e-5`` for each gradient (q, k, v and, where present, bias).
 Inputs are rounded to the dtype first and the oracle sees exactly those values, upcast.
 
-The visibility and score mods of the plain computation are written here from DESIGN §2, independently of the
-core, and the fp64 reference is also checked against them (row ``reference/fp64``): that catches a wrong
-oracle, not only a wrong engine.
+The plain computation is :func:`qkv.testing.naive_attention` (the semantics written out independently of
+the core), and the fp64 reference is also checked against it in fp64 (row ``reference/fp64``): that catches a
+wrong oracle, not only a wrong engine.
 """
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-FWD_FACTOR, GRAD_FACTOR, ATOL = 2.0, 3.0, 1e-5
+from ..testing import ATOL, FWD_FACTOR, GRAD_FACTOR, naive_attention
+from .bench.specs import DTYPES, BenchError
+
+__all__ = ["SHAPES", "MASKS", "run_checks", "format_results", "main"]
 
 # (B, Hq, Hkv, Nq, Nk, D, Dv): square, GQA with odd N, MQA with Nq < Nk and odd D, Nq > Nk (empty causal rows)
 # with Dv != D, and one spanning several 128-blocks.
@@ -84,34 +87,12 @@ def _setup(mask: str, shape, device, gen) -> Setup:
     raise ValueError(f"unknown check mask {mask!r}")
 
 
-def plain_attention(q, k, v, visible, mods: dict | None = None, scale=None):
-    """DESIGN §2 done plainly in q's dtype: materialised scores, softmax in that dtype, empty rows -> 0."""
-    mods = mods or {}
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    if Hq != Hkv:
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
-    i = torch.arange(Nq, device=q.device)[:, None]
-    j = torch.arange(Nk, device=q.device)[None, :]
-    if "softcap" in mods:
-        c = mods["softcap"]
-        s = c * torch.tanh(s / c)
+def plain_attention(q, k, v, visible, mods: dict | None = None):
+    """The semantics done plainly in q's dtype (materialised scores, softmax in that dtype; empty rows -> 0)."""
+    mods = dict(mods or {})
     if "alibi" in mods:
-        s = s - mods["alibi"].to(s.dtype).view(1, -1, 1, 1) * (i + Nk - Nq - j).abs().to(s.dtype)
-    if "bias" in mods:
-        s = s + mods["bias"].to(s.dtype)
-    if "score_mod" in mods:
-        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
-        h = torch.arange(Hq, device=q.device).view(1, -1, 1, 1)
-        s = mods["score_mod"](s, b, h, i.view(1, 1, Nq, 1), j.view(1, 1, 1, Nk)).to(q.dtype)
-    vis = visible.expand(B, Hq, Nq, Nk)
-    rows = vis.any(-1, keepdim=True)
-    s = s.masked_fill(~vis, float("-inf")).masked_fill(~rows, 0.0)
-    p = torch.softmax(s, dim=-1) * rows
-    return torch.matmul(p, v)
+        mods["alibi_slopes"] = mods.pop("alibi")
+    return naive_attention(q, k, v, mask=visible, compute_dtype=None, **mods)[0]
 
 
 def _max_err(a, b) -> float:
@@ -140,7 +121,6 @@ def run_checks(device: str = "cpu", dtypes=None, engines=None, shapes=None, mask
     shapes = SHAPES if shapes is None else shapes
     masks = MASKS if masks is None else masks
     dtypes = dtypes or (["fp16", "bf16", "fp32"] if device == "cuda" else ["fp32", "bf16"])
-    from .bench import DTYPES
     avail = {b.name: (b.available, b.reason) for b in qkv.backends(device)}
     names = engines or (["auto"] + [n for n, (ok, _) in avail.items() if ok])
     results = []
@@ -270,7 +250,6 @@ def format_results(results, verbose=False) -> str:
 
 def main(device=None, dtypes=None, engines=None, json_path=None, verbose=False) -> int:
     """``qkv check``: print the table; 0 if every case passes, 1 otherwise (2 for a bad request)."""
-    from .bench import DTYPES, BenchError
     dev = (device or ("cuda" if torch.cuda.is_available() else "cpu")).lower()
     if dev.startswith("cuda"):
         if not torch.cuda.is_available():

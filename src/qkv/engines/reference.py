@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ._call import Call
+from ..core.call import Call
+from .base import Engine
 
-__all__ = ["reference_attention", "reference_weights", "SCORE_BUDGET_BYTES"]
+__all__ = ["ENGINE", "ReferenceEngine", "reference_attention", "reference_weights", "SCORE_BUDGET_BYTES"]
 
 #: The reference refuses to materialise more score bytes than this (use the tiled engine instead).
 SCORE_BUDGET_BYTES = 2**31
@@ -74,3 +75,23 @@ def reference_weights(call: Call, rows: int = 256) -> torch.Tensor:
     if not parts:
         return call.q.new_zeros((call.B, call.Hq, 0, call.Nk), dtype=dtype)
     return torch.cat(parts, dim=2)
+
+
+class ReferenceEngine(Engine):
+    """The oracle: every call, any device, within its score budget."""
+
+    name = "reference"
+    summary = "materialises the scores (the oracle); O(N²) memory, bounded"
+
+    def supports(self, call: Call) -> list[str]:
+        need = call.B * call.Hq * call.Nq * call.Nk * call.acc_dtype.itemsize
+        if need > SCORE_BUDGET_BYTES:
+            return [f"it would materialise {need / 2**30:.1f} GiB of scores, over its budget of "
+                    f"{SCORE_BUDGET_BYTES / 2**30:.0f} GiB (use backend='tiled': O(N) memory)"]
+        return []
+
+    def forward(self, call: Call):
+        return reference_attention(call)
+
+
+ENGINE = ReferenceEngine()

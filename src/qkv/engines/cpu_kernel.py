@@ -6,7 +6,7 @@ AVX-512, in fp32 (fp16/bf16 inputs are computed in fp32, as every engine accumul
 runs its forward and backward on it when it serves the call (``serves``). It is built at
 install time (``setup.py``, optional) and runs on torch's OpenMP pool, ``torch.get_num_threads()`` threads.
 
-``ENABLED = False`` turns it off (the tiled engine then computes those calls in torch ops).
+``with qkv.options(cpu_kernel=False)`` turns it off (the tiled engine then computes those calls in torch ops).
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import importlib.util
 
 import torch
 
-from ._call import Call
+from ..core.call import Call
+from ..core.options import get_options
 
-__all__ = ["ENABLED", "available", "serves", "attention_fwd", "attention_bwd"]
+__all__ = ["available", "serves", "attention_fwd", "attention_bwd"]
 
-ENABLED = True
 _VERSION = 2                 # qkv_native_version() of the C source this wrapper speaks to
 _lib = None
 _why = None                  # why the kernel cannot run here (None: not probed yet, or loaded)
@@ -65,17 +65,17 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def serves(call: Call) -> bool:
     """Whether the kernel computes this call exactly: CPU, fp32/fp16/bf16, visibility given by ``causal``
     and ``window`` alone, no score mods, no dropout, D and Dv > 0."""
-    return (ENABLED and call.q.device.type == "cpu" and call.q.dtype in _DTYPES and not call.has_mods
+    return (get_options().cpu_kernel and call.q.device.type == "cpu" and call.q.dtype in _DTYPES and not call.has_mods
             and not call.dropout_p and call.mask is None and min(call.D, call.Dv) > 0
             and max(call.Nq, call.Nk) < 2**30 and _load() is not None)
 
 
 def _range(call: Call) -> tuple[int, int]:
-    """(left, right): key j is visible to query i iff i + off - left <= j <= i + off + right."""
-    far = call.Nq + call.Nk                  # reaches past every key: unbounded
-    left, right = call.window if call.window is not None else (None, None)
-    left, right = far if left is None else left, far if right is None else right
-    return left, (min(right, 0) if call.causal else right)
+    """(left, right) as the kernel reads them: key j is visible to query i iff
+    i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right (the call's own offset folded in)."""
+    left, right = call.key_range()
+    shift = call.offset - (call.Nk - call.Nq)
+    return left - shift, right + shift
 
 
 def _geometry(call: Call, q, k, v, x, lse, *more):

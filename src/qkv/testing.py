@@ -1,12 +1,14 @@
-"""Independent test oracle for qkv: the DESIGN.md §2 semantics written out naively in plain torch.
+"""qkv's test oracle and FlashAttention's tolerance rule — public, so that the tests, ``qkv check`` and users
+testing an attention implementation of their own share one definition.
 
-Nothing here imports qkv: expected values must come from an independent implementation so that a test
-can fail.  Two entry points:
+The oracle is the semantics of ``docs/semantics.md`` written out naively in plain torch; nothing here uses
+qkv's engines or core, so that expected values come from an independent implementation (a test can fail).
 
 * ``naive_attention(..., compute_dtype=torch.float64)`` — the oracle (everything upcast to fp64).
 * ``naive_attention(..., compute_dtype=None)`` — the "plain" computation: the same math done naively
-  entirely in the input dtype (no fp32 upcast).  Its error against the oracle sets the tolerance
-  (FlashAttention's rule, see ``assert_fa_close``).
+  entirely in the input dtype (no fp32 upcast). Its error against the oracle sets the tolerance
+  (FlashAttention's rule: an engine's error ≤ 2× the plain error, 3× for gradients, + 1e-5; ``check_fa``).
+* ``compare(backend, q, k, v, ...)`` runs one of qkv's engines and asserts the rule on out, lse and gradients.
 
 Index conventions (FlexAttention's): a mask_mod / score_mod receives broadcast int64 index tensors
 ``b: (B,1,1,1)``, ``h: (1,H,1,1)``, ``q_idx: (1,1,Nq,1)``, ``kv_idx: (1,1,1,Nk)``.
@@ -17,6 +19,10 @@ import math
 from typing import Callable, Optional
 
 import torch
+
+__all__ = ["naive_attention", "visibility", "eval_mask_mod", "index_grids", "alibi_slopes_paper", "leaf",
+           "run_naive", "max_err", "check_fa", "assert_fa_close", "make_qkv", "run_engine", "compare",
+           "FWD_FACTOR", "GRAD_FACTOR", "ATOL"]
 
 # --------------------------------------------------------------------------------------------------
 # visibility
@@ -181,13 +187,18 @@ def run_naive(q, k, v, *, compute_dtype, bias=None, grad_out=None, **kw):
 # --------------------------------------------------------------------------------------------------
 
 
+#: FlashAttention's factors: an engine may be this many times as far from the fp64 oracle as the plain
+#: same-dtype computation (forward / gradients), plus ATOL.
+FWD_FACTOR, GRAD_FACTOR, ATOL = 2.0, 3.0, 1e-5
+
+
 def max_err(a, b):
     if a.numel() == 0:
         return 0.0
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_fa(name, engine, oracle, plain, factor=2.0, atol=1e-5):
+def check_fa(name, engine, oracle, plain, factor=FWD_FACTOR, atol=ATOL):
     """Return an error message ('' if fine) for FlashAttention's rule.
 
     err_engine = max|engine - oracle_fp64|, err_plain = max|plain(input dtype) - oracle_fp64|;
@@ -227,7 +238,8 @@ def check_fa(name, engine, oracle, plain, factor=2.0, atol=1e-5):
     return ""
 
 
-def assert_fa_close(engine: dict, oracle: dict, plain: dict, keys=("out", "lse"), grad_factor=3.0, fwd_factor=2.0):
+def assert_fa_close(engine: dict, oracle: dict, plain: dict, keys=("out", "lse"), grad_factor=GRAD_FACTOR,
+                    fwd_factor=FWD_FACTOR):
     """Apply the FlashAttention rule to each named result (forward 2x, gradients 3x)."""
     msgs = []
     for key in keys:

@@ -186,9 +186,9 @@ def _fmt_row(r: dict) -> str:
 
 def plot_bench(rows: list[dict], path: str | os.PathLike, *, title: str = "") -> str:
     """Log-log PNG: time per call and peak memory vs N, one line per provider, with ∝N and ∝N² guides."""
-    from .viz import _mpl
+    from .viz import matplotlib_classes
 
-    Figure, _ = _mpl()
+    Figure, _ = matplotlib_classes()
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     has_mem = any(r["peak_bytes"] for r in rows)
     fig = Figure(figsize=(13 if has_mem else 7, 5.2))

@@ -12,27 +12,31 @@ A run is computed by one of two tile kernels with the same contract:
 * ``_fused`` — on CPU, for runs with no score mods and no dropout, PyTorch's fused flash kernel for the tile
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, which take the global out and LSE,
   so each run's gradient is exact). It keeps the score tile in cache; the tiling, skipping and LSE merge
-  remain qkv's. ``FUSED = False`` turns it off.
+  remain qkv's. ``qkv.options(tiled_fused=False)`` turns it off.
 
 Sliding windows (``window=`` with no other mask or mod) take a banded path for the query blocks whose whole
 window lies inside the keys (see ``_Band``): no tiles and no merge there, one softmax per row over a band of
 BAND_Q + left + right keys. In training it keeps those probabilities for the backward when they fit in
-BAND_KEEP_BYTES and are at most BAND_KEEP_RATIO times as many values as q (B·Hq·N·span: O(N·window), not
-O(N²)), which spares the backward one of its five matmuls; ``BAND_KEEP_BYTES = 0`` recomputes them instead.
+``qkv.options(band_keep_bytes=...)`` (256 MiB) and are at most ``band_keep_ratio`` (8) times as many values as q
+(B·Hq·N·span: O(N·window), not O(N²)), which spares the backward one of its five matmuls;
+``band_keep_bytes=0`` recomputes them instead.
 
 On CPUs with AVX-512, calls whose visibility is a key range (no mask, causal, windows) with no score mods or
-dropout run forward and backward on qkv's C kernel (:mod:`qkv._native`), all rows at once; the schedule, the
+dropout run forward and backward on qkv's C kernel (:mod:`qkv.engines.cpu_kernel`), all rows at once; the schedule, the
 band path and the backward below then stay idle (nothing is kept for the backward).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _native
-from ._call import Call
+from ..core.call import Call
+from ..core.merge import merge
+from ..core.options import get_options
+from . import cpu_kernel as _native
+from .base import Engine
 
-__all__ = ["tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "FUSED", "BAND_Q", "BAND_TILE_BYTES",
-           "BAND_KEEP_BYTES", "BAND_KEEP_RATIO", "BAND_ALIGN"]
+__all__ = ["ENGINE", "TiledEngine", "tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "BAND_Q",
+           "BAND_TILE_BYTES", "BAND_ALIGN"]
 
 BLOCK_Q = 128            # query rows per step
 BLOCK_K = 128            # kv tile (the granularity at which masks are skipped)
@@ -43,9 +47,6 @@ BAND_Q = 64              # query block of the banded sliding-window path
 BAND_ALIGN = 16          # band width rounded up to a multiple of this (extra keys masked)
 BAND_TILE_BYTES = (2**21, 2**20)  # most bytes of one band score tile, (inference, training): a chunk of blocks
                                   # of one head stays in cache (the backward holds two tiles; measured)
-BAND_KEEP_BYTES = 256 * 2**20  # the band path keeps its probabilities for backward up to this size (per call)
-BAND_KEEP_RATIO = 8            # ... and up to this many times the values of q (else it recomputes them)
-FUSED = True             # use PyTorch's fused CPU flash kernel for runs it can compute exactly
 
 _NEG = float("-inf")
 _aten = torch.ops.aten
@@ -100,14 +101,6 @@ def _schedule(call: Call, bq: int, bk: int, skip: range = range(0)):
     return sched
 
 
-def _lse_merge(lse_a, o_a, lse_b, o_b):
-    """Merge two softmax-normalised partial results over disjoint key sets by their logsumexps.
-    lse: (..., n, 1); o: (..., n, Dv). A side with lse = -inf contributes nothing."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = lse.masked_fill(lse == _NEG, 0.0)
-    return lse, o_a * torch.exp(lse_a - safe) + o_b * torch.exp(lse_b - safe)
-
-
 def _head(x: torch.Tensor, G: int, n: int, gi: int) -> torch.Tensor:
     """Rows of query head ``gi`` from folded rows (.., .., G·n, X) -> (.., .., n, X). Fused backward calls go
     one query head at a time so dK/dV sum n rows per head, then heads (as the reference accumulates)."""
@@ -115,7 +108,7 @@ def _head(x: torch.Tensor, G: int, n: int, gi: int) -> torch.Tensor:
 
 
 def _use_fused(call: Call) -> bool:
-    return (FUSED and call.q.device.type == "cpu" and not call.has_mods and call.dropout_p == 0
+    return (get_options().tiled_fused and call.q.device.type == "cpu" and not call.has_mods and call.dropout_p == 0
             and call.D == call.Dv and call.D > 0 and hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
@@ -199,7 +192,7 @@ class _Band:
         # cost the matmul and softmax kernels ~7% (measured, NOTES step 17).
         self.lead = -(bq + left + right) % BAND_ALIGN
         self.bq, self.left, self.right, self.span = bq, left, right, self.lead + bq + left + right
-        self.off, self._mask = call.Nk - call.Nq, None
+        self.off, self._mask = call.offset, None
         nqb = call.Nq // bq                                    # whole blocks only
         ok = [b for b in range(nqb) if self.key0(b) >= 0 and self.key0(b) + self.span <= call.Nk]
         self.blocks = range(ok[0], ok[-1] + 1) if ok else range(0)
@@ -229,10 +222,11 @@ class _Band:
 
     def may_keep(self, call: Call) -> bool:
         """Whether the band's probabilities, (B, Hq, blocks, bq, span) in the acc dtype, are small enough to keep
-        for the backward: at most BAND_KEEP_BYTES, and at most BAND_KEEP_RATIO times the values of q."""
+        for the backward: at most ``band_keep_bytes``, and at most ``band_keep_ratio`` times the values of q
+        (:func:`qkv.options`)."""
         n = call.B * call.Hq * len(self.blocks) * self.bq * self.span
-        return n * call.acc_dtype.itemsize <= BAND_KEEP_BYTES \
-            and n <= BAND_KEEP_RATIO * call.q.numel()
+        opts = get_options()
+        return n * call.acc_dtype.itemsize <= opts.band_keep_bytes and n <= opts.band_keep_ratio * call.q.numel()
 
     def _edges(self, call: Call):
         """The in-band mask: row r sees band columns lead + r .. lead + r + left + right, so only the first
@@ -400,7 +394,7 @@ def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False):
         lse_i = o = None
         for k0, k1, partial in runs:
             lse_c, o_c = run_fwd(t, qb, k, v, k0, k1, partial)
-            lse_i, o = (lse_c, o_c) if o is None else _lse_merge(lse_i, o, lse_c, o_c)
+            lse_i, o = (lse_c, o_c) if o is None else merge(lse_i, o, lse_c, o_c)
         out5[..., t.q0:t.q1, :] = o.view(B, call.Hkv, call.G, t.n, Dv)
         lse5[..., t.q0:t.q1] = lse_i.view(B, call.Hkv, call.G, t.n)
         if out_acc is not None:
@@ -569,9 +563,9 @@ def _fused_rows(call: Call) -> int:
     tiles add at most 15% to the visited score area, partial tiles counted half (fewer, larger calls; sparse
     masks keep fine rows; measured in benchmarks/NOTES.md).
     Only analytic rules are probed; a tensor mask or a plain mask_mod keeps BLOCK_Q."""
-    if not call._rules:
+    if not call.rules:
         return FUSED_BLOCK_Q
-    if not all(kind == "mod" and getattr(r, "_blocks", None) is not None for kind, r in call._rules):
+    if not all(kind == "mod" and getattr(r, "analytic", False) for kind, r in call.rules):
         return BLOCK_Q
 
     def area(bq):                     # partial tiles count half: about what the kernel does inside them
@@ -595,3 +589,24 @@ def _anchor(call: Call):
     i = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=call.q.device)
     probe = call.score_mod(z, i, i, i, i)
     return torch.zeros((), requires_grad=True) if isinstance(probe, torch.Tensor) and probe.requires_grad else None
+
+
+class TiledEngine(Engine):
+    """FlashAttention's algorithm in torch ops (and, on CPU, qkv's C kernel): every call, any device."""
+
+    name = "tiled"
+
+    @property
+    def summary(self) -> str:
+        ok, why = _native.available()
+        return ("FlashAttention's algorithm in torch ops; any device, every feature; "
+                + ("on CPU, causal/window calls run on qkv's C kernel" if ok else f"no CPU kernel ({why})"))
+
+    def supports(self, call: Call) -> list[str]:
+        return []
+
+    def forward(self, call: Call):
+        return tiled_attention(call)
+
+
+ENGINE = TiledEngine()

@@ -1,10 +1,18 @@
 """One attention call, validated and normalised: the semantics every engine shares.
 
 ``prepare`` checks every argument before any work (ValueError/TypeError naming the argument and what it saw)
-and returns a :class:`Call`. Engines ask the Call, one tile at a time, for what DESIGN §2 defines:
+and returns a :class:`Call`. Engines ask the Call, one tile at a time, for what the semantics define:
 ``visible`` (the AND of all visibility rules), ``scores`` (softcap → ALiBi → bias → score_mod),
 ``scores_backward`` (the chain rule back through them), ``keep`` (the dropout mask) and ``block_state``
-(which tiles can be skipped). Writing these once is what keeps the engines in agreement.
+(which tiles can be skipped) — and, for choosing an engine, typed facts (``range_only``, ``plain_causal``,
+``every_key_visible``, ``density``). Writing these once is what keeps the engines in agreement.
+
+Positions. Query row i sits at position ``i + offset`` on the key axis (``offset = Nk − Nq`` by default: the
+queries are the last Nq positions, FlashAttention's bottom-right rule). Causal and windows are key ranges
+relative to that position. A call may also be one block of a larger one (ring attention): ``prepare``'s
+private ``_positions=(q_base, k_base, Nq_total, Nk_total)`` places rows and keys at ``q_base + i`` and
+``k_base + j`` of a call of Nq_total × Nk_total, so mask_mods, score_mods, dropout and ALiBi see the global
+indices and the global bottom-right offset.
 """
 from __future__ import annotations
 
@@ -14,11 +22,14 @@ from typing import Callable
 
 import torch
 
-from . import _hash
-from .masks import EMPTY, FULL, BlockMask, MaskMod, _check_window, _mod_state, _tensor_state, causal as _causal, \
-    sliding_window as _sliding_window
+from . import hash as _hash
+from .masks import BlockMask, MaskMod, check_window, mod_state, tensor_state
+from .masks import causal as _causal
+from .masks import sliding_window as _sliding_window
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+__all__ = ["Call", "prepare", "FLOATS"]
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _shape(t):
@@ -31,13 +42,14 @@ def _broadcastable(shape, target) -> bool:
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
-def _as4(t: torch.Tensor) -> torch.Tensor:
+def as4(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` with leading singleton dims up to 4-D."""
     while t.dim() < 4:
         t = t.unsqueeze(0)
     return t
 
 
-def _slice(t4: torch.Tensor, q0, q1, k0, k1) -> torch.Tensor:
+def tile(t4: torch.Tensor, q0, q1, k0, k1) -> torch.Tensor:
     """Rows q0:q1 and columns k0:k1 of a (.., .., Nq|1, Nk|1)-broadcastable tensor."""
     return t4[..., (slice(q0, q1) if t4.shape[-2] != 1 else slice(None)),
               (slice(k0, k1) if t4.shape[-1] != 1 else slice(None))]
@@ -45,7 +57,13 @@ def _slice(t4: torch.Tensor, q0, q1, k0, k1) -> torch.Tensor:
 
 @dataclass
 class Call:
-    """A validated call. q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv)."""
+    """A validated call. q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv).
+
+    ``rules`` holds the visibility rules other than nothing: ``("mod", f)`` (a mask_mod; causal and windows are
+    bound MaskMods), ``("tensor", t4)`` (a bool mask, 4-D view) or ``("block", bm)`` (a BlockMask).
+    ``mask`` is what remains of the user's ``mask=`` after normalisation (None when the visibility is given by
+    ``causal``/``window`` alone).
+    """
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -60,7 +78,10 @@ class Call:
     dropout_p: float = 0.0
     seed: int = 0
     return_lse: bool = False
-    _rules: list = field(default_factory=list)   # bound visibility rules: ("mod", f) | ("tensor", t4) | ("block", bm)
+    rules: list = field(default_factory=list)
+    offset: int = 0                      # query row i sits at key position i + offset
+    q_base: int = 0                      # index origin of rows and keys seen by mods and dropout
+    k_base: int = 0
     _idx: dict = field(default_factory=dict)
 
     # ---- sizes
@@ -81,28 +102,76 @@ class Call:
     @property
     def Dv(self): return self.v.shape[3]
     @property
-    def offset(self): return self.Nk - self.Nq
+    def device(self) -> torch.device: return self.q.device
     @property
     def acc_dtype(self):
         """Accumulation dtype: fp64 for fp64 inputs, else fp32."""
         return torch.float64 if self.q.dtype == torch.float64 else torch.float32
 
+    # ---- typed facts (what engines and auto's policy decide on)
     @property
     def has_mask(self) -> bool:
-        return bool(self._rules)
+        """Whether any visibility rule applies (causal, window or mask)."""
+        return bool(self.rules)
 
     @property
     def has_mods(self) -> bool:
+        """Whether any score modification applies (softcap, ALiBi, bias, score_mod)."""
         return self.softcap is not None or self.alibi is not None or self.bias is not None or self.score_mod is not None
+
+    @property
+    def range_only(self) -> bool:
+        """Whether every row's visible keys are one contiguous range given by ``causal``/``window`` alone."""
+        return self.mask is None
+
+    def key_range(self) -> tuple[int, int]:
+        """(left, right) of a range-only call: key j visible to row i iff
+        ``i + offset − left <= j <= i + offset + right`` (unbounded sides reach past every key)."""
+        far = self.Nq + self.Nk + abs(self.offset)
+        left, right = self.window if self.window is not None else (None, None)
+        left, right = far if left is None else left, far if right is None else right
+        return left, (min(right, 0) if self.causal else right)
+
+    @property
+    def plain_causal(self) -> bool:
+        """Causal with Nq == Nk at offset 0 and no other rule: SDPA's ``is_causal``."""
+        return (self.causal and self.window is None and self.mask is None and self.Nq == self.Nk
+                and self.offset == 0)
+
+    @property
+    def every_key_visible(self) -> bool:
+        """Whether every row sees every key (no rule, or causal/window ranges that cover all keys — a one-row
+        decoding step under causal)."""
+        if not self.rules:
+            return True
+        if self.mask is not None:
+            return False
+        left, right = self.key_range()
+        # row i sees [i + offset - left, i + offset + right]: the last row must reach key 0, the first Nk - 1
+        return (self.Nq - 1) + self.offset - left <= 0 and self.offset + right >= self.Nk - 1
 
     @property
     def training(self) -> bool:
         """Whether a backward through q, k or v may follow (grad mode on and one of them requires grad)."""
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad)
 
     @property
     def block_mask(self) -> BlockMask | None:
-        return next((r for kind, r in self._rules if kind == "block"), None)
+        return next((r for kind, r in self.rules if kind == "block"), None)
+
+    def density(self, bq: int = 128, bk: int = 128) -> float | None:
+        """Fraction of bq×bk score tiles that the visibility rules leave to visit (a BlockMask's own density,
+        precomputed when it was built). None when it cannot be known without reading a tensor mask while being
+        traced by torch.compile."""
+        if not self.rules:
+            return 1.0
+        bm = self.block_mask
+        if bm is not None and len(self.rules) == 1:
+            return bm.density
+        if any(kind == "tensor" for kind, _ in self.rules) and _compiling():
+            return None
+        st = self.block_state(*(bm.block_size if bm is not None else (bq, bk)))
+        return float((st > 0).float().mean()) if st.numel() else 0.0
 
     # ---- index tensors for a tile, broadcast to (B, Hq, bq, bk)
     def indices(self, q0, q1, k0, k1):
@@ -111,18 +180,19 @@ class Call:
             self._idx["bh"] = (torch.arange(self.B, device=dev).view(-1, 1, 1, 1),
                                torch.arange(self.Hq, device=dev).view(1, -1, 1, 1))
         b, h = self._idx["bh"]
-        return (b, h, torch.arange(q0, q1, device=dev).view(1, 1, -1, 1),
-                torch.arange(k0, k1, device=dev).view(1, 1, 1, -1))
+        qb, kb = self.q_base, self.k_base
+        return (b, h, torch.arange(qb + q0, qb + q1, device=dev).view(1, 1, -1, 1),
+                torch.arange(kb + k0, kb + k1, device=dev).view(1, 1, 1, -1))
 
     # ---- visibility
     def visible(self, q0, q1, k0, k1) -> torch.Tensor | None:
         """Bool tile broadcastable to (B, Hq, q1-q0, k1-k0): the AND of every rule; None = no rule."""
         out = None
-        for kind, r in self._rules:
+        for kind, r in self.rules:
             if kind == "block":            # a BlockMask carries its per-element rule: a tensor or a mask_mod
-                kind, r = ("tensor", _as4(r.tensor)) if r.tensor is not None else ("mod", r.mask_mod)
+                kind, r = ("tensor", as4(r.tensor)) if r.tensor is not None else ("mod", r.mask_mod)
             if kind == "tensor":
-                m = _slice(r, q0, q1, k0, k1)
+                m = tile(r, q0, q1, k0, k1)
             else:
                 m = torch.as_tensor(r(*self.indices(q0, q1, k0, k1)), device=self.q.device)
             out = m if out is None else out & m
@@ -132,15 +202,18 @@ class Call:
         """(Bm, Hm, nqb, nkb) int8 tile states (0 skip, 1 partial, 2 full) for bq×bk tiles; None = no rule."""
         st = None
         B, H, Nq, Nk, dev = self.B, self.Hq, self.Nq, self.Nk, self.q.device
-        for kind, r in self._rules:
+        shifted = self.q_base or self.k_base
+        for kind, r in self.rules:
             if kind == "tensor":
-                s = _tensor_state(r, Nq, Nk, bq, bk)
+                s = tensor_state(r, Nq, Nk, bq, bk)
             elif kind == "block":
                 if r.block_size != (bq, bk):
                     raise ValueError(f"BlockMask block_size {r.block_size} differs from the engine's {(bq, bk)}")
                 s = r.state.to(dev)
+            elif shifted:                  # a block of a larger call: evaluate at the global indices
+                s = mod_state(_Shifted(r, self.q_base, self.k_base), B, H, Nq, Nk, bq, bk, dev)
             else:
-                s = _mod_state(r, B, H, Nq, Nk, bq, bk, dev)
+                s = mod_state(r, B, H, Nq, Nk, bq, bk, dev)
             st = s if st is None else torch.minimum(st, s)   # AND of states: EMPTY < PARTIAL < FULL
         return st
 
@@ -161,7 +234,7 @@ class Call:
                     - torch.arange(k0, k1, device=s.device).view(1, -1)).abs().to(s.dtype)
             s = s - self.alibi.to(s.dtype)[:, :, None, None] * dist
         if self.bias is not None:
-            s = s + _slice(self.bias, q0, q1, k0, k1).to(s.dtype)
+            s = s + tile(self.bias, q0, q1, k0, k1).to(s.dtype)
         return s
 
     def scores_backward(self, s_raw, ds, q0, q1, k0, k1, dbias):
@@ -186,11 +259,29 @@ class Call:
         return _hash.uniform(self.seed, *self.indices(q0, q1, k0, k1)) >= self.dropout_p
 
 
+class _Shifted:
+    """A mask_mod evaluated at indices shifted by (q_base, k_base) (a block of a larger call)."""
+
+    def __init__(self, mod, qb: int, kb: int):
+        self.mod, self.qb, self.kb = mod, qb, kb
+
+    def __call__(self, b, h, q, kv):
+        return self.mod(b, h, q + self.qb, kv + self.kb)
+
+    def block_classes(self, qs, qe, ks, ke):
+        f = getattr(self.mod, "block_classes", None)
+        return None if f is None else f(qs + self.qb, qe + self.qb, ks + self.kb, ke + self.kb)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _accumulate(dbias: torch.Tensor, ds: torch.Tensor, q0, q1, k0, k1):
     """Add ds (B, Hq, bq, bk) into the bias-shaped accumulator tile, summing broadcast dims."""
-    tile = _slice(dbias, q0, q1, k0, k1)
-    dims = [i for i in range(4) if tile.shape[i] == 1 and ds.shape[i] != 1]
-    tile += (ds.sum(dims, keepdim=True) if dims else ds).to(tile.dtype)
+    t = tile(dbias, q0, q1, k0, k1)
+    dims = [i for i in range(4) if t.shape[i] == 1 and ds.shape[i] != 1]
+    t += (ds.sum(dims, keepdim=True) if dims else ds).to(t.dtype)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -200,7 +291,7 @@ def _check_tensor(name, t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {_shape(t)}")
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOATS:
         raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
 
 
@@ -220,8 +311,13 @@ def _meet(a, b):
 
 
 def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_mod=None, alibi_slopes=None,
-            softcap=None, scale=None, dropout_p=0.0, generator=None, return_lse=False) -> Call:
-    """Validate every argument (before any work) and return the normalised :class:`Call`."""
+            softcap=None, scale=None, dropout_p=0.0, generator=None, return_lse=False, _positions=None) -> Call:
+    """Validate every argument (before any work) and return the normalised :class:`Call`.
+
+    ``_positions=(q_base, k_base, Nq_total, Nk_total)`` (internal: ring attention) makes this call the block of
+    rows ``q_base:q_base+Nq`` and keys ``k_base:k_base+Nk`` of a call of Nq_total × Nk_total: visibility, mods
+    and dropout are those of the whole call, ``bias``/``mask`` tensors are this block's.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     if not (q.dtype == k.dtype == v.dtype):
@@ -240,6 +336,13 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
         raise ValueError(f"query heads must be a multiple of kv heads (GQA), got Hq={Hq}, Hkv={Hkv}")
     full = (B, Hq, Nq, Nk)
 
+    q_base, k_base, Nq_all, Nk_all = 0, 0, Nq, Nk
+    if _positions is not None:
+        q_base, k_base, Nq_all, Nk_all = (int(x) for x in _positions)
+        if not (0 <= q_base and q_base + Nq <= Nq_all and 0 <= k_base and k_base + Nk <= Nk_all):
+            raise ValueError(f"_positions {_positions} do not hold a block of (Nq, Nk) = {(Nq, Nk)}")
+    offset = (Nk_all - Nq_all) + q_base - k_base
+
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     else:
@@ -250,7 +353,7 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
         if not isinstance(window, (tuple, list)) or len(window) != 2:
             raise ValueError(f"window must be a pair (left, right), got {window!r}")
         try:
-            _check_window(*window)
+            check_window(*window)
         except ValueError as e:
             raise ValueError(f"window={tuple(window)!r}: {e}") from None
         window = tuple(window)
@@ -262,7 +365,7 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
             raise ValueError(f"bias of shape {_shape(bias)} does not broadcast to (B, Hq, Nq, Nk) = {full}")
         if bias.device != q.device:
             raise ValueError(f"bias is on {bias.device}, q on {q.device}")
-        bias = _as4(bias)
+        bias = as4(bias)
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be callable, got {type(score_mod).__name__}")
     alibi = None
@@ -284,17 +387,21 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
-    if isinstance(mask, MaskMod) and getattr(mask, "_window", None) is not None:
+    if isinstance(mask, MaskMod) and mask.window is not None:
         # mask=masks.sliding_window(l, r) is window=(l, r): the same call, so the same engine paths
-        window, mask = _meet(window, mask._window), None
+        window, mask = _meet(window, mask.window), None
+    if window == (None, None):
+        window = None
 
     rules = []
     if causal:
-        rules.append(("mod", _causal().bind(Nq, Nk)))
-    if window is not None and window != (None, None):
-        rules.append(("mod", _sliding_window(*window).bind(Nq, Nk)))
+        rules.append(("mod", _causal().bind(Nq_all, Nk_all)))
+    if window is not None:
+        rules.append(("mod", _sliding_window(*window).bind(Nq_all, Nk_all)))
     if mask is not None:
         if isinstance(mask, BlockMask):
+            if _positions is not None:
+                raise ValueError("a BlockMask describes a whole call; pass its mask_mod for a block of one")
             if mask.shape[2:] != (Nq, Nk) or not _broadcastable(mask.shape[:2], (B, Hq)):
                 raise ValueError(f"BlockMask was built for (B, H, Nq, Nk) = {mask.shape}, the call has {full}")
             rules.append(("block", mask))
@@ -306,9 +413,10 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
                 raise ValueError(f"mask of shape {_shape(mask)} does not broadcast to (B, Hq, Nq, Nk) = {full}")
             if mask.device != q.device:
                 raise ValueError(f"mask is on {mask.device}, q on {q.device}")
-            rules.append(("tensor", _as4(mask)))
+            mask = as4(mask)
+            rules.append(("tensor", mask))
         elif callable(mask):
-            rules.append(("mod", mask.bind(Nq, Nk) if isinstance(mask, MaskMod) else mask))
+            rules.append(("mod", mask.bind(Nq_all, Nk_all) if isinstance(mask, MaskMod) else mask))
         else:
             raise TypeError(f"mask must be a bool tensor, a mask_mod callable or a BlockMask, got "
                             f"{type(mask).__name__}")
@@ -318,4 +426,4 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator,
                                  device=generator.device if generator is not None else "cpu"))
     return Call(q, k, v, scale, causal, window, mask, bias, score_mod, alibi, softcap, dropout_p, seed,
-                return_lse, rules)
+                return_lse, rules, offset, q_base, k_base)

@@ -164,7 +164,7 @@ def format_summary(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- PNGs
-def _mpl():
+def matplotlib_classes():
     """matplotlib's object API (``Figure``, no pyplot): no global backend switch, nothing left open."""
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
@@ -208,7 +208,7 @@ def _draw_panel(ax, m: np.ndarray, tokens: Sequence[str], norm, *, fontsize: flo
 def plot_layer(tokens: Sequence[str], weights: Any, path: str | os.PathLike, *, layer: int | None = None,
                heads: Iterable[int] | None = None, title: str | None = None) -> str:
     """A grid of heads for one layer. weights: (H, N, N). Rows = query (attends from), columns = key (to)."""
-    Figure, PowerNorm = _mpl()
+    Figure, PowerNorm = matplotlib_classes()
     w = _as_lhnn(weights, len(tokens))
     if w.shape[0] != 1:
         raise ValueError(f"weights: plot_layer takes one layer (H, N, N), got {tuple(w.shape)}")
@@ -249,7 +249,7 @@ def plot_head(tokens: Sequence[str], weights: Any, path: str | os.PathLike, *, l
               head: int | None = None, title: str | None = None, highlight: int | None = None) -> str:
     """One head, large, with the weights ≥ 0.1 written in the cells (up to 40 tokens). weights: (N, N).
     ``highlight``: a row (query token index) to frame."""
-    Figure, PowerNorm = _mpl()
+    Figure, PowerNorm = matplotlib_classes()
     m = _to_numpy(weights)
     if m.ndim != 2 or m.shape != (len(tokens), len(tokens)):
         raise ValueError(f"weights: plot_head takes one (N, N) map for {len(tokens)} tokens, got {tuple(m.shape)}")

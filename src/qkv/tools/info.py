@@ -18,7 +18,7 @@ CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                 "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
+def cpuinfo() -> tuple[str, set[str]]:
     """(model name, set of flags) from /proc/cpuinfo; ("", set()) where it cannot be read."""
     model, flags = "", set()
     try:
@@ -57,7 +57,7 @@ def _mem_total() -> int | None:
 
 def machine_info() -> dict:
     """A JSON-ready description of this machine and its software."""
-    model, flags = _cpuinfo()
+    model, flags = cpuinfo()
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -89,26 +89,9 @@ def machine_info() -> dict:
 
 
 def engines(device: str | None = None) -> list[tuple[str, bool, str]]:
-    """qkv's engines as ``(name, available, reason)``, from ``qkv.backends()``.
-
-    Falls back to one line saying why when the core cannot be asked (not built or broken).
-    """
-    try:
-        import qkv
-        fn = qkv.backends
-    except Exception as e:  # the core is not there yet
-        return [("qkv", False, f"qkv.backends() unavailable: {type(e).__name__}: {e}")]
-    try:
-        rows = fn(device=device) if device is not None else fn()
-    except TypeError:
-        rows = fn()
-    out = []
-    for r in rows:
-        name = getattr(r, "name", None) or r[0]
-        avail = bool(getattr(r, "available", r[1] if len(r) > 1 else True))
-        reason = str(getattr(r, "reason", r[2] if len(r) > 2 else ""))
-        out.append((name, avail, reason))
-    return out
+    """qkv's engines as ``(name, available, reason)``, from the registry (``qkv.backends()``)."""
+    import qkv
+    return [(b.name, b.available, b.reason) for b in qkv.backends(device)]
 
 
 def format_info() -> str:
@@ -144,15 +127,6 @@ def format_info() -> str:
         for name, ok, reason in engines(dev):
             lines.append(f"  {'yes' if ok else 'no ':3}  {name:10s} {reason}")
     lines.append("")
-    try:
-        from . import bench
-        lines.append("bench providers (qkv bench --providers ...)")
-        for dev in devices:
-            for p in bench.PROVIDERS.values():
-                ok, reason = p.available(dev)
-                lines.append(f"  {dev:4s} {'yes' if ok else 'no ':3}  {p.name:15s} {reason}")
-    except Exception as e:  # never let info fail for want of the bench module
-        lines.append(f"bench providers: unavailable ({type(e).__name__}: {e})")
     return "\n".join(lines)
 
 

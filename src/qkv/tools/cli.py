@@ -134,7 +134,19 @@ def _info(a) -> int:
         print(json.dumps(info.machine_info(), indent=1))
     else:
         print(info.format_info())
+        print(_providers_text(info.machine_info()))
     return 0
+
+
+def _providers_text(machine: dict) -> str:
+    """The ``qkv bench`` providers and whether each can run on this machine's devices."""
+    from . import bench
+    lines = ["", "bench providers (qkv bench --providers ...)"]
+    for dev in ["cpu"] + (["cuda"] if machine["gpus"] else []):
+        for p in bench.PROVIDERS.values():
+            ok, reason = p.available(dev)
+            lines.append(f"  {dev:4s} {'yes' if ok else 'no ':3}  {p.name:15s} {reason}")
+    return "\n".join(lines)
 
 
 def _show(a) -> int:

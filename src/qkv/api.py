@@ -1,0 +1,105 @@
+"""The public functions: ``attention``, ``attention_weights``, ``select_backend``, ``backends``.
+
+Each validates its arguments (:func:`qkv.core.call.prepare`), asks the registry (:mod:`qkv.dispatch`) which
+engine runs the call, and runs it. Every engine computes the same semantics (see ``docs/semantics.md``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import dispatch
+from .core.call import Call, prepare
+from .dispatch import Selection
+from .engines.reference import reference_weights
+
+__all__ = ["attention", "attention_weights", "backends", "select_backend", "BackendInfo", "Selection"]
+
+
+class BackendInfo(NamedTuple):
+    """An engine of the registry: its name, whether it can run on the device asked about, and what it is (or
+    why it cannot run there)."""
+    name: str
+    available: bool
+    reason: str
+
+
+def backends(device: str | torch.device | None = None) -> list[BackendInfo]:
+    """The registered engines, in order, and whether each can run on ``device`` (default CPU), and why not."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    out = []
+    for e in dispatch.ENGINES:
+        why = e.unavailable(dev)
+        out.append(BackendInfo(e.name, not why, "; ".join(why) if why else e.summary))
+    return out
+
+
+def _empty(call: Call):
+    """Zero-size calls: empty outputs, or zeros (lse = -inf) when there are no keys; still differentiable."""
+    out = call.q.new_zeros(call.B, call.Hq, call.Nq, call.Dv)
+    touch = call.q.sum() + call.k.sum() + call.v.sum() + (call.bias.sum() if call.bias is not None else 0)
+    out = out + 0 * touch.to(out.dtype)
+    lse = torch.full((call.B, call.Hq, call.Nq), float("-inf"), device=call.q.device)
+    return out, lse
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              window: tuple[int | None, int | None] | None = None, mask=None, bias: torch.Tensor | None = None,
+              score_mod=None, alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
+              scale: float | None = None, dropout_p: float = 0.0, generator: torch.Generator | None = None,
+              return_lse: bool = False, backend: str = "auto"):
+    """Exact attention ``softmax(scale·q·kᵀ + mods, over visible keys) · v``.
+
+    q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); ``Hq % Hkv == 0`` (GQA: query head h reads kv
+    head ``h // (Hq // Hkv)``); any strides; float16/bfloat16/float32/float64, accumulated in fp32 (fp64).
+
+    Visibility (all ANDed; True = may attend):
+      causal: bottom-right aligned, key j visible to query i iff ``j <= i + Nk - Nq`` (FlashAttention's rule;
+        queries are the last Nq positions). ``mask=qkv.masks.causal(align="top_left")`` is SDPA's.
+      window: ``(left, right)``, visible iff ``i + off - left <= j <= i + off + right`` (``off = Nk - Nq``,
+        ``None`` = unbounded).
+      mask: a bool tensor broadcastable to (B, Hq, Nq, Nk), a mask_mod ``f(b, h, q_idx, kv_idx) -> bool``, or a
+        :class:`qkv.BlockMask` (reusable; lets engines skip empty tiles without evaluating the mask).
+    Score mods, in this order: ``softcap`` c (``c·tanh(s/c)``); ``alibi_slopes`` (Hq,) or (B, Hq) (adds
+    ``-slope·|i + off - j|``); ``bias`` broadcastable to (B, Hq, Nq, Nk) (differentiable); ``score_mod(s, b, h,
+    q_idx, kv_idx)`` (elementwise, on broadcast index tensors; differentiable).
+    scale: default ``1/sqrt(D)``. dropout_p: drops probabilities with a counter-based mask drawn from one
+    seed taken from ``generator`` (or the global RNG): the same keep-mask on every engine.
+
+    A query row with no visible key returns 0 (lse = -inf, gradients 0). Returns out (B, Hq, Nq, Dv) in q's
+    dtype, and with ``return_lse`` also lse (B, Hq, Nq) float32, the natural-log logsumexp of the final scores.
+    backend: "auto" (see :func:`select_backend`) or a registered engine (:func:`backends`: "reference",
+    "tiled", "sdpa", ...); an explicit backend that cannot serve the call raises ValueError giving every reason.
+    """
+    call = prepare(q, k, v, causal=causal, window=window, mask=mask, bias=bias, score_mod=score_mod,
+                   alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, dropout_p=dropout_p,
+                   generator=generator, return_lse=return_lse)
+    eng = dispatch.choose(call, backend)
+    if call.B * call.Hq * call.Nq == 0 or call.Nk == 0:
+        out, lse = _empty(call)
+    else:
+        out, lse = eng.forward(call)
+    return (out, lse) if return_lse else out
+
+
+def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> Selection:
+    """What ``backend="auto"`` would run for this call, and why. Takes the same arguments as
+    :func:`attention` (``backend`` excepted)."""
+    kwargs.pop("backend", None)
+    return dispatch.auto(prepare(q, k, v, **kwargs))
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, window=None, mask=None,
+                      bias: torch.Tensor | None = None, score_mod=None, alibi_slopes: torch.Tensor | None = None,
+                      softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
+    """The attention probabilities, for inspection: (B, Hq, Nq, Nk), fp32 (fp64 for fp64 inputs).
+
+    q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); same masks and mods as :func:`attention` (no dropout). Entry
+    (b, h, i, j) is how much query i attends to key j; fully masked rows are 0. Computed a block of rows at a
+    time; raises ValueError when the result itself would exceed the reference engine's memory budget.
+    """
+    v = k[..., :0]   # the weights never read v; a zero-width view satisfies validation
+    call = prepare(q, k, v, causal=causal, window=window, mask=mask, bias=bias, score_mod=score_mod,
+                   alibi_slopes=alibi_slopes, softcap=softcap, scale=scale)
+    return reference_weights(call)
