@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from . import hash as _hash
+from .capture import Lifted, lift
 from .masks import BlockMask, MaskMod, check_window, mod_state, tensor_state
 from .masks import causal as _causal
 from .masks import sliding_window as _sliding_window
@@ -83,6 +84,42 @@ class Call:
     q_base: int = 0                      # index origin of rows and keys seen by mods and dropout
     k_base: int = 0
     _idx: dict = field(default_factory=dict)
+    _lifted: Lifted | None = None
+    _caps: tuple | None = None           # the captures the score_mod was rebuilt on (with_inputs)
+
+    # ---- the call's tensors, for engines that save them for a backward of their own
+    @property
+    def mask_tensor(self) -> torch.Tensor | None:
+        """The bool mask tensor rule (a 4-D view), if any."""
+        return next((r for kind, r in self.rules if kind == "tensor"), None)
+
+    @property
+    def captures(self) -> tuple:
+        """Tensors the score_mod reads from its closure, defaults or globals (see :mod:`qkv.core.capture`)."""
+        if self.score_mod is None:
+            return ()
+        return self._caps if self._caps is not None else self.lifted.tensors
+
+    @property
+    def lifted(self) -> Lifted | None:
+        if self._lifted is None and self.score_mod is not None:
+            self._lifted = lift(self.score_mod)
+        return self._lifted
+
+    def inputs(self) -> tuple:
+        """(q, k, v, bias, alibi, mask tensor, *captures): every tensor the call reads (None where absent)."""
+        return (self.q, self.k, self.v, self.bias, self.alibi, self.mask_tensor, *self.captures)
+
+    def with_inputs(self, q, k, v, bias, alibi, mask_tensor, captures) -> "Call":
+        """The same call reading other tensors (same shapes): the score_mod rebuilt on ``captures``."""
+        rules = [("tensor", mask_tensor) if kind == "tensor" else (kind, r) for kind, r in self.rules]
+        mask = mask_tensor if isinstance(self.mask, torch.Tensor) else self.mask
+        score_mod = self.lifted.bind(captures) if self.score_mod is not None else None
+        new = Call(q, k, v, self.scale, self.causal, self.window, mask, bias, score_mod, alibi, self.softcap,
+                   self.dropout_p, self.seed, self.return_lse, rules, self.offset, self.q_base, self.k_base)
+        if self.score_mod is not None:
+            new._lifted, new._caps = self._lifted, tuple(captures)
+        return new
 
     # ---- sizes
     @property
@@ -237,16 +274,24 @@ class Call:
             s = s + tile(self.bias, q0, q1, k0, k1).to(s.dtype)
         return s
 
-    def scores_backward(self, s_raw, ds, q0, q1, k0, k1, dbias):
-        """Given dL/d(final scores) ``ds`` of a tile, return dL/d(raw scaled scores) and accumulate the bias
-        gradient into ``dbias`` (a tensor shaped like ``self.bias``) when given. Tensors captured by a
-        score_mod receive their gradients through autograd."""
+    def scores_backward(self, s_raw, ds, q0, q1, k0, k1, dbias, dcaps=None):
+        """Given dL/d(final scores) ``ds`` of a tile, return dL/d(raw scaled scores), accumulate the bias
+        gradient into ``dbias`` (a tensor shaped like ``self.bias``) when given, and the gradients of the
+        score_mod's captured tensors that require grad into ``dcaps`` (a list of accumulators, in the order of
+        ``self.captures`` restricted to those that require grad) when given."""
         if self.score_mod is not None:
+            caps = [c for c in self.captures if c.requires_grad] if dcaps is not None else []
             with torch.enable_grad():
                 pre = self._fixed_mods(s_raw, q0, q1, k0, k1).detach().requires_grad_(True)
                 post = self.score_mod(pre, *self.indices(q0, q1, k0, k1))
-                torch.autograd.backward(post, ds.expand_as(post))
-            ds = pre.grad
+                if post.requires_grad:
+                    grads = torch.autograd.grad(post, [pre, *caps], ds.expand_as(post), allow_unused=True)
+                else:                      # the mod ignores s and every capture: nothing flows back
+                    grads = [None] * (1 + len(caps))
+            for acc, g in zip(dcaps or (), grads[1:]):
+                if g is not None:
+                    acc += g
+            ds = grads[0] if grads[0] is not None else torch.zeros_like(s_raw)
         if dbias is not None:
             _accumulate(dbias, ds, q0, q1, k0, k1)
         if self.softcap is not None:
@@ -311,7 +356,8 @@ def _meet(a, b):
 
 
 def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_mod=None, alibi_slopes=None,
-            softcap=None, scale=None, dropout_p=0.0, generator=None, return_lse=False, _positions=None) -> Call:
+            softcap=None, scale=None, dropout_p=0.0, generator=None, return_lse=False, _positions=None,
+            _seed=None) -> Call:
     """Validate every argument (before any work) and return the normalised :class:`Call`.
 
     ``_positions=(q_base, k_base, Nq_total, Nk_total)`` (internal: ring attention) makes this call the block of
@@ -372,7 +418,7 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
             raise TypeError(f"alibi_slopes must be a floating tensor, got {type(alibi_slopes).__name__}")
-        if _shape(alibi_slopes) not in ((Hq,), (B, Hq)):
+        if _shape(alibi_slopes) not in ((Hq,), (B, Hq), (1, Hq)):
             raise ValueError(f"alibi_slopes must be (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), got "
                              f"{_shape(alibi_slopes)}")
         alibi = alibi_slopes.to(device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else
@@ -421,7 +467,9 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
             raise TypeError(f"mask must be a bool tensor, a mask_mod callable or a BlockMask, got "
                             f"{type(mask).__name__}")
     seed = 0
-    if dropout_p > 0:
+    if _seed is not None:
+        seed = int(_seed)
+    elif dropout_p > 0:
         # One draw from the generator (or the global RNG) fixes the whole keep-mask.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator,
                                  device=generator.device if generator is not None else "cpu"))

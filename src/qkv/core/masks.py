@@ -12,7 +12,9 @@ int64 index tensors, so it is written with tensor ops and needs no compile step.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +26,9 @@ __all__ = [
     "causal", "sliding_window", "document", "prefix_lm", "padding", "chunked",
     "dilated", "longformer", "bigbird", "and_masks", "or_masks", "not_mask",
 ]
+
+_TOKENS = itertools.count(1)
+_LIVE: "weakref.WeakValueDictionary[int, BlockMask]" = weakref.WeakValueDictionary()
 
 # Block states, ordered so that AND of two masks is the elementwise minimum.
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -381,11 +386,18 @@ class BlockMask:
                  mask_mod=None, tensor: torch.Tensor | None = None):
         self.state, self.shape, self.block_size = state, tuple(shape), tuple(block_size)
         self.mask_mod, self.tensor = mask_mod, tensor
+        # Known once, here: calls read them without a host sync (torch.compile traces no data-dependent step).
+        self.density = float((state > EMPTY).float().mean()) if state.numel() else 0.0
+        self.token = next(_TOKENS)
+        _LIVE[self.token] = self
 
-    @property
-    def density(self) -> float:
-        """Fraction of the Nq×Nk score tiles that an engine visits (partial or full)."""
-        return float((self.state > EMPTY).float().mean()) if self.state.numel() else 0.0
+    @staticmethod
+    def lookup(token: int) -> "BlockMask":
+        """The live BlockMask with this ``token`` (how compiled graphs refer to one)."""
+        bm = _LIVE.get(token)
+        if bm is None:
+            raise ValueError(f"no live BlockMask has token {token}: it was freed (keep a reference to it)")
+        return bm
 
     def to_dense(self) -> torch.Tensor:
         """``(Bm, Hm, nqb, nkb)`` int8: 0 skipped, 1 partial, 2 full."""

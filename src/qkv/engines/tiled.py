@@ -33,7 +33,7 @@ from ..core.call import Call
 from ..core.merge import merge
 from ..core.options import get_options
 from . import cpu_kernel as _native
-from .base import Engine
+from .kernel import KernelEngine
 
 __all__ = ["ENGINE", "TiledEngine", "tiled_attention", "BLOCK_Q", "BLOCK_K", "TILE_BYTES", "BAND_Q",
            "BAND_TILE_BYTES", "BAND_ALIGN"]
@@ -220,6 +220,19 @@ class _Band:
         for b0 in range(self.blocks.start, self.blocks.stop, step):
             yield b0, min(b0 + step, self.blocks.stop)
 
+    def kept_size(self, call: Call) -> int:
+        """Values of the kept probabilities: (B, Hq, blocks, bq, span), laid out chunk by chunk."""
+        return call.B * call.Hq * len(self.blocks) * self.bq * self.span
+
+    def kept_views(self, call: Call, flat: torch.Tensor):
+        """The (n, bq, span) views of ``flat`` for every (head, chunk) in the order the band path visits."""
+        at = 0
+        for _ in _band_heads(call):
+            for b0, b1 in self.chunks(call, True):
+                size = (b1 - b0) * self.bq * self.span
+                yield flat[at:at + size].view(b1 - b0, self.bq, self.span)
+                at += size
+
     def may_keep(self, call: Call) -> bool:
         """Whether the band's probabilities, (B, Hq, blocks, bq, span) in the acc dtype, are small enough to keep
         for the backward: at most ``band_keep_bytes``, and at most ``band_keep_ratio`` times the values of q
@@ -299,7 +312,7 @@ def _band_heads(call: Call):
             yield b, h, h // call.G
 
 
-def _band_fwd(call: Call, band: _Band, q, k, v, out, lse, out_acc, keep: bool):
+def _band_fwd(call: Call, band: _Band, q, k, v, out, lse, out_acc, kept: torch.Tensor | None):
     """Writes the interior rows of out, and of lse when the call returns it (nothing else reads them: the
     band backward works on whole rows). With keep, returns the probabilities for the backward (which then
     skips recomputing them): one (blocks, bq, span) tensor per head and chunk, in loop order. Chunk-sized
@@ -308,15 +321,14 @@ def _band_fwd(call: Call, band: _Band, q, k, v, out, lse, out_acc, keep: bool):
     acc, bq = call.acc_dtype, band.bq
     k, v = k.to(acc).contiguous(), v.to(acc).contiguous()
     direct = out_acc is None and out.dtype == acc and out.is_contiguous()   # bmm writes straight into out
-    kept, buf = ([] if keep else None), None
+    kept, buf = (None if kept is None else band.kept_views(call, kept)), None
     for b, h, kv in _band_heads(call):
         qh, kh, vh = band.blocks_of(q[b, h], acc), k[b, kv], v[b, kv]
         oh = band.blocks_of(out[b, h]) if direct else None
-        for b0, b1 in band.chunks(call, keep):
+        for b0, b1 in band.chunks(call, kept is not None):
             n = b1 - b0
             if kept is not None:
-                s = torch.empty(n, bq, band.span, dtype=acc, device=q.device)
-                kept.append(s)
+                s = next(kept)
             else:
                 buf = torch.empty(n, bq, band.span, dtype=acc, device=q.device) if buf is None else buf
                 s = buf[:n]
@@ -333,7 +345,6 @@ def _band_fwd(call: Call, band: _Band, q, k, v, out, lse, out_acc, keep: bool):
                 out[b, h, b0 * bq:b1 * bq] = o
                 if out_acc is not None:
                     out_acc[b, h, b0 * bq:b1 * bq] = o
-    return kept
 
 
 def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
@@ -341,7 +352,7 @@ def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
     needs neither the saved output nor the LSE: p is the forward's (kept) or recomputed by the same softmax."""
     acc, bq = call.acc_dtype, band.bq
     k, v = k.to(acc).contiguous(), v.to(acc).contiguous()
-    bufs, kept = None, None if kept is None else iter(kept)
+    bufs, kept = None, None if kept is None else band.kept_views(call, kept)
     for b, h, kv in _band_heads(call):
         qh, doh, dqh = band.blocks_of(q[b, h], acc), band.blocks_of(dout[b, h], acc), band.blocks_of(dq[b, h])
         kh, vh, dkh, dvh = k[b, kv], v[b, kv], dk[b, kv], dv[b, kv]
@@ -369,6 +380,8 @@ def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
 
 
 def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False):
+    """out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) in the acc dtype, the acc-dtype copy of out that a
+    half-precision backward reads (or None) and the band's kept probabilities (flat, or None)."""
     B, Hq, Nq, Dv = call.B, call.Hq, call.Nq, call.Dv
     fused = _use_fused(call)
     run_fwd = _fused_fwd if fused else _ops_fwd
@@ -381,7 +394,9 @@ def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False):
                                                                             device=q.device)
     out5 = out.view(B, call.Hkv, call.G, Nq, Dv)
     lse5 = lse.view(B, call.Hkv, call.G, Nq)
-    kept = None if band is None else _band_fwd(call, band, q, k, v, out, lse, out_acc, keep)
+    kept = torch.empty(band.kept_size(call), dtype=call.acc_dtype, device=q.device) if keep else None
+    if band is not None:
+        _band_fwd(call, band, q, k, v, out, lse, out_acc, kept)
     for i, runs in enumerate(sched):
         if band is not None and i in band.blocks:
             continue
@@ -445,7 +460,7 @@ def _ops_bwd(t: _Tile, g, k0, k1, partial):
     g["dv"][:, :, k0:k1] += _per_head_t_matmul(pd, dob, c.G)
     ds = dp.sub_(g["db"]).mul_(p)
     if c.has_mods:
-        ds = c.scores_backward(s_raw, ds, t.q0, t.q1, k0, k1, g["dbias"])
+        ds = c.scores_backward(s_raw, ds, t.q0, t.q1, k0, k1, g["dbias"], g["dcaps"])
     ds = ds.reshape(*t.fold, cw)
     g["dqb"] += torch.matmul(ds, kc)
     g["dk"][:, :, k0:k1] += _per_head_t_matmul(ds, qb, c.G)
@@ -460,14 +475,15 @@ def _per_head_t_matmul(a, b, G):
     return out.sum(2) if G > 1 else out.squeeze(2)
 
 
-def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=None, kept=None):
+def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=None, kept=None, dcaps=None):
     B, Hq, Hkv, G, Nq, D, Dv = call.B, call.Hq, call.Hkv, call.G, call.Nq, call.D, call.Dv
     acc = call.acc_dtype
     fused = _use_fused(call) and dlse is None
     lse_safe = lse.masked_fill(lse == _NEG, float("inf")).unsqueeze(-1)   # exp(s - inf) = 0 on empty rows
     g = dict(dk=torch.zeros(B, Hkv, call.Nk, D, dtype=acc, device=q.device),
              dv=torch.zeros(B, Hkv, call.Nk, Dv, dtype=acc, device=q.device),
-             dbias=torch.zeros(call.bias.shape, dtype=acc, device=q.device) if need_dbias else None)
+             dbias=torch.zeros(call.bias.shape, dtype=acc, device=q.device) if need_dbias else None,
+             dcaps=dcaps)
     if fused:
         g.update(k=k, v=v)
         dout = dout.to(q.dtype)
@@ -505,57 +521,116 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
             None if dbias is None else dbias.to(call.bias.dtype))
 
 
-class _TiledAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, anchor, call, bq, sched, band, keep, native):
-        ctx.set_materialize_grads(False)
-        if native:
-            (out, lse), out_acc, kept = _native.attention_fwd(call), None, None
-        else:
-            out, lse, out_acc, kept = _fwd(call, q, k, v, bq, sched, band, keep)
-        ctx.save_for_backward(q, k, v, out if out_acc is None else out_acc, lse)
-        ctx.call, ctx.bq, ctx.sched, ctx.band, ctx.kept, ctx.native = call, bq, sched, band, kept, native
-        return out, lse.to(torch.float32)
+class _Plan:
+    """What the tiled engine does for a call, decided from its static facts (no tensor data): the CPU kernel
+    (``native``), the band path (``band``, with ``keep`` its probabilities for the backward), PyTorch's fused
+    tile kernel (``fused``), an acc-dtype copy of a half-precision output for the backward (``out_acc``).
+    The schedule (``bq``, ``bk``, ``sched``) may read a mask's data and is made when the forward runs."""
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        call = ctx.call
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if ctx.native:                          # the kernel's backward, from its forward's out and lse
+    __slots__ = ("native", "band", "keep", "fused", "out_acc", "block_size", "bq", "bk", "sched")
+
+    def __init__(self, call: Call, training: bool, block_size: tuple[int, int] | None = None):
+        self.block_size = block_size
+        self.native = not block_size and _native.serves(call)
+        bm = call.block_mask
+        self.band = None if block_size or bm is not None or self.native else _Band.plan(call, BAND_Q)
+        # The band path keeps its probabilities for a backward that will run (which then skips their recompute).
+        self.keep = bool(self.band is not None and training and self.band.may_keep(call))
+        self.fused = not self.native and _use_fused(call)
+        self.out_acc = not self.native and not self.fused and call.q.dtype != call.acc_dtype
+        self.bq = self.bk = self.sched = None
+
+    def aux_meta(self, call: Call) -> list:
+        meta = []
+        if self.out_acc:
+            meta.append(((call.B, call.Hq, call.Nq, call.Dv), call.acc_dtype))
+        if self.keep:
+            meta.append(((self.band.kept_size(call),), call.acc_dtype))
+        return meta
+
+    def schedule(self, call: Call) -> None:
+        """Choose the tiles and plan the runs of every query block (once per plan)."""
+        if self.native or self.sched is not None:
+            return
+        bm = call.block_mask
+        if self.block_size:
+            bq, bk = self.block_size
+        elif self.band:
+            bq, bk = BAND_Q, BAND_Q
+        elif bm is not None:
+            bq, bk = bm.block_size                  # the grid its states were built on
+        else:
+            bq, bk = (_fused_rows(call) if self.fused else BLOCK_Q), BLOCK_K
+        self.bq, self.bk = bq, bk
+        self.sched = _schedule(call, bq, bk, self.band.blocks if self.band else range(0))
+
+
+class TiledEngine(KernelEngine):
+    """FlashAttention's algorithm in torch ops (and, on CPU, qkv's C kernel): every call, any device."""
+
+    name = "tiled"
+
+    @property
+    def summary(self) -> str:
+        ok, why = _native.available()
+        return ("FlashAttention's algorithm in torch ops; any device, every feature; "
+                + ("on CPU, causal/window calls run on qkv's C kernel" if ok else f"no CPU kernel ({why})"))
+
+    def supports(self, call: Call) -> list[str]:
+        return []
+
+    def plan(self, call: Call, training: bool) -> _Plan:
+        return _Plan(call, training)
+
+    def aux_meta(self, call: Call, plan: _Plan) -> list:
+        return plan.aux_meta(call)
+
+    def fwd(self, call: Call, plan: _Plan):
+        if plan.native:
+            out, lse = _native.attention_fwd(call)
+            return out, lse, []
+        plan.schedule(call)
+        out, lse, out_acc, kept = _fwd(call, call.q, call.k, call.v, plan.bq, plan.sched, plan.band, plan.keep)
+        return out, lse, [t for t in (out_acc, kept) if t is not None]
+
+    def bwd(self, call: Call, plan: _Plan, out, lse, aux, dout, dlse, needs):
+        if plan.native:                       # the kernel's backward, from its forward's out and lse
             dq, dk, dv = _native.attention_bwd(call, out, lse, dout, dlse)
-            return dq, dk, dv, None, None, None, None, None, None, None, None
-        need_dbias = call.bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _bwd(call, q, k, v, out, lse, dout, dlse, ctx.bq, ctx.sched, need_dbias, ctx.band, ctx.kept)
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None
+            return dq, dk, dv, None, []
+        plan.schedule(call)
+        aux = list(aux)
+        out_acc = aux.pop(0) if plan.out_acc else None
+        kept = aux.pop(0) if plan.keep else None
+        need_dbias = call.bias is not None and needs[3]
+        dcaps = [torch.zeros_like(c) for c in call.captures if c.requires_grad]
+        dq, dk, dv, dbias = _bwd(call, call.q, call.k, call.v, out if out_acc is None else out_acc, lse, dout,
+                                 dlse, plan.bq, plan.sched, need_dbias, plan.band, kept, dcaps)
+        return dq, dk, dv, dbias, dcaps
+
+
+ENGINE = TiledEngine().register_kernel()
 
 
 def tiled_attention(call: Call, block_size: tuple[int, int] | None = None):
     """FlashAttention, tiled in torch. call: a validated Call (q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D),
     v: (B, Hkv, Nk, Dv)). block_size: (BQ, BK), default the BlockMask's own or (BLOCK_Q, BLOCK_K).
-    Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32; differentiable in q, k, v, bias
-    (and lse). The banded path fills its rows of lse only when ``call.return_lse`` (nothing else reads them)."""
-    bm = call.block_mask
-    band = None if block_size or bm is not None else _Band.plan(call, BAND_Q)
-    if block_size:
-        bq, bk = block_size
-    elif band:
-        bq, bk = BAND_Q, BAND_Q
-    elif bm is not None:
-        bq, bk = bm.block_size                  # the grid its states were built on
-    else:
-        bq, bk = (_fused_rows(call) if _use_fused(call) else BLOCK_Q), BLOCK_K
-    # The CPU kernel computes the calls it serves, forward (all rows, out and lse) and backward.
-    native = not block_size and _native.serves(call)
-    # Otherwise the band path keeps its probabilities for a backward that will run (which then skips their
-    # recompute). The kernel's recomputing backward is faster still, and keeps nothing (NOTES steps 18-19).
-    keep = band is not None and call.training and not native and band.may_keep(call)
-    if native and not call.training:
-        return _native.attention_fwd(call)
-    sched = None if native else _schedule(call, bq, bk, band.blocks if band else range(0))
-    return _TiledAttention.apply(call.q, call.k, call.v, call.bias, _anchor(call), call, bq, sched, band, keep,
-                                 native)
+    Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32; differentiable in q, k, v, bias,
+    the score_mod's captured tensors (and lse). The banded path fills its rows of lse only when
+    ``call.return_lse`` (nothing else reads them)."""
+    if block_size is None:
+        return ENGINE.forward(call)
+    return _BlockSized(block_size).forward(call)
+
+
+class _BlockSized(TiledEngine):
+    """The tiled engine on a fixed tile grid (tests use small tiles to reach every path on small shapes)."""
+
+    def __init__(self, block_size):
+        self.block_size = block_size
+        self.name = f"tiled@{block_size[0]}x{block_size[1]}"
+
+    def plan(self, call: Call, training: bool) -> _Plan:
+        return _Plan(call, training, self.block_size)
 
 
 def _fused_rows(call: Call) -> int:
@@ -577,36 +652,3 @@ def _fused_rows(call: Call) -> int:
     while bq > BLOCK_Q and area(bq) > 1.15 * fine:
         bq //= 2
     return bq
-
-
-def _anchor(call: Call):
-    """A grad-requiring dummy input when only tensors captured by the score_mod need gradients, so that
-    autograd still runs the backward (which sends them their gradients)."""
-    if call.score_mod is None or not torch.is_grad_enabled() or any(
-            t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.bias)):
-        return None
-    z = torch.zeros(1, 1, 1, 1, dtype=call.acc_dtype, device=call.q.device)
-    i = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=call.q.device)
-    probe = call.score_mod(z, i, i, i, i)
-    return torch.zeros((), requires_grad=True) if isinstance(probe, torch.Tensor) and probe.requires_grad else None
-
-
-class TiledEngine(Engine):
-    """FlashAttention's algorithm in torch ops (and, on CPU, qkv's C kernel): every call, any device."""
-
-    name = "tiled"
-
-    @property
-    def summary(self) -> str:
-        ok, why = _native.available()
-        return ("FlashAttention's algorithm in torch ops; any device, every feature; "
-                + ("on CPU, causal/window calls run on qkv's C kernel" if ok else f"no CPU kernel ({why})"))
-
-    def supports(self, call: Call) -> list[str]:
-        return []
-
-    def forward(self, call: Call):
-        return tiled_attention(call)
-
-
-ENGINE = TiledEngine()
