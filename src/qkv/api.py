@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from . import dispatch
 from .core.call import Call, prepare
+from .core.options import get_options
 from .dispatch import Selection
 from .engines.reference import reference_weights
 
@@ -72,6 +74,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     backend: "auto" (see :func:`select_backend`) or a registered engine (:func:`backends`: "reference",
     "tiled", "sdpa", ...); an explicit backend that cannot serve the call raises ValueError giving every reason.
     """
+    key = None
+    if (mask is None and bias is None and score_mod is None and alibi_slopes is None and softcap is None
+            and window is None and generator is None and return_lse is False and backend == "auto"
+            and (causal is True or causal is False) and (scale is None or type(scale) is float)
+            and type(dropout_p) in (int, float) and dropout_p == 0 and not torch.compiler.is_compiling()
+            and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        # The common call (causal or nothing, default everything else): validated and dispatched once per
+        # signature, then run directly.
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal, scale,
+               torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), get_options())
+        run = _FAST.get(key)
+        if run is not None:
+            return run(q, k, v)
     call = prepare(q, k, v, causal=causal, window=window, mask=mask, bias=bias, score_mod=score_mod,
                    alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, dropout_p=dropout_p,
                    generator=generator, return_lse=return_lse)
@@ -80,7 +95,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         out, lse = _empty(call)
     else:
         out, lse = eng.forward(call)
+        if key is not None and eng.name == "sdpa":
+            _remember(key, call)
     return (out, lse) if return_lse else out
+
+
+_FAST: dict = {}
+
+
+def _remember(key, call: Call) -> None:
+    """Cache the direct SDPA call for this signature (what dispatch chose; SDPA reads any strides)."""
+    if len(_FAST) >= 4096:
+        _FAST.clear()
+    kw = {} if key[10] is None else {"scale": call.scale}       # SDPA's default scale is the same 1/sqrt(D)
+    if call.G > 1:
+        kw["enable_gqa"] = True
+    if call.plain_causal:
+        _FAST[key] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    elif call.every_key_visible:
+        _FAST[key] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> Selection:

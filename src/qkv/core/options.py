@@ -11,6 +11,8 @@ import dataclasses
 import os
 from typing import Iterator
 
+import torch
+
 __all__ = ["Options", "options", "get_options"]
 
 
@@ -40,10 +42,15 @@ _TYPES = {"cpu_kernel": bool, "cpu_isa": (str, type(None)), "tiled_fused": bool,
 
 _current: contextvars.ContextVar[Options] = contextvars.ContextVar(
     "qkv_options", default=Options(cpu_isa=os.environ.get("QKV_CPU_ISA") or None))
+# torch.compile cannot trace ContextVar.get: while tracing, the options come from this mirror of the most
+# recent value set (a global, so the compiled graph is guarded on it and retraced when it changes).
+_traced = [_current.get()]
 
 
 def get_options() -> Options:
     """The switches in force here (see :class:`Options`)."""
+    if torch.compiler.is_compiling():
+        return _traced[0]
     return _current.get()
 
 
@@ -64,7 +71,9 @@ def options(**changes) -> Iterator[Options]:
         if want is int and value < 0:
             raise ValueError(f"qkv.options({name}=...) must be >= 0, got {value}")
     token = _current.set(dataclasses.replace(_current.get(), **changes))
+    _traced[0] = _current.get()
     try:
         yield _current.get()
     finally:
         _current.reset(token)
+        _traced[0] = _current.get()

@@ -67,7 +67,13 @@ def serves(call: Call) -> bool:
     and ``window`` alone, no score mods, no dropout, D and Dv > 0."""
     return (get_options().cpu_kernel and call.q.device.type == "cpu" and call.q.dtype in _DTYPES and not call.has_mods
             and not call.dropout_p and call.mask is None and min(call.D, call.Dv) > 0
-            and max(call.Nq, call.Nk) < 2**30 and _load() is not None)
+            and max(call.Nq, call.Nk) < 2**30 and _ready())
+
+
+@torch.compiler.assume_constant_result
+def _ready() -> bool:
+    """Whether the kernel is loaded and runs here (a constant to torch.compile: loading is not traced)."""
+    return _load() is not None
 
 
 def _range(call: Call) -> tuple[int, int]:
