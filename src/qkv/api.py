@@ -83,7 +83,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # The common call (causal or nothing, default everything else): validated and dispatched once per
         # signature, then run directly.
         key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal, scale,
-               torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), get_options())
+               torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+               get_options().serial)
         run = _FAST.get(key)
         if run is not None:
             return run(q, k, v)

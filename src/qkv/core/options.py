@@ -8,12 +8,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import os
 from typing import Iterator
 
 import torch
 
 __all__ = ["Options", "options", "get_options"]
+
+_SERIALS = itertools.count(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,10 @@ class Options:
     tiled_fused: bool = True
     band_keep_bytes: int = 256 * 2**20
     band_keep_ratio: int = 8
+    serial: int = dataclasses.field(default=0, compare=False, repr=False)   # set on creation; a cheap cache key
+
+    def __post_init__(self):
+        object.__setattr__(self, "serial", next(_SERIALS))
 
 
 _TYPES = {"cpu_kernel": bool, "cpu_isa": (str, type(None)), "tiled_fused": bool, "band_keep_bytes": int,

@@ -51,7 +51,7 @@ def _probs(call: Call, q0: int, q1: int, dtype, dropout: bool):
 def reference_attention(call: Call, compute_dtype: torch.dtype | None = None):
     """Plain softmax(scale·q·kᵀ + mods)·v on the whole score matrix.
 
-    call: a validated :class:`~qkv._call.Call` (q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv)).
+    call: a validated :class:`~qkv.core.call.Call` (q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv)).
     compute_dtype: the dtype of every operation (default: fp32, fp64 for fp64 inputs); tests pass the input
     dtype to get the "plain same-dtype computation" of FlashAttention's tolerance rule.
     Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32.
