@@ -457,9 +457,9 @@ def qkv_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offs
                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
     if torch.compiler.is_compiling():
         return sdpa_mask(**args)
-    if isinstance(q_length, torch.Tensor) or isinstance(kv_length, torch.Tensor):
-        q_length, kv_length = _as_int(q_length), _as_int(kv_length)
-        args.update(q_length=q_length, kv_length=kv_length)
+    # Read now: a static cache's offset is a tensor that its layers advance in place before attention runs.
+    q_length, kv_length = _as_int(q_length), _as_int(kv_length)
+    args.update(q_length=q_length, kv_length=kv_length, q_offset=_as_int(q_offset), kv_offset=_as_int(kv_offset))
     t = torch.empty(batch_size, 1, q_length, kv_length, dtype=torch.bool, device="meta")
     t._qkv_mask = _Mask(args)
     return t
