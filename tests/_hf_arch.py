@@ -32,7 +32,7 @@ import torch
 
 TOL = 1e-5
 GRAD_RTOL = 1e-4
-MAX_PARAMS = 8_000_000
+MAX_PARAMS = 40_000_000
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS, VOCAB, POS = 32, 4, 2, 8, 64, 2, 256, 128
 
@@ -55,6 +55,8 @@ _SET = {
     "moe_num_experts": 4, "n_shared_experts": 1, "num_shared_experts": 1,
     "image_size": 32, "patch_size": 8, "num_channels": 3,
     "sliding_window": 6, "attention_chunk_size": 6,
+    "rotary_dim": 4, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8, "kv_lora_rank": 16,
+    "q_lora_rank": 16, "qk_head_dim": 8,
 }
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
               "cls_token_id", "unk_token_id", "mask_token_id", "image_token_id", "image_token_index",
@@ -65,7 +67,7 @@ def _shrink(cfg, depth=0):
     from transformers import PreTrainedConfig
 
     for name, value in _SET.items():
-        if name in ("sliding_window", "attention_chunk_size") and getattr(cfg, name, None) is None:
+        if name in ("sliding_window", "attention_chunk_size", "q_lora_rank") and getattr(cfg, name, None) is None:
             continue
         if hasattr(cfg, name) and not isinstance(getattr(cfg, name), (dict, list, PreTrainedConfig)):
             try:
@@ -73,8 +75,13 @@ def _shrink(cfg, depth=0):
             except Exception:  # noqa: BLE001 - read-only properties stay
                 pass
     if getattr(cfg, "head_dim", None) is not None:
-        with contextlib.suppress(Exception):
-            cfg.head_dim = HEAD_DIM
+        with contextlib.suppress(Exception):    # multi-head latent attention: head_dim is the rotary part
+            cfg.head_dim = _SET["qk_rope_head_dim"] if hasattr(cfg, "qk_rope_head_dim") else HEAD_DIM
+    for name in ("rope_parameters", "rope_scaling"):
+        rp = getattr(cfg, name, None)
+        if isinstance(rp, dict) and isinstance(rp.get("mrope_section"), list) and rp["mrope_section"]:
+            n = len(rp["mrope_section"])      # sections of the rotary half of a head: sum to HEAD_DIM // 2
+            rp["mrope_section"] = [HEAD_DIM // 2 - (n - 1)] + [1] * (n - 1)
     for name in ("layer_types", "mlp_layer_types"):
         lt = getattr(cfg, name, None)
         if isinstance(lt, list) and lt:
@@ -193,11 +200,21 @@ def _inputs(model, cfg, B=3, N=12):
         return kw, am, name
     if name == "pixel_values":
         vcfg = getattr(cfg, "vision_config", None) or cfg
-        size = getattr(vcfg, "image_size", None)
+        size = getattr(vcfg, "image_size", None) or getattr(cfg, "image_size", None)
         ch = getattr(vcfg, "num_channels", 3) or 3
-        if not isinstance(size, int):
-            return None, None, "pixel_values of an unknown image size"
-        return {"pixel_values": torch.randn(B, ch, size, size, generator=g)}, None, name
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            h, w = size
+        elif isinstance(size, int):
+            h = w = size
+        else:
+            h = w = 32
+        return {"pixel_values": torch.randn(B, ch, h, w, generator=g)}, None, name
+    if name == "input_features":      # log-mel features, (B, mel bins, frames): Whisper-style encoders
+        bins = getattr(cfg, "num_mel_bins", None) or getattr(cfg, "feature_size", None) or 80
+        frames = 2 * (getattr(cfg, "max_source_positions", None) or 64)
+        return {"input_features": torch.randn(B, bins, frames, generator=g)}, None, name
+    if name == "input_values":        # raw audio (B, samples): wav2vec2-style encoders
+        return {"input_values": torch.randn(B, 4000, generator=g)}, None, name
     return None, None, f"main input {name!r}"
 
 
@@ -367,7 +384,10 @@ def _grads(model, kw, am):
 def main(argv):
     import qkv.integrations.transformers  # noqa: F401
 
+    table = "--table" in argv
+    argv = [a for a in argv if a != "--table"]
     types = argv or model_types()
+    outcomes = {}
     counts = {}
     t0 = time.time()
     for mt in types:
@@ -377,6 +397,7 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             outcome, detail = "FAIL", f"{type(e).__name__}: {e}"
         counts[outcome] = counts.get(outcome, 0) + 1
+        outcomes[mt] = (outcome, detail.splitlines()[0][:150] if detail else "")
         print(f"{mt}\t{outcome}\t{time.time() - t:.1f}s\t{detail.splitlines()[0][:220]}", flush=True)
     print(f"# {counts} in {time.time() - t0:.0f}s", flush=True)
     names = {}
@@ -385,6 +406,11 @@ def main(argv):
             names.setdefault(k, []).append(mt)
     for k, mts in sorted(names.items()):
         print(f"# kwarg {k}: {len(mts)} archs, e.g. {', '.join(sorted(mts)[:6])}", flush=True)
+    if table:
+        print("MATRIX = {")
+        for mt, (o, d) in outcomes.items():
+            print(f"    {mt!r}: {o!r},  # {d[:90]}" if o in ("skip", "FAIL") else f"    {mt!r}: {o!r},")
+        print("}")
 
 
 if __name__ == "__main__":

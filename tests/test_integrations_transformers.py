@@ -334,6 +334,7 @@ def test_padding_and_window_reach_qkv_as_structure(split, calls, monkeypatch):
         calls.clear()
         q = ms["qkv"](input_ids=ids, attention_mask=am).logits
     assert maxdiff(q[am.bool()], e[am.bool()]) < 1e-5
+    assert maxdiff(q[2], e[2]) < 1e-5         # right-padding rows see real keys: equal too
     masks = [kw.get("mask") for _, _, kw in calls]
     assert not any(isinstance(m, torch.Tensor) and m.shape[-2:] == (20, 20) for m in masks)
     if split:

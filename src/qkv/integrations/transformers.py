@@ -70,13 +70,11 @@ NAME = "qkv"
 #: keys (no mask at all); below it, one call with a padding BlockMask (fewer calls for short inputs and decoding).
 SPLIT_MIN_ROWS = 64
 
-# Model classes that pass the source checks of `supports` but rework the mask themselves before their attention
-# (found by the architecture sweep, tests/_hf_arch.py): they need a dense mask in the eager/SDPA format.
+# Model classes (by name prefix) that pass the source checks of `supports` but rework the mask themselves before
+# their attention, found by the architecture sweep (tests/_hf_arch.py): they need the eager/SDPA dense mask.
 _REFUSED: dict[str, str] = {
-    name: "it combines the attention mask with masks of its own before its attention (dense masks only)"
-    for name in ("DogeModel", "DogeForCausalLM", "DogeForSequenceClassification",
-                 "T5Gemma2Model", "T5Gemma2ForConditionalGeneration", "T5Gemma2Encoder", "T5Gemma2Decoder",
-                 "T5Gemma2ForSequenceClassification", "T5Gemma2ForTokenClassification")
+    prefix: "it reworks the attention mask itself before its attention (dense masks only)"
+    for prefix in ("Doge", "T5Gemma2", "DeepseekV4", "Gemma4Audio", "Lasr")
 }
 
 # The arguments an attention function receives that qkv reads (or that carry nothing beyond the mask). A model
@@ -108,8 +106,9 @@ def supports(model_cls) -> tuple[bool, str]:
     attention and read the mask qkv's mask function returns as an SDPA/eager mask.
     """
     name = model_cls.__name__
-    if name in _REFUSED:
-        return False, _REFUSED[name]
+    for prefix, why in _REFUSED.items():
+        if name.startswith(prefix):
+            return False, why
     try:
         routed = bool(model_cls._can_set_attn_implementation())
     except Exception as e:  # noqa: BLE001 - a class whose source cannot be read cannot be vouched for
