@@ -72,7 +72,7 @@ def _shrink(cfg, depth=0):
         if hasattr(cfg, name) and not isinstance(getattr(cfg, name), (dict, list, PreTrainedConfig)):
             try:
                 setattr(cfg, name, value)
-            except Exception:  # noqa: BLE001 - read-only properties stay
+            except Exception:
                 pass
     if getattr(cfg, "head_dim", None) is not None:
         with contextlib.suppress(Exception):    # multi-head latent attention: head_dim is the rotary part
@@ -151,9 +151,10 @@ class _Spy:
         self.calls, self.model_type = 0, model_type
 
     def __enter__(self):
+        from transformers import AttentionInterface
+
         import qkv
         import qkv.integrations.transformers as qkv_hf
-        from transformers import AttentionInterface
 
         self._real, self._fwd = qkv.attention, qkv_hf.qkv_attention_forward
 
@@ -170,8 +171,9 @@ class _Spy:
         return self
 
     def __exit__(self, *exc):
-        import qkv
         from transformers import AttentionInterface
+
+        import qkv
 
         qkv.attention = self._real
         AttentionInterface.register("qkv", self._fwd)
@@ -247,7 +249,7 @@ def check(model_type: str, generate: bool = True, grads: bool = True) -> tuple[s
         return "skip", "no model class"
     try:
         cfg = tiny(model_type)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return "skip", f"config: {type(e).__name__}: {str(e)[:120]}"
     # 1. the gate
     try:
@@ -262,7 +264,7 @@ def check(model_type: str, generate: bool = True, grads: bool = True) -> tuple[s
                 return "FAIL", f"refusal message lacks the class or the implementations: {msg}"
             return "refused", msg
         return "skip", f"build: ValueError: {msg[:160]}"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return "skip", f"build: {type(e).__name__}: {str(e)[:160]}"
     n_params = sum(p.numel() for p in m_q.parameters())
     if n_params > MAX_PARAMS:
@@ -272,7 +274,7 @@ def check(model_type: str, generate: bool = True, grads: bool = True) -> tuple[s
             warnings.simplefilter("ignore")
             m_e = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager")
         m_e.load_state_dict(m_q.state_dict())
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return "skip", f"eager build: {type(e).__name__}: {str(e)[:160]}"
     m_q.eval(), m_e.eval()
     kw, am, why = _inputs(m_q, cfg)
@@ -282,7 +284,7 @@ def check(model_type: str, generate: bool = True, grads: bool = True) -> tuple[s
         with torch.no_grad():
             torch.manual_seed(2)                       # models that draw noise in forward (ViT-MAE) draw the same
             ref = _outputs(m_e(**kw))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return "skip", f"eager forward: {type(e).__name__}: {str(e)[:160]}"
     if not ref:
         return "skip", "no float outputs"
@@ -320,7 +322,7 @@ def check(model_type: str, generate: bool = True, grads: bool = True) -> tuple[s
                         return "FAIL", "non-finite outputs"
                     scale = max(1.0, b.abs().max().item())
                     worst = max(worst, (a - b).abs().max().item() / scale)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return "FAIL", f"qkv forward: {type(e).__name__}: {str(e)[:200]}"
     if spy.calls == 0:
         if worst == 0.0:
@@ -334,7 +336,7 @@ def check(model_type: str, generate: bool = True, grads: bool = True) -> tuple[s
         try:
             gq, ge = _grads(m_q, kw, am), _grads(m_e, kw, am)
             rel = _grad_rel(gq, ge)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return "FAIL", f"backward: {type(e).__name__}: {str(e)[:200]}"
         if rel > GRAD_RTOL:
             return "FAIL", f"gradients differ from eager by {rel:.2e} (relative)"
@@ -349,13 +351,13 @@ def check(model_type: str, generate: bool = True, grads: bool = True) -> tuple[s
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 a = m_e.generate(ids, attention_mask=gam, **gkw)
-        except Exception as e:  # noqa: BLE001 - eager cannot generate from text ids either
+        except Exception as e:
             return "equal", detail + f"; generate n/a ({type(e).__name__} with eager)"
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 b = m_q.generate(ids, attention_mask=gam, **gkw)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return "FAIL", f"generate: {type(e).__name__}: {str(e)[:200]}"
         if not torch.equal(a, b):
             return "FAIL", "greedy generation differs from eager"
@@ -394,7 +396,7 @@ def main(argv):
         t = time.time()
         try:
             outcome, detail = check(mt)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             outcome, detail = "FAIL", f"{type(e).__name__}: {e}"
         counts[outcome] = counts.get(outcome, 0) + 1
         outcomes[mt] = (outcome, detail.splitlines()[0][:150] if detail else "")

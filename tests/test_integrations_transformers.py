@@ -7,6 +7,7 @@ attention really goes through qkv.attention, left padding, static cache, sliding
 """
 import copy
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,8 +17,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import qkv
-import qkv.integrations.transformers as qkv_hf
+import qkv  # noqa: E402
+import qkv.integrations.transformers as qkv_hf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _hf_arch  # noqa: E402
 
 TEXTS = [
     "The bank of the river was muddy after the rain.",
@@ -253,11 +257,6 @@ def test_float_additive_mask_is_mapped():
 
 
 # ------------------------------------------------------------------------------------------------ the gate
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import _hf_arch  # noqa: E402
-
 
 @pytest.mark.parametrize("model_type,cls_name", [
     ("bloom", "BloomForCausalLM"), ("mpt", "MptForCausalLM"), ("xglm", "XGLMForCausalLM"),

@@ -19,7 +19,6 @@ transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _hf_arch  # noqa: E402
-
 import qkv.integrations.transformers  # noqa: E402,F401
 
 # The sweep's outcome on transformers 5.24.0 ("skip": the generic shrinker could not build or feed it).
@@ -38,14 +37,14 @@ MATRIX = {
     'arcee': 'equal',
     'aria': 'equal',
     'aria_text': 'equal',
-    'audio-spectrogram-transformer': 'skip',  # eager forward: IndexError: Dimension out of range (expected to be in range of [-3, 2], but
+    'audio-spectrogram-transformer': 'skip',  # eager forward: IndexError: Dimension out of range (expected to be in ra
     'audioflamingo3': 'equal',
     'audioflamingo3_encoder': 'skip',  # eager forward: AttributeError: 'NoneType' object has no attribute 'sum'
     'autoformer': 'refused',
-    'axk1': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'axk2': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'axk1': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
+    'axk2': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
     'aya_vision': 'equal',
-    'bailing_hybrid': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'bailing_hybrid': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b
     'bamba': 'skip',  # eager forward: ValueError: `get_seq_length` can only be called on Attention layers, and th
     'bark': 'refused',
     'bart': 'equal',
@@ -62,7 +61,7 @@ MATRIX = {
     'blenderbot-small': 'equal',
     'blip': 'refused',
     'blip-2': 'skip',  # eager forward: TypeError: Blip2Model.forward() missing 1 required positional argument: 'in
-    'blip_2_qformer': 'skip',  # eager forward: TypeError: Blip2QFormerModel.forward() missing 1 required positional argume
+    'blip_2_qformer': 'skip',  # eager forward: TypeError: Blip2QFormerModel.forward() missing 1 required positional ar
     'bloom': 'refused',
     'blt': 'skip',  # not tiny: 96.2M parameters after shrinking
     'bridgetower': 'skip',  # build: ValueError: embed_dim and num_heads must be greater than 0, got embed_dim=32 and nu
@@ -87,14 +86,14 @@ MATRIX = {
     'cohere_asr': 'skip',  # eager forward: ValueError: You must specify exactly one of input_ids or inputs_embeds
     'cohere_compass': 'skip',  # build: KeyError: 'full_attention'
     'cohere_compass_text': 'skip',  # build: KeyError: 'full_attention'
-    'cohere_compass_vision': 'skip',  # eager forward: TypeError: CohereCompassVisionModel.forward() missing 2 required positional
-    'conditional_detr': 'skip',  # build: ImportError: 
+    'cohere_compass_vision': 'skip',  # eager forward: TypeError: CohereCompassVisionModel.forward() missing 2 required
+    'conditional_detr': 'skip',  # build: ImportError:
     'convbert': 'refused',
     'convnext': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[768], expected input with shape [*, 7
     'convnextv2': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[768], expected input with shape [*, 7
     'cosmos3_edge': 'equal',
     'cosmos3_edge_text': 'equal',
-    'cosmos3_edge_vision': 'skip',  # eager forward: TypeError: Cosmos3EdgeVisionModel.forward() missing 1 required positional a
+    'cosmos3_edge_vision': 'skip',  # eager forward: TypeError: Cosmos3EdgeVisionModel.forward() missing 1 required pos
     'cosmos3_omni': 'equal',
     'cpmant': 'refused',
     'csm': 'skip',  # build: ValueError: in_channels must be divisible by groups
@@ -112,20 +111,20 @@ MATRIX = {
     'deberta-v2': 'refused',
     'decision_transformer': 'skip',  # input: main input 'states'
     'deepseek_ocr2': 'refused',
-    'deepseek_v2': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'deepseek_v3': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'deepseek_v32': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'deepseek_v2': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
+    'deepseek_v3': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
+    'deepseek_v32': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
     'deepseek_v4': 'refused',
     'deepseek_vl': 'equal',
     'deepseek_vl_hybrid': 'refused',
-    'deformable_detr': 'skip',  # build: ImportError: 
+    'deformable_detr': 'skip',  # build: ImportError:
     'deimv2': 'skip',  # eager forward: RuntimeError: selected index k out of range
     'deit': 'equal',
     'depth_pro': 'skip',  # eager forward: IndexError: tuple index out of range
-    'detr': 'skip',  # build: ImportError: 
+    'detr': 'skip',  # build: ImportError:
     'dia': 'skip',  # eager forward: RuntimeError: shape '[3, 3, -1]' is invalid for input of size 21
     'diffllama': 'equal',
-    'diffusion_gemma': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and may
+    'diffusion_gemma': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute an
     'dinat': 'refused',
     'dinov2': 'equal',
     'dinov2_with_registers': 'equal',
@@ -137,23 +136,23 @@ MATRIX = {
     'dory': 'skip',  # eager forward: RuntimeError: The size of tensor a (17) must match the size of tensor b (12
     'dots1': 'equal',
     'dots3_note': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'num_attention_heads' is a per-layer attrib
-    'dots3_note_text': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'num_attention_heads' is a per-layer attrib
+    'dots3_note_text': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'num_attention_heads' is a per-layer a
     'dpr': 'equal',
     'dpt': 'equal',
-    'edgetam': 'skip',  # build: ImportError: 
-    'edgetam_video': 'skip',  # eager forward: TypeError: EdgeTamVideoModel.forward() missing 1 required positional argume
-    'edgetam_vision_model': 'skip',  # build: ImportError: 
-    'efficientloftr': 'skip',  # eager forward: ValueError: Input must be a 5D tensor of shape (batch_size, 2, num_channels
+    'edgetam': 'skip',  # build: ImportError:
+    'edgetam_video': 'skip',  # eager forward: TypeError: EdgeTamVideoModel.forward() missing 1 required positional arg
+    'edgetam_vision_model': 'skip',  # build: ImportError:
+    'efficientloftr': 'skip',  # eager forward: ValueError: Input must be a 5D tensor of shape (batch_size, 2, num_chan
     'efficientnet': 'skip',  # not tiny: 63.8M parameters after shrinking
     'electra': 'equal',
-    'embedding_gemma2': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'num_key_value_heads' is a per-layer attrib
-    'embedding_gemma2_text': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'num_key_value_heads' is a per-layer attrib
+    'embedding_gemma2': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'num_key_value_heads' is a per-layer
+    'embedding_gemma2_text': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'num_key_value_heads' is a per-l
     'emu3': 'skip',  # build: AttributeError: 'Emu3Config' object has no attribute 'pad_token_id'
     'encodec': 'skip',  # eager forward: ValueError: not enough values to unpack (expected 3, got 2)
     'ernie': 'equal',
     'ernie4_5': 'equal',
     'ernie4_5_moe': 'equal',
-    'ernie4_5_vl_moe': 'skip',  # build: RuntimeError: The expanded size of the tensor (4) must match the existing size (0) 
+    'ernie4_5_vl_moe': 'skip',  # build: RuntimeError: The expanded size of the tensor (4) must match the existing size
     'esm': 'skip',  # eager forward: TypeError: ne() received an invalid combination of arguments - got (NoneTyp
     'esmc': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[32], expected input with shape [*, 32
     'eurobert': 'equal',
@@ -161,12 +160,12 @@ MATRIX = {
     'exaone': 'equal',
     'exaone4': 'equal',
     'exaone4_5': 'equal',
-    'exaone4_5_vision': 'skip',  # eager forward: TypeError: Exaone4_5_VisionModel.forward() missing 2 required positional ar
+    'exaone4_5_vision': 'skip',  # eager forward: TypeError: Exaone4_5_VisionModel.forward() missing 2 required positio
     'exaone_moe': 'equal',
     'falcon': 'refused',
     'falcon_h1': 'equal',
     'falcon_mamba': 'no-attention',
-    'fast_vlm': 'skip',  # build: ImportError: 
+    'fast_vlm': 'skip',  # build: ImportError:
     'fastspeech2_conformer': 'refused',
     'fastspeech2_conformer_with_hifigan': 'refused',
     'flaubert': 'refused',
@@ -178,48 +177,48 @@ MATRIX = {
     'focalnet': 'no-attention',
     'fsmt': 'refused',
     'fun_asr_nano': 'equal',
-    'fun_asr_nano_encoder': 'skip',  # eager forward: TypeError: FunAsrNanoEncoder.forward() missing 1 required positional argume
+    'fun_asr_nano_encoder': 'skip',  # eager forward: TypeError: FunAsrNanoEncoder.forward() missing 1 required positio
     'funnel': 'refused',
     'fuyu': 'equal',
     'gemma': 'equal',
     'gemma2': 'equal',
     'gemma3': 'equal',
     'gemma3_text': 'equal',
-    'gemma3n': 'skip',  # build: ImportError: 
+    'gemma3n': 'skip',  # build: ImportError:
     'gemma3n_audio': 'skip',  # input: main input 'audio_mel'
-    'gemma3n_text': 'skip',  # build: ValueError: The set of layer types producing a cache is different than the set of l
-    'gemma3n_vision': 'skip',  # build: ImportError: 
+    'gemma3n_text': 'skip',  # build: ValueError: The set of layer types producing a cache is different than the set of
+    'gemma3n_vision': 'skip',  # build: ImportError:
     'gemma4': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and may
-    'gemma4_assistant': 'skip',  # config: StrictDataclassClassValidationError: Class validation error for validator 'validat
+    'gemma4_assistant': 'skip',  # config: StrictDataclassClassValidationError: Class validation error for validator 'v
     'gemma4_audio': 'refused',
     'gemma4_text': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and may
-    'gemma4_unified': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and may
-    'gemma4_unified_assistant': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and may
-    'gemma4_unified_text': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and may
-    'gemma4_vision': 'skip',  # eager forward: TypeError: Gemma4VisionModel.forward() missing 2 required positional argume
+    'gemma4_unified': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and
+    'gemma4_unified_assistant': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer att
+    'gemma4_unified_text': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribut
+    'gemma4_vision': 'skip',  # eager forward: TypeError: Gemma4VisionModel.forward() missing 2 required positional arg
     'git': 'refused',
     'glm': 'equal',
     'glm4': 'equal',
     'glm46v': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
     'glm4_moe': 'equal',
-    'glm4_moe_lite': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'glm4_moe_lite': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (
     'glm4v': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
     'glm4v_moe': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 2 (inp
-    'glm4v_moe_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 2 (inp
-    'glm4v_moe_vision': 'skip',  # eager forward: TypeError: Glm4vMoeVisionModel.forward() missing 2 required positional argu
+    'glm4v_moe_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 2
+    'glm4v_moe_vision': 'skip',  # eager forward: TypeError: Glm4vMoeVisionModel.forward() missing 2 required positiona
     'glm4v_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
-    'glm4v_vision': 'skip',  # eager forward: TypeError: Glm4vVisionModel.forward() missing 2 required positional argumen
+    'glm4v_vision': 'skip',  # eager forward: TypeError: Glm4vVisionModel.forward() missing 2 required positional argum
     'glm5_next': 'skip',  # not tiny: 53.2M parameters after shrinking
-    'glm5_next_text': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'glm5_next_text': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b
     'glm5_next_vision': 'skip',  # not tiny: 49.8M parameters after shrinking
     'glm_image': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
-    'glm_image_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
-    'glm_image_vision': 'skip',  # eager forward: TypeError: GlmImageVisionModel.forward() missing 1 required positional argu
-    'glm_image_vqmodel': 'skip',  # eager forward: TypeError: _forward_unimplemented() got an unexpected keyword argument 'inp
-    'glm_moe_dsa': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'glm_image_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4
+    'glm_image_vision': 'skip',  # eager forward: TypeError: GlmImageVisionModel.forward() missing 1 required positiona
+    'glm_image_vqmodel': 'skip',  # eager forward: TypeError: _forward_unimplemented() got an unexpected keyword argume
+    'glm_moe_dsa': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
     'glm_ocr': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
-    'glm_ocr_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
-    'glm_ocr_vision': 'skip',  # eager forward: TypeError: GlmOcrVisionModel.forward() missing 2 required positional argume
+    'glm_ocr_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (i
+    'glm_ocr_vision': 'skip',  # eager forward: TypeError: GlmOcrVisionModel.forward() missing 2 required positional ar
     'glmasr': 'equal',
     'glmasr_encoder': 'equal',
     'glmga': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
@@ -238,15 +237,15 @@ MATRIX = {
     'granite4_vision': 'skip',  # build: TypeError: object of type 'NoneType' has no len()
     'granite_docling': 'equal',
     'granite_docling_text': 'equal',
-    'granite_docling_vision': 'skip',  # eager forward: TypeError: GraniteDoclingVisionModel.forward() missing 1 required positiona
+    'granite_docling_vision': 'skip',  # eager forward: TypeError: GraniteDoclingVisionModel.forward() missing 1 requir
     'granite_speech': 'refused',
-    'granite_speech5_ctc': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (240x128 and 320x32
-    'granite_speech5_encoder': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (240x128 and 320x32
+    'granite_speech5_ctc': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (240x128 a
+    'granite_speech5_encoder': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (240x1
     'granite_speech_plus': 'refused',
     'granite_swa': 'equal',
     'granitemoe': 'equal',
     'granitemoe_swa': 'equal',
-    'granitemoehybrid': 'skip',  # eager forward: ValueError: `get_seq_length` can only be called on Attention layers, and th
+    'granitemoehybrid': 'skip',  # eager forward: ValueError: `get_seq_length` can only be called on Attention layers,
     'granitemoeshared': 'equal',
     'grounding-dino': 'refused',
     'groupvit': 'refused',
@@ -255,26 +254,26 @@ MATRIX = {
     'hgnet_v2': 'skip',  # no float outputs
     'hiera': 'refused',
     'higgs_audio_v2': 'equal',
-    'higgs_audio_v2_tokenizer': 'skip',  # build: ImportError: 
+    'higgs_audio_v2_tokenizer': 'skip',  # build: ImportError:
     'hrm_text': 'skip',  # eager forward: IndexError: list index out of range
     'hubert': 'equal',
     'hunyuan_v1_dense': 'skip',  # build: TypeError: unsupported operand type(s) for ** or pow(): 'NoneType' and 'float'
     'hunyuan_v1_moe': 'skip',  # build: TypeError: unsupported operand type(s) for ** or pow(): 'NoneType' and 'float'
     'hunyuan_vl': 'skip',  # build: TypeError: unsupported operand type(s) for ** or pow(): 'NoneType' and 'float'
     'hunyuan_vl_text': 'skip',  # build: TypeError: unsupported operand type(s) for ** or pow(): 'NoneType' and 'float'
-    'hunyuan_vl_vision': 'skip',  # eager forward: TypeError: HunYuanVLVisionTransformer.forward() missing 1 required position
+    'hunyuan_vl_vision': 'skip',  # eager forward: TypeError: HunYuanVLVisionTransformer.forward() missing 1 required p
     'hy_v3': 'equal',
-    'hy_v4': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'hy_v4_vl': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'hy_v4_vl_text': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'hy_v4_vl_vision': 'skip',  # eager forward: TypeError: HYV4VLVisionModel.forward() missing 1 required positional argume
+    'hy_v4': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
+    'hy_v4_vl': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
+    'hy_v4_vl_text': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (
+    'hy_v4_vl_vision': 'skip',  # eager forward: TypeError: HYV4VLVisionModel.forward() missing 1 required positional a
     'hyperclovax': 'equal',
     'hyperclovax_vision_v2': 'equal',
     'ibert': 'refused',
     'idefics': 'skip',  # eager forward: ValueError: Exactly 1 of pixel_values, image_encoder_embeddings or perceive
     'idefics2': 'equal',
     'idefics3': 'equal',
-    'idefics3_vision': 'skip',  # eager forward: TypeError: Idefics3VisionTransformer.forward() missing 1 required positiona
+    'idefics3_vision': 'skip',  # eager forward: TypeError: Idefics3VisionTransformer.forward() missing 1 required posi
     'ijepa': 'equal',
     'imagegpt': 'refused',
     'informer': 'skip',  # build: ValueError: The `prediction_length` config needs to be specified.
@@ -285,8 +284,8 @@ MATRIX = {
     'inkling2_vision': 'refused',
     'inkling_mm_model': 'equal',
     'inkling_text': 'equal',
-    'instructblip': 'skip',  # eager forward: TypeError: InstructBlipModel.forward() missing 1 required positional argume
-    'instructblipvideo': 'skip',  # eager forward: TypeError: InstructBlipVideoModel.forward() missing 1 required positional a
+    'instructblip': 'skip',  # eager forward: TypeError: InstructBlipModel.forward() missing 1 required positional argu
+    'instructblipvideo': 'skip',  # eager forward: TypeError: InstructBlipVideoModel.forward() missing 1 required posit
     'internlm3': 'equal',
     'internvl': 'skip',  # build: TypeError: 'int' object is not subscriptable
     'internvl_vision': 'skip',  # build: TypeError: 'int' object is not subscriptable
@@ -296,9 +295,9 @@ MATRIX = {
     'janus': 'skip',  # not tiny: 73.5M parameters after shrinking
     'jetmoe': 'equal',
     'jina_embeddings_v3': 'equal',
-    'kimi_k25': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'kimi_k25_vision': 'skip',  # eager forward: TypeError: Kimi_K25VisionModel.forward() missing 2 required positional argu
-    'kimi_linear': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'kimi_k25': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
+    'kimi_k25_vision': 'skip',  # eager forward: TypeError: Kimi_K25VisionModel.forward() missing 2 required positional
+    'kimi_linear': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
     'kolibri1': 'equal',
     'kosmos-2': 'skip',  # eager forward: ValueError: You have to specify either input_ids or inputs_embeds
     'kosmos-2.5': 'equal',
@@ -308,7 +307,7 @@ MATRIX = {
     'lasr_ctc': 'refused',
     'lasr_encoder': 'refused',
     'layoutlm': 'equal',
-    'layoutlmv2': 'skip',  # build: ImportError: 
+    'layoutlmv2': 'skip',  # build: ImportError:
     'layoutlmv3': 'skip',  # eager forward: RuntimeError: The size of tensor a (32) must match the size of tensor b (76
     'led': 'refused',
     'levit': 'refused',
@@ -317,7 +316,7 @@ MATRIX = {
     'lfm2_vl': 'equal',
     'lfm3': 'equal',
     'lfm3_vl': 'equal',
-    'lfm3_vl_vision': 'skip',  # eager forward: TypeError: Lfm3VlVisionModel.forward() missing 2 required positional argume
+    'lfm3_vl_vision': 'skip',  # eager forward: TypeError: Lfm3VlVisionModel.forward() missing 2 required positional ar
     'lightglue': 'skip',  # eager forward: ValueError: Input must be a 5D tensor of shape (batch_size, 2, num_channels
     'lighton_ocr': 'equal',
     'lilt': 'refused',
@@ -328,7 +327,7 @@ MATRIX = {
     'llava_next': 'equal',
     'llava_next_video': 'equal',
     'llava_onevision': 'equal',
-    'longcat_flash': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'longcat_flash': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (
     'longformer': 'refused',
     'longt5': 'equal',
     'luke': 'refused',
@@ -351,7 +350,7 @@ MATRIX = {
     'mimi_decoder': 'skip',  # build: ValueError: in_channels must be divisible by groups
     'mimi_encoder': 'skip',  # eager forward: ValueError: not enough values to unpack (expected 3, got 2)
     'mimo_v2_flash': 'equal',
-    'minicpm3': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'minicpm3': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
     'minicpm_ocr': 'equal',
     'minicpm_ocr_vision': 'skip',  # eager forward: AttributeError: 'NoneType' object has no attribute 'device'
     'minicpmv4_6': 'equal',
@@ -365,9 +364,9 @@ MATRIX = {
     'ministral3': 'equal',
     'mistral': 'equal',
     'mistral3': 'equal',
-    'mistral4': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'mistral_large4': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'mistral_large4_text': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'mistral4': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
+    'mistral_large4': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b
+    'mistral_large4_text': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tens
     'mixtral': 'equal',
     'mlcd': 'equal',
     'mlcd_vision_model': 'equal',
@@ -384,7 +383,7 @@ MATRIX = {
     'molmo2': 'equal',
     'molmo2_text': 'equal',
     'moonshine': 'skip',  # eager forward: ValueError: You must specify exactly one of input_ids or inputs_embeds
-    'moonshine_streaming': 'skip',  # build: AttributeError: 'MoonshineStreamingConfig' object has no attribute 'num_key_value_h
+    'moonshine_streaming': 'skip',  # build: AttributeError: 'MoonshineStreamingConfig' object has no attribute 'num_ke
     'moshi': 'equal',
     'moss_transcribe_diarize': 'equal',
     'moss_transcribe_diarize_audio': 'equal',
@@ -395,11 +394,11 @@ MATRIX = {
     'muse_glimmer': 'skip',  # not tiny: 42.2M parameters after shrinking
     'muse_glimmer_assistant': 'skip',  # input: main input 'noise_embeds'
     'muse_glimmer_text': 'equal',
-    'muse_glimmer_vision': 'skip',  # eager forward: TypeError: MuseGlimmerVisionModel.forward() missing 1 required positional a
+    'muse_glimmer_vision': 'skip',  # eager forward: TypeError: MuseGlimmerVisionModel.forward() missing 1 required pos
     'muse_spark': 'skip',  # not tiny: 71.8M parameters after shrinking
-    'muse_spark_audio': 'skip',  # eager forward: ValueError: `input_values` length 4000 is not a multiple of 1920. Prepare t
+    'muse_spark_audio': 'skip',  # eager forward: ValueError: `input_values` length 4000 is not a multiple of 1920. Pre
     'muse_spark_text': 'equal',
-    'muse_spark_vision': 'skip',  # eager forward: TypeError: MuseSparkVisionModel.forward() missing 1 required positional arg
+    'muse_spark_vision': 'skip',  # eager forward: TypeError: MuseSparkVisionModel.forward() missing 1 required positio
     'musicflamingo': 'equal',
     'musicgen': 'skip',  # build: AttributeError: 'MusicgenConfig' object has no attribute 'dropout'
     'musicgen_melody': 'skip',  # build: AttributeError: 'MusicgenMelodyConfig' object has no attribute 'dropout'
@@ -407,17 +406,17 @@ MATRIX = {
     'nanochat': 'equal',
     'nemo_speechlm': 'equal',
     'nemotron': 'equal',
-    'nemotron3_5_asr': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (33x4352 and 2816x3
-    'nemotron3_5_transcribe_asr_audio': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'nemotron3_5_transcribe_audio': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'nemotron3_5_asr': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (33x4352 and 2
+    'nemotron3_5_transcribe_asr_audio': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the
+    'nemotron3_5_transcribe_audio': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the siz
     'nemotron3_5_transcribe_word_timestamp': 'skip',  # input: main input 'inputs_embeds'
-    'nemotron3_diarization': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'nemotron3_diarization_audio': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
-    'nemotron_asr_streaming': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (33x4352 and 2816x3
-    'nemotron_asr_streaming_encoder': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (33x4352 and 2816x3
+    'nemotron3_diarization': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of te
+    'nemotron3_diarization_audio': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size
+    'nemotron_asr_streaming': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (33x435
+    'nemotron_asr_streaming_encoder': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied
     'nemotron_h': 'equal',
     'neomme': 'skip',  # config: AmbiguousGlobalPerLayerAttributeError: 'sliding_window' is a per-layer attribute a
-    'neucodec': 'skip',  # eager forward: TypeError: NeuCodecModel.forward() missing 1 required positional argument: 
+    'neucodec': 'skip',  # eager forward: TypeError: NeuCodecModel.forward() missing 1 required positional argument:
     'nllb-moe': 'equal',
     'nomic_bert': 'equal',
     'nystromformer': 'refused',
@@ -428,7 +427,7 @@ MATRIX = {
     'olmoe': 'equal',
     'omdet-turbo': 'refused',
     'omniasr': 'equal',
-    'omniasr_audio': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [512, 1, 10], expected input[1
+    'omniasr_audio': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [512, 1, 10], expected inpu
     'omniasr_ctc': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [512, 1, 10], expected input[1
     'oneformer': 'refused',
     'openai-gpt': 'refused',
@@ -437,24 +436,24 @@ MATRIX = {
     'ovis2': 'equal',
     'owlv2': 'skip',  # eager forward: AttributeError: 'NoneType' object has no attribute 'to'
     'owlvit': 'skip',  # eager forward: AttributeError: 'NoneType' object has no attribute 'to'
-    'paddleocr_vl': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
+    'paddleocr_vl': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (i
     'paligemma': 'equal',
-    'parakeet_ctc': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (30x4096 and 2560x3
-    'parakeet_encoder': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (30x4096 and 2560x3
-    'parakeet_rnnt': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (30x4096 and 2560x3
-    'parakeet_tdt': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (30x4096 and 2560x3
+    'parakeet_ctc': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (30x4096 and 2560
+    'parakeet_encoder': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (30x4096 and
+    'parakeet_rnnt': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (30x4096 and 256
+    'parakeet_tdt': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (30x4096 and 2560
     'patchtsmixer': 'skip',  # input: main input 'past_values'
     'patchtst': 'skip',  # input: main input 'past_values'
     'pe_audio': 'skip',  # eager forward: TypeError: PeAudioModel.forward() missing 1 required positional argument: '
-    'pe_audio_encoder': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [64, 1, 7], expected input[1, 
-    'pe_audio_video': 'skip',  # build: ImportError: 
-    'pe_audio_video_encoder': 'skip',  # build: ImportError: 
-    'pe_video': 'skip',  # build: ImportError: 
-    'pe_video_encoder': 'skip',  # build: ImportError: 
+    'pe_audio_encoder': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [64, 1, 7], expected inp
+    'pe_audio_video': 'skip',  # build: ImportError:
+    'pe_audio_video_encoder': 'skip',  # build: ImportError:
+    'pe_video': 'skip',  # build: ImportError:
+    'pe_video_encoder': 'skip',  # build: ImportError:
     'pegasus': 'equal',
     'pegasus_x': 'equal',
     'perceiver': 'refused',
-    'perception_lm': 'skip',  # build: ImportError: 
+    'perception_lm': 'skip',  # build: ImportError:
     'persimmon': 'equal',
     'phi': 'equal',
     'phi3': 'equal',
@@ -467,54 +466,54 @@ MATRIX = {
     'pocket_tts': 'equal',
     'pocket_tts_audio_tokenizer': 'skip',  # build: ValueError: in_channels must be divisible by groups
     'pocket_tts_audio_tokenizer_decoder': 'skip',  # build: ValueError: in_channels must be divisible by groups
-    'pocket_tts_audio_tokenizer_encoder': 'skip',  # eager forward: ValueError: not enough values to unpack (expected 3, got 2)
+    'pocket_tts_audio_tokenizer_encoder': 'skip',  # eager forward: ValueError: not enough values to unpack (expected 3
     'poolformer': 'no-attention',
     'pp_doclayout_v3': 'skip',  # eager forward: RuntimeError: selected index k out of range
     'pp_doclayout_v4': 'skip',  # eager forward: RuntimeError: selected index k out of range
-    'pp_ocrv5_mobile_rec': 'skip',  # eager forward: RuntimeError: Given input size: (384x1x1). Calculated output size: (384x0x0
-    'pp_ocrv5_server_rec': 'skip',  # eager forward: RuntimeError: Given input size: (2048x2x8). Calculated output size: (2048x0
+    'pp_ocrv5_mobile_rec': 'skip',  # eager forward: RuntimeError: Given input size: (384x1x1). Calculated output size:
+    'pp_ocrv5_server_rec': 'skip',  # eager forward: RuntimeError: Given input size: (2048x2x8). Calculated output size
     'pp_ocrv6_medium_det': 'skip',  # build: TypeError: 'NoneType' object is not subscriptable
-    'pp_ocrv6_small_det': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [96, 12, 1, 1], expected input
-    'pp_ocrv6_small_rec': 'skip',  # eager forward: RuntimeError: Given input size: (384x2x8). Calculated output size: (384x0x4
-    'pp_ocrv6_tiny_rec': 'skip',  # eager forward: RuntimeError: Given input size: (384x2x8). Calculated output size: (384x0x4
+    'pp_ocrv6_small_det': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [96, 12, 1, 1], expect
+    'pp_ocrv6_small_rec': 'skip',  # eager forward: RuntimeError: Given input size: (384x2x8). Calculated output size:
+    'pp_ocrv6_tiny_rec': 'skip',  # eager forward: RuntimeError: Given input size: (384x2x8). Calculated output size: (
     'prophetnet': 'refused',
     'pvt': 'refused',
     'pvt_v2': 'refused',
     'qianfan_ocr': 'skip',  # build: TypeError: 'int' object is not subscriptable
     'qianfan_ocr_vision': 'skip',  # build: TypeError: 'int' object is not subscriptable
     'qwen2': 'equal',
-    'qwen2_5_omni_thinker': 'skip',  # eager forward: AttributeError: 'Qwen2_5OmniThinkerConfig' object has no attribute 'vision_
+    'qwen2_5_omni_thinker': 'skip',  # eager forward: AttributeError: 'Qwen2_5OmniThinkerConfig' object has no attribut
     'qwen2_5_vl': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
-    'qwen2_5_vl_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
-    'qwen2_5_vl_vision': 'skip',  # eager forward: TypeError: Qwen2_5_VisionTransformerPretrainedModel.forward() missing 2 req
+    'qwen2_5_vl_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4
+    'qwen2_5_vl_vision': 'skip',  # eager forward: TypeError: Qwen2_5_VisionTransformerPretrainedModel.forward() missin
     'qwen2_audio': 'equal',
     'qwen2_audio_encoder': 'equal',
     'qwen2_moe': 'equal',
     'qwen2_vl': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
-    'qwen2_vl_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (inp
+    'qwen2_vl_text': 'skip',  # eager forward: RuntimeError: split_with_sizes expects split_sizes to sum exactly to 4 (
     'qwen3': 'equal',
     'qwen3_5': 'skip',  # build: AttributeError: 'Qwen3_5Config' object has no attribute 'vocab_size'
     'qwen3_5_moe': 'skip',  # build: AttributeError: 'Qwen3_5MoeConfig' object has no attribute 'vocab_size'
     'qwen3_5_moe_text': 'equal',
-    'qwen3_5_moe_vision': 'skip',  # eager forward: TypeError: Qwen3_5MoeVisionModel.forward() missing 2 required positional ar
+    'qwen3_5_moe_vision': 'skip',  # eager forward: TypeError: Qwen3_5MoeVisionModel.forward() missing 2 required posit
     'qwen3_5_text': 'equal',
-    'qwen3_5_vision': 'skip',  # eager forward: TypeError: Qwen3_5VisionModel.forward() missing 2 required positional argum
+    'qwen3_5_vision': 'skip',  # eager forward: TypeError: Qwen3_5VisionModel.forward() missing 2 required positional a
     'qwen3_asr': 'equal',
-    'qwen3_asr_encoder': 'skip',  # eager forward: TypeError: Qwen3ASREncoder.forward() missing 1 required positional argument
+    'qwen3_asr_encoder': 'skip',  # eager forward: TypeError: Qwen3ASREncoder.forward() missing 1 required positional a
     'qwen3_moe': 'equal',
     'qwen3_next': 'equal',
-    'qwen3_omni_moe_thinker': 'skip',  # eager forward: AttributeError: 'Qwen3OmniMoeThinkerConfig' object has no attribute 'vision
+    'qwen3_omni_moe_thinker': 'skip',  # eager forward: AttributeError: 'Qwen3OmniMoeThinkerConfig' object has no attri
     'qwen3_vl': 'equal',
     'qwen3_vl_moe': 'equal',
     'qwen3_vl_moe_text': 'equal',
-    'qwen3_vl_moe_vision': 'skip',  # eager forward: TypeError: Qwen3VLMoeVisionModel.forward() missing 2 required positional ar
+    'qwen3_vl_moe_vision': 'skip',  # eager forward: TypeError: Qwen3VLMoeVisionModel.forward() missing 2 required posi
     'qwen3_vl_text': 'equal',
-    'qwen3_vl_vision': 'skip',  # eager forward: TypeError: Qwen3VLVisionModel.forward() missing 2 required positional argum
+    'qwen3_vl_vision': 'skip',  # eager forward: TypeError: Qwen3VLVisionModel.forward() missing 2 required positional
     'qwen4_exp': 'skip',  # build: AttributeError: 'Qwen4ExpConfig' object has no attribute 'vocab_size'
     'qwen4_exp_text': 'skip',  # build: TypeError: unsupported operand type(s) for //: 'NoneType' and 'NoneType'
-    'qwen4_exp_vision': 'skip',  # eager forward: TypeError: Qwen4ExpVisionModel.forward() missing 2 required positional argu
+    'qwen4_exp_vision': 'skip',  # eager forward: TypeError: Qwen4ExpVisionModel.forward() missing 2 required positiona
     'radio': 'skip',  # eager forward: RuntimeError: mat1 and mat2 shapes cannot be multiplied (48x192 and 768x32)
-    'recurrent_gemma': 'skip',  # eager forward: ValueError: `get_seq_length` can only be called on Attention layers, and th
+    'recurrent_gemma': 'skip',  # eager forward: ValueError: `get_seq_length` can only be called on Attention layers, a
     'reformer': 'refused',
     'regnet': 'no-attention',
     'rembert': 'refused',
@@ -529,22 +528,22 @@ MATRIX = {
     'rwkv': 'refused',
     'sam': 'refused',
     'sam2': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[96], expected input with shape [*, 96
-    'sam2_hiera_det_model': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[96], expected input with shape [*, 96
+    'sam2_hiera_det_model': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[96], expected input with sh
     'sam2_video': 'skip',  # eager forward: TypeError: Sam2VideoModel.forward() missing 1 required positional argument:
-    'sam2_vision_model': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[96], expected input with shape [*, 96
+    'sam2_vision_model': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[96], expected input with shape
     'sam3': 'skip',  # eager forward: ValueError: You must specify exactly one of input_ids or text_embeds
     'sam3_lite_text': 'skip',  # eager forward: ValueError: You must specify exactly one of input_ids or text_embeds
-    'sam3_lite_text_text_model': 'skip',  # eager forward: TypeError: embedding(): argument 'indices' (position 2) must be Tensor, not
-    'sam3_tracker': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [4, 32, 1, 1], expected input[
-    'sam3_tracker_video': 'skip',  # eager forward: TypeError: Sam3TrackerVideoModel.forward() missing 1 required positional ar
+    'sam3_lite_text_text_model': 'skip',  # eager forward: TypeError: embedding(): argument 'indices' (position 2) must
+    'sam3_tracker': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [4, 32, 1, 1], expected inpu
+    'sam3_tracker_video': 'skip',  # eager forward: TypeError: Sam3TrackerVideoModel.forward() missing 1 required posit
     'sam3_video': 'skip',  # eager forward: TypeError: Sam3VideoModel.forward() missing 1 required positional argument:
     'sam3_vision_model': 'equal',
     'sam3_vit_model': 'equal',
     'sam_hq': 'refused',
     'sam_hq_vision_model': 'refused',
     'sam_vision_model': 'refused',
-    'sapiens2': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (0) 
-    'sarvam_mla': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'sapiens2': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (0)
+    'sarvam_mla': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
     'sarvam_moe': 'equal',
     'seamless_m4t': 'skip',  # not tiny: 62.3M parameters after shrinking
     'seamless_m4t_v2': 'skip',  # not tiny: 60.5M parameters after shrinking
@@ -555,13 +554,13 @@ MATRIX = {
     'sew-d': 'refused',
     'siglip': 'skip',  # eager forward: AttributeError: 'NoneType' object has no attribute 'shape'
     'siglip2': 'skip',  # eager forward: AttributeError: 'NoneType' object has no attribute 'to'
-    'siglip2_vision_model': 'skip',  # eager forward: TypeError: Siglip2VisionModel.forward() missing 2 required positional argum
+    'siglip2_vision_model': 'skip',  # eager forward: TypeError: Siglip2VisionModel.forward() missing 2 required positi
     'siglip_vision_model': 'equal',
     'smollm3': 'equal',
     'smolvlm': 'equal',
-    'smolvlm_vision': 'skip',  # eager forward: TypeError: SmolVLMVisionTransformer.forward() missing 1 required positional
+    'smolvlm_vision': 'skip',  # eager forward: TypeError: SmolVLMVisionTransformer.forward() missing 1 required positi
     'solar_open': 'equal',
-    'speech_to_text': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [1024, 80, 5], expected input[
+    'speech_to_text': 'skip',  # eager forward: RuntimeError: Given groups=1, weight of size [1024, 80, 5], expected in
     'speecht5': 'refused',
     'splinter': 'equal',
     'squeezebert': 'refused',
@@ -584,8 +583,8 @@ MATRIX = {
     'timesfm': 'skip',  # input: main input 'past_values'
     'timesfm2_5': 'skip',  # input: main input 'past_values'
     'timesformer': 'refused',
-    'timm_backbone': 'skip',  # build: ImportError: 
-    'timm_wrapper': 'skip',  # build: ImportError: 
+    'timm_backbone': 'skip',  # build: ImportError:
+    'timm_wrapper': 'skip',  # build: ImportError:
     'tipsv2': 'equal',
     'tipsv2_text_model': 'equal',
     'tipsv2_vision_model': 'equal',
@@ -607,7 +606,7 @@ MATRIX = {
     'vibevoice_acoustic_tokenizer_encoder': 'skip',  # not tiny: 343.2M parameters after shrinking
     'vibevoice_asr': 'skip',  # not tiny: 686.5M parameters after shrinking
     'video_llama_3': 'equal',
-    'video_llama_3_vision': 'skip',  # eager forward: TypeError: VideoLlama3VisionModel.forward() missing 2 required positional a
+    'video_llama_3_vision': 'skip',  # eager forward: TypeError: VideoLlama3VisionModel.forward() missing 2 required po
     'video_llava': 'equal',
     'videomae': 'skip',  # eager forward: ValueError: not enough values to unpack (expected 5, got 4)
     'videoprism': 'skip',  # input: main input 'pixel_values_videos'
@@ -625,11 +624,11 @@ MATRIX = {
     'vjepa2': 'skip',  # input: main input 'pixel_values_videos'
     'voxtral': 'equal',
     'voxtral_encoder': 'equal',
-    'voxtral_realtime': 'skip',  # eager forward: ValueError: You must specify exactly one of input_features or encoder_input
+    'voxtral_realtime': 'skip',  # eager forward: ValueError: You must specify exactly one of input_features or encoder
     'voxtral_realtime_encoder': 'equal',
     'voxtral_realtime_text': 'skip',  # no model class
     'wav2vec2': 'equal',
-    'wav2vec2-bert': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[160], expected input with shape [*, 1
+    'wav2vec2-bert': 'skip',  # eager forward: RuntimeError: Given normalized_shape=[160], expected input with shape [*
     'wav2vec2-conformer': 'equal',
     'wavlm': 'refused',
     'wavtokenizer': 'refused',
@@ -647,7 +646,7 @@ MATRIX = {
     'xmod': 'skip',  # eager forward: ValueError: Input language unknown. Please call `XmodPreTrainedModel.set_de
     'yolos': 'equal',
     'yoso': 'refused',
-    'youtu': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8) 
+    'youtu': 'skip',  # eager forward: RuntimeError: The size of tensor a (4) must match the size of tensor b (8)
     'zamba': 'skip',  # build: ValueError: There is an issue with your definition of `tie_weights_keys` for ^layer
     'zamba2': 'skip',  # eager forward: RuntimeError: shape '[3, 12, 8, 640]' is invalid for input of size 2304
     'zaya': 'equal',

@@ -111,7 +111,7 @@ def supports(model_cls) -> tuple[bool, str]:
             return False, why
     try:
         routed = bool(model_cls._can_set_attn_implementation())
-    except Exception as e:  # noqa: BLE001 - a class whose source cannot be read cannot be vouched for
+    except Exception as e:
         return False, f"its modeling code could not be inspected ({type(e).__name__}: {e})"
     if not routed:
         return False, ("its attention does not go through transformers' AttentionInterface (it computes its own, "
@@ -209,7 +209,7 @@ def _codes() -> dict:
     for name, make in makers.items():
         try:
             codes[make().__code__] = name
-        except Exception:  # noqa: BLE001 - a factory this transformers lacks: its masks take the dense path
+        except Exception:
             pass
     plain = {}
     for name in ("causal_mask_function", "bidirectional_mask_function"):
