@@ -16,9 +16,10 @@ Three hooks, installed by :func:`register`:
    once per forward (per layer type), so everything derived from it (key ranges, ``qkv.BlockMask``) is built
    once per forward and shared by the layers.
 3. A gate on ``PreTrainedModel.get_correct_attn_implementation``: ``"qkv"`` is accepted only by model classes
-   whose attention goes through ``AttentionInterface`` (see :func:`supports`); any other model (Bloom, MPT,
-   XGLM, MPNet, Falcon, GPT-Neo, ...) raises ``ValueError`` at load, naming the class and the implementations
-   it supports. Such models would otherwise never call qkv, or misread the mask.
+   whose attention goes through ``AttentionInterface`` and takes nothing qkv does not implement (see
+   :func:`supports`); any other model (Bloom, MPT, XGLM, MPNet, Falcon, GPT-Neo, ...) raises ``ValueError`` at
+   load, naming the class and the implementations it supports. Such models would otherwise never call qkv,
+   or misread the mask.
 
 Mapping of a call (transformers -> ``qkv.attention``), structured mask:
 
@@ -34,8 +35,9 @@ Mapping of a call (transformers -> ``qkv.attention``), structured mask:
   there, SDPA may give NaN; transformers treats those rows as don't-care).
 - Packed sequences: ``cu_seq_lens_q/k`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) or
   restarting ``position_ids`` -> ``qkv.masks.document``, as a ``qkv.BlockMask`` built once per forward.
-- Chunked attention (Llama-4) and anything unrecognised (``or``-combined masks, block-wise overlays, custom
-  mask functions): the exact dense bool mask, built once per forward with transformers' own ``sdpa_mask``.
+- Chunked attention (Llama-4): a ``qkv.BlockMask`` of transformers' chunk rule, built once per forward.
+- Anything unrecognised (``or``-combined masks, block-wise overlays, custom mask functions): the exact dense
+  bool mask, built once per forward with transformers' own ``sdpa_mask``.
 - ``scaling`` -> ``scale``, ``dropout`` -> ``dropout_p``, ``softcap`` -> ``softcap``, ``position_bias`` ->
   ``bias``, ``s_aux`` (attention sinks, gpt-oss) -> ``out · sigmoid(lse − sink)`` from ``return_lse=True``.
 - ``output_attentions=True``: the probabilities from ``qkv.attention_weights`` on the dense mask.
