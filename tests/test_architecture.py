@@ -105,7 +105,8 @@ def test_no_import_cycles():
 
 PUBLIC = ["qkv", "qkv.api", "qkv.masks", "qkv.scores", "qkv.nn", "qkv.testing", "qkv.dispatch", "qkv.core",
           "qkv.core.call", "qkv.core.masks", "qkv.core.merge", "qkv.core.options", "qkv.engines.base",
-          "qkv.engines.reference", "qkv.engines.sdpa", "qkv.engines.tiled", "qkv.engines.cpu_kernel"]
+          "qkv.engines.reference", "qkv.engines.sdpa", "qkv.engines.tiled", "qkv.engines.cpu_kernel",
+          "qkv.distributed", "qkv.distributed.ring", "qkv.distributed.layout"]
 
 
 @pytest.mark.parametrize("mod", PUBLIC)

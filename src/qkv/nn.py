@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .api import attention, attention_weights
+from .distributed import LAYOUTS, ring_attention, sequence_positions
 
 __all__ = ["SelfAttention", "RotaryEmbedding", "KVCache"]
 
@@ -248,6 +249,12 @@ class SelfAttention(nn.Module):
     - ``dropout``: dropout on the attention probabilities, in training mode only.
     - ``qk_norm``: RMSNorm over ``head_dim`` on each query and key head (OLMo-2 / Qwen-3 style), ``eps=1e-6``.
     - ``scale``: softmax scale (default ``1/sqrt(head_dim)``).
+    - ``process_group``: a ``torch.distributed`` group for context parallelism. ``x`` is then this rank's shard of
+      the sequence, ``(B, N/W, d_model)``, cut by ``qkv.distributed.shard_sequence(x, layout=sequence_layout,
+      dim=1)``; attention runs as ``qkv.distributed.ring_attention`` over the group (masks, windows and RoPE in
+      global positions) and the output is the same shard of the single-process output. No ``kv_cache``,
+      ``need_weights`` or attention dropout in this mode.
+    - ``sequence_layout``: ``"contiguous"`` or ``"zigzag"`` (balanced causal work), with ``process_group``.
 
     ``forward(x, *, mask=None, kv_cache=None, need_weights=False, positions=None)``
 
@@ -266,8 +273,12 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None, head_dim: int | None = None,
                  causal: bool = False, bias: bool = True, rope=None, window=None, dropout: float = 0.0,
-                 qk_norm: bool = False, scale: float | None = None):
+                 qk_norm: bool = False, scale: float | None = None, process_group=None,
+                 sequence_layout: str = "contiguous"):
         super().__init__()
+        if sequence_layout not in LAYOUTS:
+            raise ValueError(f"sequence_layout must be one of {LAYOUTS}, got {sequence_layout!r}")
+        self.process_group, self.sequence_layout = process_group, sequence_layout
         if not _is_int(d_model) or d_model <= 0:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}")
         if not _is_int(n_heads) or n_heads <= 0:
@@ -374,6 +385,10 @@ class SelfAttention(nn.Module):
                 raise ValueError(f"kv_cache overflow: {kv_cache.length} cached + {N} new > max_len={kv_cache.max_len}")
             if kv_cache.device != x.device:
                 raise ValueError(f"kv_cache is on {kv_cache.device} but x is on {x.device}")
+        if self.process_group is not None and (kv_cache is not None or need_weights or
+                                               (self.training and self.dropout > 0)):
+            raise ValueError("with a process_group (ring attention), SelfAttention takes no kv_cache, "
+                             "need_weights or attention dropout in training")
         if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = may attend), a mask_mod or a BlockMask, got a "
                             f"{mask.dtype} tensor (use qkv.attention's bias= for additive float masks)")
@@ -385,6 +400,9 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         offset = kv_cache.length if kv_cache is not None else 0
+        if self.rope is not None and self.process_group is not None and positions is None:
+            positions = sequence_positions(N, layout=self.sequence_layout, group=self.process_group,
+                                           device=x.device)
         if self.rope is not None:
             q = self.rope(q, offset=offset, positions=positions)
             k = self.rope(k, offset=offset, positions=positions)
@@ -394,7 +412,10 @@ class SelfAttention(nn.Module):
 
         # ---- attention
         kw = dict(causal=self.causal, window=self.window, mask=mask, scale=self.scale)
-        out = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **kw)  # (B, Hq, N, D)
+        if self.process_group is not None:
+            out = ring_attention(q, k, v, layout=self.sequence_layout, group=self.process_group, **kw)
+        else:
+            out = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **kw)  # (B, Hq, N, D)
         out = self.o_proj(out.transpose(1, 2).reshape(B, N, self.n_heads * self.head_dim))  # (B, N, d_model)
         if need_weights:
             weights = attention_weights(q, k, **kw)                                # (B, Hq, N, Nk)

@@ -83,6 +83,8 @@ class Call:
     offset: int = 0                      # query row i sits at key position i + offset
     q_base: int = 0                      # index origin of rows and keys seen by mods and dropout
     k_base: int = 0
+    lse_dtype: torch.dtype = torch.float32   # dtype of the lse engines return (ring attention asks for the
+                                             # acc dtype: fp64 blocks then merge exactly)
     _idx: dict = field(default_factory=dict)
     _lifted: Lifted | None = None
     _caps: tuple | None = None           # the captures the score_mod was rebuilt on (with_inputs)
@@ -117,6 +119,7 @@ class Call:
         score_mod = self.lifted.bind(captures) if self.score_mod is not None else None
         new = Call(q, k, v, self.scale, self.causal, self.window, mask, bias, score_mod, alibi, self.softcap,
                    self.dropout_p, self.seed, self.return_lse, rules, self.offset, self.q_base, self.k_base)
+        new.lse_dtype = self.lse_dtype
         if self.score_mod is not None:
             new._lifted, new._caps = self._lifted, tuple(captures)
         return new

@@ -7,7 +7,8 @@ An engine is one object (usually one module or folder under ``qkv.engines``) wit
 * ``supports(call) -> list[str]`` — every reason it cannot serve this validated call ([] = it can), the way
   xformers' ``not_supported_reasons`` does: callers never parse the text, ``auto`` reads typed facts of the
   call (:class:`qkv.core.Call`), and an explicit ``backend=`` that cannot serve a call raises listing them all;
-* ``forward(call) -> (out, lse)`` — out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32 (or None
+* ``forward(call) -> (out, lse)`` — out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) in
+  ``call.lse_dtype`` (float32 unless a caller such as ring attention asks for the accumulation dtype; or None
   when the engine cannot give it and ``call.return_lse`` is False), differentiable in q, k, v and bias.
 
 Adding an engine is its module and one entry in :data:`qkv.dispatch.ENGINES`.

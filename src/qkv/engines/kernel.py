@@ -59,19 +59,19 @@ class KernelEngine(Engine):
         if torch.compiler.is_compiling():
             if _op_ready(call):
                 out, lse, _ = torch.ops.qkv.kernel_fwd(self.name, *_op_args(call), _needs_grad(call))
-                return out, lse.to(torch.float32)
+                return out, lse.to(call.lse_dtype)
             return torch.compiler.disable(self._eager, recursive=True)(call)
         return self._eager(call)
 
     def _eager(self, call: Call):
         if not _needs_grad(call):
             out, lse, _ = self.fwd(call, self.plan(call, False))
-            return out, lse.to(torch.float32)
+            return out, lse.to(call.lse_dtype)
         if call.score_mod is not None:
             _check_captures(call)
         inputs = call.inputs()
         res = _Fn.apply(self, _strip(call), self.plan(call, True), *inputs)
-        return res[0], res[1].to(torch.float32)
+        return res[0], res[1].to(call.lse_dtype)
 
 
 def _needs_grad(call: Call) -> bool:

@@ -54,7 +54,7 @@ def reference_attention(call: Call, compute_dtype: torch.dtype | None = None):
     call: a validated :class:`~qkv.core.call.Call` (q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv)).
     compute_dtype: the dtype of every operation (default: fp32, fp64 for fp64 inputs); tests pass the input
     dtype to get the "plain same-dtype computation" of FlashAttention's tolerance rule.
-    Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32.
+    Returns out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) in ``call.lse_dtype`` (float32 by default).
     """
     dtype = compute_dtype or call.acc_dtype
     _check_budget(call, dtype)
@@ -63,7 +63,7 @@ def reference_attention(call: Call, compute_dtype: torch.dtype | None = None):
     if call.G > 1:
         v = v.repeat_interleave(call.G, dim=1)
     out = torch.matmul(p, v)
-    return out.to(call.q.dtype), lse.to(torch.float32)
+    return out.to(call.q.dtype), lse.to(call.lse_dtype)
 
 
 def reference_weights(call: Call, rows: int = 256) -> torch.Tensor:
