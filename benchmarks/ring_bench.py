@@ -58,6 +58,24 @@ def _worker(rank: int, args, port: int, out_path: str):
     dO = torch.randn(B, H, N, D, generator=g).to(dtype)
     kw = dict(causal=not args.full)
     results = []
+
+    # Control: what W processes gain over one on this machine right now, with no attention and no messages
+    # (a fixed matmul loop split W ways vs done by rank 0 alone). On an idle machine with W free cores, ~W.
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+
+    def loop(n):
+        for _ in range(n):
+            a @ b
+
+    def control_once(alone):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if not alone or rank == 0:
+            loop(args.control_n * (args.world if alone else 1))
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    control = [control_once(True) / control_once(False) for _ in range(3)]
     for mode in args.mode:
         for layout in args.layout:
             q, k, v, do = (shard_sequence(t, layout=layout).contiguous() for t in (Q, K, V, dO))
@@ -104,6 +122,18 @@ def _worker(rank: int, args, port: int, out_path: str):
                 if i % 2 == 1:
                     t_single.append(timed(single, "single"))
                 waits.append(st.forward.wait_seconds + st.backward.wait_seconds)
+            # one step's message alone (this rank's keys and values to the next rank): the link's speed
+            buf = torch.cat([k.reshape(-1), v.reshape(-1)])
+            inc = torch.empty_like(buf)
+            ranks = dist.get_process_group_ranks(dist.group.WORLD)
+
+            def exchange():
+                reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, ranks[(rank + 1) % args.world]),
+                                               dist.P2POp(dist.irecv, inc, ranks[(rank - 1) % args.world])])
+                for rq in reqs:
+                    rq.wait()
+
+            t_msg = sorted(timed(exchange) for _ in range(5))[2]
             all_st = [None] * args.world
             dist.all_gather_object(all_st, (st.forward.__dict__, st.backward.__dict__, waits, cpu))
             elem = torch.empty((), dtype=dtype).element_size()
@@ -111,12 +141,13 @@ def _worker(rank: int, args, port: int, out_path: str):
             results.append(dict(
                 mode=mode, layout=layout, single_s=t_single, ring_s=t_ring,
                 speedup=[a / b for a, b in zip(t_single, t_ring)],
-                kv_bytes_per_step=B * H * n * 2 * D * elem,
+                kv_bytes_per_step=B * H * n * 2 * D * elem, message_s=t_msg,
                 grad_bytes_per_step=B * H * n * 2 * D * (8 if dtype == torch.float64 else 4),
                 per_rank=[dict(forward=f, backward=b, wait_s=w, cpu_s=c) for f, b, w, c in all_st]))
+    control += [control_once(True) / control_once(False) for _ in range(3)]
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump(results, f)
+            json.dump(dict(results=results, control=control), f)
     dist.destroy_process_group()
 
 
@@ -141,6 +172,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--control-n", type=int, default=150, help="matmuls per rank in the control loop")
     args = p.parse_args(argv)
 
     import torch
@@ -153,9 +185,14 @@ def main(argv=None):
         out = os.path.join(tmp, "res.json")
         mp.spawn(_worker, args=(args, _free_port(), out), nprocs=args.world, join=True)
         with open(out) as f:
-            results = json.load(f)
+            saved = json.load(f)
+    results, control = saved["results"], saved["control"]
+    c = _med(control)
+    print(f"# control: {args.world} processes doing a matmul loop split {args.world} ways vs 1 process doing all "
+          f"of it: {c[0]:.2f}x [{c[1]:.2f}-{c[2]:.2f}] (before and after the runs; {args.world}x = {args.world} "
+          f"free cores; lower = the machine is loaded and no ring can reach {args.world}x)", flush=True)
     print(f"{'mode':7} {'layout':10} {'1 process (s)':>22} {'ring (s)':>22} {'speedup':>20} {'tiles':>7} "
-          f"{'kv MB/step':>10} {'wait s':>7} {'cpu ratio':>9}")
+          f"{'kv MB/step':>10} {'msg ms':>7} {'wait s':>7} {'cpu ratio':>9}")
     for r in results:
         s, ring, sp = _med(r["single_s"]), _med(r["ring_s"]), _med(r["speedup"])
         fwd = [x["forward"] for x in r["per_rank"]]
@@ -167,10 +204,12 @@ def main(argv=None):
         cpu_ring = statistics.median(max(xs) for xs in zip(*(x["cpu_s"]["ring"] for x in r["per_rank"])))
         print(f"{r['mode']:7} {r['layout']:10} {s[0]:8.3f} [{s[1]:.3f}-{s[2]:.3f}] {ring[0]:8.3f} "
               f"[{ring[1]:.3f}-{ring[2]:.3f}] {sp[0]:6.2f}x [{sp[1]:.2f}-{sp[2]:.2f}] {frac:7.1%} "
-              f"{r['kv_bytes_per_step'] / 1e6:10.1f} {wait:7.3f} {cpu_single / cpu_ring:8.2f}x")
+              f"{r['kv_bytes_per_step'] / 1e6:10.1f} {r['message_s'] * 1e3:7.1f} {wait:7.3f} "
+              f"{cpu_single / cpu_ring:8.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(cpu=_cpu(), torch=torch.__version__, args=vars(args), results=results), f, indent=1)
+            json.dump(dict(cpu=_cpu(), torch=torch.__version__, args=vars(args), control=control, results=results),
+                      f, indent=1)
     return results
 
 

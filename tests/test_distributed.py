@@ -100,6 +100,8 @@ def test_causal_zigzag_computes_at_most_55_percent(runs):
         ct = [runs[r][("count", "contiguous")][phase]["tiles"] for r in range(4)]
         assert max(ct) >= 3 * min(ct), f"contiguous tiles per rank {ct}"
         assert sum(ct) == sum(per_rank)
+        # one engine call per step: the own keys causally in local order, then the visible half of each block
+        assert all(x["engine_calls"] == 4 and x["blocks"] == 9 for x in zz), zz
 
 
 def test_window_runs_only_the_steps_in_reach(runs):

@@ -55,13 +55,16 @@ class RingCounts:
 
     ``blocks``/``tiles``: (query chunk, key chunk) pairs and STATS_TILE² score tiles computed (tiles the mask
     leaves in the computed pairs); ``blocks_dense``/``tiles_dense``: the same for a ring that skips nothing
-    (every pair of every one of the W steps, every tile). ``steps``: ring steps run; ``bytes_sent``: bytes
+    (every pair of every one of the W steps, every tile). ``engine_calls``: engine calls that computed them
+    (pairs where every key is visible join into one call when adjacent). ``steps``: ring steps run;
+    ``bytes_sent``: bytes
     this rank sent (keys/values, and in the backward their gradients); ``wait_seconds``: time spent blocked on
     the ring's messages after the step's compute (communication that compute did not hide)."""
     calls: int = 0
     steps: int = 0
     blocks: int = 0
     blocks_dense: int = 0
+    engine_calls: int = 0
     tiles: int = 0
     tiles_dense: int = 0
     bytes_sent: int = 0
@@ -101,6 +104,23 @@ class _Pair(NamedTuple):
     q: Segment          # rows of the local queries
     k: Segment          # rows of the keys held at that step
     tiles: int          # score tiles the mask leaves (STATS_TILE²)
+    full: bool          # every key visible to every row, and no mod depends on positions
+
+
+class _Block(NamedTuple):
+    """One engine call of a step: local query rows q0:q1 against held key rows k0:k1.
+
+    kind "global": one pair, a block of the whole call at its global positions (qg, kg), every rule and mod;
+    "free": pairs where every row sees every key and no mod depends on positions (no rule at all, so
+    adjacent ones are one call); "local causal": step 0 of a plain causal call, where this rank's queries
+    against its own keys are causal in local order (its segments are in global order)."""
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    kind: str
+    qg: int = 0
+    kg: int = 0
 
 
 @dataclass
@@ -115,34 +135,65 @@ class _Plan:
     kw: dict             # prepare's keyword arguments shared by every block
     mask: object         # None | mask_mod | bool tensor (4-D, global)
     backend: str
-    pairs: list          # per step: the _Pairs to compute
-    dense: tuple         # (pairs, tiles) of a ring that skips nothing
+    pairs: list = field(default_factory=list)    # per step: the _Pairs it computes (what ring_stats counts)
+    blocks: list = field(default_factory=list)   # per step: the _Blocks (engine calls) that compute them
+    dense: tuple = (0, 0)                        # (pairs, tiles) of a ring that skips nothing
     steps: int = 1
     stats: RingStats | None = None
 
     def peer(self, shift: int) -> int:
         return self.ranks[(self.rank + shift) % self.W]
 
-    def call(self, q, k, v, pair: _Pair) -> Call:
-        """The block of the whole call: local query rows ``pair.q`` against held keys ``pair.k``."""
-        qs, ks = pair.q, pair.k
-        mask = self.mask
-        if isinstance(mask, torch.Tensor):
-            mask = tile(mask, qs.start, qs.start + qs.length, ks.start, ks.start + ks.length)
-        call = prepare(q.narrow(2, qs.local, qs.length), k.narrow(2, ks.local, ks.length),
-                       v.narrow(2, ks.local, ks.length), mask=mask, return_lse=True,
-                       _positions=(qs.start, ks.start, self.N, self.N), **self.kw)
+    def pair_call(self, q, k, v, qs: Segment, ks: Segment) -> Call:
+        """The block of the whole call: local query rows ``qs`` against held keys ``ks``, global positions."""
+        b = _Block(qs.local, qs.local + qs.length, ks.local, ks.local + ks.length, "global", qs.start, ks.start)
+        return self.call(_rows(q, b.q0, b.q1), _rows(k, b.k0, b.k1), _rows(v, b.k0, b.k1), b)
+
+    def call(self, q, k, v, b: _Block) -> Call:
+        """The validated call of block ``b`` on its rows: q (B, Hq, q1-q0, D), k and v (B, Hkv, k1-k0, ·)."""
+        kw = self.kw
+        if b.kind == "global":
+            mask = self.mask
+            if isinstance(mask, torch.Tensor):
+                mask = tile(mask, b.qg, b.qg + b.q1 - b.q0, b.kg, b.kg + b.k1 - b.k0)
+            call = prepare(q, k, v, mask=mask, return_lse=True, _positions=(b.qg, b.kg, self.N, self.N), **kw)
+        else:
+            call = prepare(q, k, v, causal=b.kind == "local causal", softcap=kw["softcap"], scale=kw["scale"],
+                           return_lse=True)
         call.lse_dtype = call.acc_dtype         # fp64 blocks merge exactly
         return call
 
 
-def _tiles(call: Call) -> tuple[int, int]:
-    """(tiles the call's rules leave, all tiles) on the STATS_TILE grid; a tile counts when any (b, h) needs it."""
+def _tiles(call: Call) -> tuple[int, int, bool]:
+    """(tiles the call's rules leave, all tiles, whether every tile is full) on the STATS_TILE grid; a tile
+    counts when any (b, h) needs it."""
     nq, nk = -(-call.Nq // STATS_TILE), -(-call.Nk // STATS_TILE)
     st = call.block_state(STATS_TILE, STATS_TILE)
     if st is None:
-        return nq * nk, nq * nk
-    return int((st.reshape(-1, nq, nk) > 0).any(0).sum()), nq * nk
+        return nq * nk, nq * nk, True
+    return int((st.reshape(-1, nq, nk) > 0).any(0).sum()), nq * nk, bool((st == 2).all())
+
+
+def _coalesce(pairs: list) -> list:
+    """The engine calls for one step's pairs: each non-free pair alone; free pairs joined where their rows
+    are adjacent in local storage (first the keys of one query segment, then query segments with the same
+    keys)."""
+    blocks = [_Block(p.q.local, p.q.local + p.q.length, p.k.local, p.k.local + p.k.length, "global",
+                     p.q.start, p.k.start) for p in pairs if not p.full]
+    free = sorted((p.q.local, p.q.local + p.q.length, p.k.local, p.k.local + p.k.length) for p in pairs if p.full)
+    rows = []                                   # (q0, q1, k0, k1), keys joined
+    for q0, q1, k0, k1 in free:
+        if rows and rows[-1][:2] == (q0, q1) and rows[-1][3] == k0:
+            rows[-1] = (q0, q1, rows[-1][2], k1)
+        else:
+            rows.append((q0, q1, k0, k1))
+    joined = []                                 # query segments joined
+    for q0, q1, k0, k1 in sorted(rows, key=lambda r: (r[2], r[3], r[0])):
+        if joined and joined[-1][2:] == (k0, k1) and joined[-1][1] == q0:
+            joined[-1] = (joined[-1][0], q1, k0, k1)
+        else:
+            joined.append((q0, q1, k0, k1))
+    return blocks + [_Block(*r, "free") for r in joined]
 
 
 def _mask_rule(mask, B: int, Hq: int, N: int):
@@ -191,7 +242,7 @@ def _build_plan(q, k, v, *, causal, window, mask, alibi_slopes, softcap, scale, 
     kw = dict(causal=causal, window=window, alibi_slopes=alibi_slopes, softcap=softcap, scale=scale)
     rule = _mask_rule(mask, q.shape[0], q.shape[1], N)
     plan = _Plan(group, rank, W, dist.get_process_group_ranks(group or dist.group.WORLD), N, layout, kw, rule,
-                 backend, [], (0, 0))
+                 backend)
     mine = segments(layout, rank, W, n)
     empty = q.shape[0] * q.shape[1] == 0 or n == 0
     # The probe of every (step, pair) uses this rank's own keys as stand-ins: the rules depend only on the
@@ -200,15 +251,21 @@ def _build_plan(q, k, v, *, causal, window, mask, alibi_slopes, softcap, scale, 
                     mask=None if isinstance(rule, torch.Tensor) else rule, **kw)
     dispatch.choose(probe, backend)             # an engine that cannot serve the blocks fails here, everywhere
     dense_pairs = dense_tiles = 0
+    positional = alibi_slopes is not None          # a mod that depends on positions: no block is free
+    plain_causal = causal and window is None and rule is None and not positional
     for s in range(W):
         todo = []
         for ks in ([] if empty else segments(layout, (rank - s) % W, W, n)):
             for qs in mine:
-                seen, total = _tiles(plan.call(q, k, v, _Pair(qs, ks, 0)))
+                seen, total, full = _tiles(plan.pair_call(q, k, v, qs, ks))
                 dense_pairs, dense_tiles = dense_pairs + 1, dense_tiles + total
                 if seen:
-                    todo.append(_Pair(qs, ks, seen))
+                    todo.append(_Pair(qs, ks, seen, full and not positional))
         plan.pairs.append(todo)
+        if s == 0 and plain_causal and len(mine) > 1 and todo:
+            plan.blocks.append([_Block(0, n, 0, n, "local causal")])
+        else:
+            plan.blocks.append(_coalesce(todo))
     plan.dense = (dense_pairs, dense_tiles)
     return plan
 
@@ -272,7 +329,7 @@ class _GradRing:
     def __init__(self, plan: _Plan, k: torch.Tensor, v: torch.Tensor, acc):
         self.plan, self.kshape, self.vshape, self.acc = plan, k.shape, v.shape, acc
         self.nk, self.size, self.device = k.numel(), k.numel() + v.numel(), k.device
-        self.mine = self.inc = None
+        self.mine = self.inc = self.sending = None
         self.reqs = []
 
     def fresh(self):
@@ -291,7 +348,7 @@ class _GradRing:
             return
         last = s == p.steps - 1
         to, frm = (p.peer(1), p.peer(-1)) if not last else (p.peer(1 - p.steps), p.peer(p.steps - 1))
-        self.inc = torch.empty_like(self.mine)
+        self.inc, self.sending = torch.empty_like(self.mine), self.mine    # alive until its send completes
         self.reqs = dist.batch_isend_irecv([
             dist.P2POp(dist.isend, self.mine, to, p.group, _TAG_GRAD),
             dist.P2POp(dist.irecv, self.inc, frm, p.group, _TAG_GRAD)])
@@ -314,11 +371,13 @@ def _count(plan: _Plan, counts: RingCounts | None):
         counts.blocks += sum(len(p) for p in plan.pairs)
         counts.tiles += sum(x.tiles for p in plan.pairs for x in p)
         counts.blocks_dense += plan.dense[0]
+        counts.engine_calls += sum(len(b) for b in plan.blocks)
         counts.tiles_dense += plan.dense[1]
 
 
-def _rows(t: torch.Tensor, seg: Segment) -> torch.Tensor:
-    return t.narrow(2, seg.local, seg.length)
+def _rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Rows a:b of the sequence dim (2) of a (B, H, n, ·) or (B, H, n) tensor."""
+    return t.narrow(2, a, b - a)
 
 
 def _ring_forward(plan: _Plan, q, k, v):
@@ -330,22 +389,22 @@ def _ring_forward(plan: _Plan, q, k, v):
     counts = plan.stats.forward if plan.stats is not None else None
     _count(plan, counts)
     ring = _KeyRing(plan, k, v)
-    started = set()                                        # query segments with a partial result so far
+    started = torch.zeros(n, dtype=torch.bool)             # rows that hold a partial result already
     for s in range(plan.steps):
         ring.start(s, counts)                              # the next keys travel while this step computes
         kh, vh = ring.held()
-        for pair in plan.pairs[s]:
-            call = plan.call(q, kh, vh, pair)
+        for b in plan.blocks[s]:
+            call = plan.call(_rows(q, b.q0, b.q1), _rows(kh, b.k0, b.k1), _rows(vh, b.k0, b.k1), b)
             o_b, l_b = dispatch.choose(call, plan.backend).forward(call)
-            lo, oo = _rows(lse, pair.q), _rows(out, pair.q)
-            if pair.q.local in started:
+            lo, oo = _rows(lse, b.q0, b.q1), _rows(out, b.q0, b.q1)
+            if bool(started[b.q0:b.q1].any()):
                 lm, om = merge(lo.unsqueeze(-1), oo, l_b.to(acc).unsqueeze(-1), o_b)
                 lo.copy_(lm.squeeze(-1))
                 oo.copy_(om)
-            else:
+            else:                                          # the first partial of these rows: nothing to merge
                 lo.copy_(l_b)
                 oo.copy_(o_b)
-                started.add(pair.q.local)
+                started[b.q0:b.q1] = True
         ring.finish(counts)
     return out, lse
 
@@ -367,25 +426,24 @@ def _ring_backward(plan: _Plan, q, k, v, out, lse, dout, dlse):
         ring.start(s, counts)
         kh, vh = ring.held()
         dk_s, dv_s = grads.fresh()
-        for pair in plan.pairs[s]:
-            qs = _rows(q, pair.q).detach().requires_grad_(True)
-            ks = _rows(kh, pair.k).detach().requires_grad_(True)
-            vs = _rows(vh, pair.k).detach().requires_grad_(True)
+        for b in plan.blocks[s]:
+            qs = _rows(q, b.q0, b.q1).detach().requires_grad_(True)
+            ks = _rows(kh, b.k0, b.k1).detach().requires_grad_(True)
+            vs = _rows(vh, b.k0, b.k1).detach().requires_grad_(True)
             with torch.enable_grad():
-                call = plan.call(qs, ks, vs, _Pair(Segment(pair.q.start, 0, pair.q.length),
-                                                   Segment(pair.k.start, 0, pair.k.length), pair.tiles))
+                call = plan.call(qs, ks, vs, b)
                 o_b, l_b = dispatch.choose(call, plan.backend).forward(call)
             # The block's weight in the merge, w = exp(lse_b − lse): the merged output's gradient reaches the
             # block as dO·w, and its lse as w·(dO·O_b − delta) (d lse/d lse_b = w, d O/d lse_b = w·(O_b − O)).
-            w = torch.exp(l_b.detach().to(acc) - _rows(lse_safe, pair.q))
-            do = _rows(dout, pair.q)
+            w = torch.exp(l_b.detach().to(acc) - _rows(lse_safe, b.q0, b.q1))
+            do = _rows(dout, b.q0, b.q1)
             g_out = (w.unsqueeze(-1) * do).to(o_b.dtype)
-            g_lse = w * ((do * o_b.detach().to(acc)).sum(-1) - _rows(delta, pair.q))
+            g_lse = w * ((do * o_b.detach().to(acc)).sum(-1) - _rows(delta, b.q0, b.q1))
             gq, gk, gv = torch.autograd.grad((o_b, l_b), (qs, ks, vs), (g_out, g_lse.to(l_b.dtype)),
                                              allow_unused=True)
-            for acc_t, g, seg in ((dq, gq, pair.q), (dk_s, gk, pair.k), (dv_s, gv, pair.k)):
+            for acc_t, g, a, e in ((dq, gq, b.q0, b.q1), (dk_s, gk, b.k0, b.k1), (dv_s, gv, b.k0, b.k1)):
                 if g is not None:
-                    _rows(acc_t, seg).add_(g.to(acc))
+                    _rows(acc_t, a, e).add_(g.to(acc))
         grads.pass_on(s, counts)                           # this step's dK/dV go on while the next computes
         ring.finish(counts)
     dk, dv = grads.result(counts)
