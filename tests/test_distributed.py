@@ -194,3 +194,22 @@ def test_a_rank_that_never_calls_makes_the_others_raise_at_the_timeout(failures)
     x = failures[0]["never calls"]
     assert x["error"] is not None
     assert FAIL_TIMEOUT - 0.5 <= x["seconds"] <= FAIL_TIMEOUT + 3.0, x
+
+
+# ------------------------------------------------------------------------------------- without a process group
+
+def test_without_an_initialised_group_the_calls_say_so():
+    from qkv.distributed import gather_sequence, ring_attention, sequence_positions, shard_sequence
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    x = torch.zeros(1, 1, 8, 4)
+    for fn in (lambda: ring_attention(x, x, x), lambda: shard_sequence(x), lambda: gather_sequence(x),
+               lambda: sequence_positions(8)):
+        with pytest.raises(ValueError, match="init_process_group"):
+            fn()
+
+
+def test_self_attention_checks_its_layout():
+    import qkv
+    with pytest.raises(ValueError, match="sequence_layout"):
+        qkv.SelfAttention(16, 2, sequence_layout="striped")

@@ -100,7 +100,8 @@ def gather_sequence(x_local: torch.Tensor, *, layout: str = "contiguous", group=
     problem = None
     if layout == "zigzag" and n % 2:
         problem = f"a zigzag part holds two equal chunks, but dim {dim} has {n} positions"
-    check_collectively("gather_sequence", group, x_local.device,
+    device = x_local.device if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+    check_collectively("gather_sequence", group, device,
                        {"shape": tuple(x_local.shape), "dim": dim, "layout": LAYOUTS.index(layout),
                         "dtype": str(x_local.dtype)}, problem)
     x = x_local.contiguous()

@@ -529,7 +529,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
               "scale": _describe(scale), "return_lse": _describe(return_lse), "backend": _describe(backend),
               "grad": bool(torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                            for t in (q, k, v)))}
-    device = q.device if isinstance(q, torch.Tensor) and dist.get_backend(group) == "nccl" else torch.device("cpu")
+    # the check's few integers travel on q's device when the group's backend needs it (NCCL), else on CPU
+    device = (q.device if isinstance(q, torch.Tensor) and q.device.type != "cpu"
+              and "nccl" in str(dist.get_backend(group)) else torch.device("cpu"))
     needs = check_collectively("ring_attention", group, device, fields, problem, need)
     plan.steps = 1 + max((s for row in needs for s, x in enumerate(row) if x), default=0)
     plan.stats = _STATS.get()
