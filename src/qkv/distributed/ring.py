@@ -56,10 +56,10 @@ class RingCounts:
     ``blocks``/``tiles``: (query chunk, key chunk) pairs and STATS_TILE² score tiles computed (tiles the mask
     leaves in the computed pairs); ``blocks_dense``/``tiles_dense``: the same for a ring that skips nothing
     (every pair of every one of the W steps, every tile). ``engine_calls``: engine calls that computed them
-    (pairs where every key is visible join into one call when adjacent). ``steps``: ring steps run;
-    ``bytes_sent``: bytes
-    this rank sent (keys/values, and in the backward their gradients); ``wait_seconds``: time spent blocked on
-    the ring's messages after the step's compute (communication that compute did not hide)."""
+    (pairs where every key is visible join into one call when adjacent). ``calls``: ring calls counted;
+    ``steps``: ring steps run; ``bytes_sent``: bytes this rank sent (keys/values, and in the backward their
+    gradients); ``wait_seconds``: time spent blocked on the ring's messages after the step's compute
+    (communication that compute did not hide, or a peer that is behind)."""
     calls: int = 0
     steps: int = 0
     blocks: int = 0
