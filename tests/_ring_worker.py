@@ -158,6 +158,33 @@ def _run_case(c, group, W, dtype=F64, count=False):
     return res
 
 
+def _random_cases(n: int, W: int) -> list:
+    """Random calls (the same on every rank: a fixed seed): layouts, lengths down to one position per chunk,
+    odd head dims, GQA, windows, masks and mods."""
+    g = torch.Generator().manual_seed(1234)
+
+    def pick(xs):
+        return xs[int(torch.randint(len(xs), (1,), generator=g))]
+
+    out = []
+    for _ in range(n):
+        L = pick(["contiguous", "zigzag"])
+        N = 2 * W * int(torch.randint(1, 40, (1,), generator=g))
+        Hq, Hkv = pick([(2, 2), (4, 2), (3, 1)])
+        D = pick([3, 8, 17])
+        c = dict(layout=L, N=N, B=pick([1, 2]), Hq=Hq, Hkv=Hkv, D=D, Dv=pick([D, 5]), causal=pick([True, False]))
+        if pick([0, 1]):
+            c["window"] = (pick([None, 0, 5, N // 3]), pick([None, 0, 7, N // 2]))
+        if pick([0, 0, 1]):
+            c["mask"] = pick(["document", "tensor", "document_fn"])
+        if pick([0, 0, 1]):
+            c["alibi"] = True
+        if pick([0, 0, 1]):
+            c["softcap"] = 3.0
+        out.append(c)
+    return out
+
+
 def _fa_case(c, group, W, dtype):
     """FlashAttention's rule for a low-precision ring (gathered out, lse, grads vs the fp64 oracle)."""
     from qkv.distributed import gather_sequence, ring_attention, shard_sequence
@@ -212,6 +239,8 @@ def _cases(rank, world, res, timeout_s, out):
         record(("pair", name), lambda: _run_case(c, mine, 2))
     for name, c in EXTRA:
         record(("world", name), lambda: _run_case(c, None, W))
+    for i, c in enumerate(_random_cases(int(os.environ.get("QKV_RING_EXAMPLES", "8")), W)):
+        record(("random", i), lambda: dict(_run_case(c, None, W), case=c))
     for dtype in (torch.float32, torch.bfloat16):
         record(("fa", str(dtype)), lambda: _fa_case(dict(layout="zigzag", causal=True, N=512, D=32), None, W, dtype))
     res["cases_s"] = time.time() - t0

@@ -78,6 +78,19 @@ def test_semantics_four_ranks(runs, name):
         assert rs[0]["rows_without_keys"] > 0       # the case holds rows that see nothing (0 out, lse -inf)
 
 
+def test_random_calls_four_ranks(runs):
+    """Random layouts, lengths (down to 1 position per chunk), head dims, GQA, windows, masks and mods
+    (``QKV_RING_EXAMPLES`` of them, default 8)."""
+    keys = [k for k in runs[0] if isinstance(k, tuple) and k[0] == "random"]
+    assert keys
+    for key in keys:
+        rs = _case(runs, key)
+        try:
+            _assert_exact(rs)
+        except AssertionError as e:
+            raise AssertionError(f"{rs[0]['case']}: {e}") from None
+
+
 @pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
 def test_low_precision_flash_attention_rule(runs, dtype):
     """fp32 (the CPU kernel per block) and bf16: within FlashAttention's rule of the fp64 oracle."""
