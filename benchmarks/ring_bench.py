@@ -76,74 +76,78 @@ def _worker(rank: int, args, port: int, out_path: str):
         return time.perf_counter() - t0
 
     control = [control_once(True) / control_once(False) for _ in range(3)]
+
+    def measure(mode, layout):
+        q, k, v, do = (shard_sequence(t, layout=layout).contiguous() for t in (Q, K, V, dO))
+        train = mode == "fwdbwd"
+
+        def single():
+            if rank != 0:
+                return
+            if train:
+                a, b, c = (t.detach().requires_grad_() for t in (Q, K, V))
+                qkv.attention(a, b, c, **kw).backward(dO)
+            else:
+                with torch.no_grad():
+                    qkv.attention(Q, K, V, **kw)
+
+        def ring():
+            if train:
+                a, b, c = (t.detach().requires_grad_() for t in (q, k, v))
+                ring_attention(a, b, c, layout=layout, **kw).backward(do)
+            else:
+                with torch.no_grad():
+                    ring_attention(q, k, v, layout=layout, **kw)
+
+        cpu = {"single": [], "ring": []}
+
+        def timed(fn, key=None):
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            c1 = time.process_time()
+            dist.barrier()
+            if key is not None:
+                cpu[key].append(c1 - c0)
+            return time.perf_counter() - t0
+
+        for _ in range(args.warmup):
+            timed(single), timed(ring)
+        t_single, t_ring, waits = [], [], []
+        for i in range(args.reps):
+            if i % 2 == 0:
+                t_single.append(timed(single, "single"))
+            with ring_stats() as st:
+                t_ring.append(timed(ring, "ring"))
+            if i % 2 == 1:
+                t_single.append(timed(single, "single"))
+            waits.append(st.forward.wait_seconds + st.backward.wait_seconds)
+        # one step's message alone (this rank's keys and values to the next rank): the link's speed
+        buf = torch.cat([k.reshape(-1), v.reshape(-1)])
+        inc = torch.empty_like(buf)
+        ranks = dist.get_process_group_ranks(dist.group.WORLD)
+
+        def exchange():
+            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, ranks[(rank + 1) % args.world]),
+                                           dist.P2POp(dist.irecv, inc, ranks[(rank - 1) % args.world])])
+            for rq in reqs:
+                rq.wait()
+
+        t_msg = sorted(timed(exchange) for _ in range(5))[2]
+        all_st = [None] * args.world
+        dist.all_gather_object(all_st, (st.forward.__dict__, st.backward.__dict__, waits, cpu))
+        elem = torch.empty((), dtype=dtype).element_size()
+        n = N // args.world
+        return dict(
+            mode=mode, layout=layout, single_s=t_single, ring_s=t_ring,
+            speedup=[a / b for a, b in zip(t_single, t_ring)],
+            kv_bytes_per_step=B * H * n * 2 * D * elem, message_s=t_msg,
+            grad_bytes_per_step=B * H * n * 2 * D * (8 if dtype == torch.float64 else 4),
+            per_rank=[dict(forward=f, backward=b, wait_s=w, cpu_s=c) for f, b, w, c in all_st])
+
     for mode in args.mode:
         for layout in args.layout:
-            q, k, v, do = (shard_sequence(t, layout=layout).contiguous() for t in (Q, K, V, dO))
-            train = mode == "fwdbwd"
-
-            def single():
-                if rank != 0:
-                    return
-                if train:
-                    a, b, c = (t.detach().requires_grad_() for t in (Q, K, V))
-                    qkv.attention(a, b, c, **kw).backward(dO)
-                else:
-                    with torch.no_grad():
-                        qkv.attention(Q, K, V, **kw)
-
-            def ring(stats=None):
-                if train:
-                    a, b, c = (t.detach().requires_grad_() for t in (q, k, v))
-                    ring_attention(a, b, c, layout=layout, **kw).backward(do)
-                else:
-                    with torch.no_grad():
-                        ring_attention(q, k, v, layout=layout, **kw)
-
-            cpu = {"single": [], "ring": []}
-
-            def timed(fn, key=None):
-                dist.barrier()
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                c1 = time.process_time()
-                dist.barrier()
-                if key is not None:
-                    cpu[key].append(c1 - c0)
-                return time.perf_counter() - t0
-
-            for _ in range(args.warmup):
-                timed(single), timed(ring)
-            t_single, t_ring, waits = [], [], []
-            for i in range(args.reps):
-                if i % 2 == 0:
-                    t_single.append(timed(single, "single"))
-                with ring_stats() as st:
-                    t_ring.append(timed(ring, "ring"))
-                if i % 2 == 1:
-                    t_single.append(timed(single, "single"))
-                waits.append(st.forward.wait_seconds + st.backward.wait_seconds)
-            # one step's message alone (this rank's keys and values to the next rank): the link's speed
-            buf = torch.cat([k.reshape(-1), v.reshape(-1)])
-            inc = torch.empty_like(buf)
-            ranks = dist.get_process_group_ranks(dist.group.WORLD)
-
-            def exchange():
-                reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, ranks[(rank + 1) % args.world]),
-                                               dist.P2POp(dist.irecv, inc, ranks[(rank - 1) % args.world])])
-                for rq in reqs:
-                    rq.wait()
-
-            t_msg = sorted(timed(exchange) for _ in range(5))[2]
-            all_st = [None] * args.world
-            dist.all_gather_object(all_st, (st.forward.__dict__, st.backward.__dict__, waits, cpu))
-            elem = torch.empty((), dtype=dtype).element_size()
-            n = N // args.world
-            results.append(dict(
-                mode=mode, layout=layout, single_s=t_single, ring_s=t_ring,
-                speedup=[a / b for a, b in zip(t_single, t_ring)],
-                kv_bytes_per_step=B * H * n * 2 * D * elem, message_s=t_msg,
-                grad_bytes_per_step=B * H * n * 2 * D * (8 if dtype == torch.float64 else 4),
-                per_rank=[dict(forward=f, backward=b, wait_s=w, cpu_s=c) for f, b, w, c in all_st]))
+            results.append(measure(mode, layout))
     control += [control_once(True) / control_once(False) for _ in range(3)]
     if rank == 0:
         with open(out_path, "w") as f:

@@ -211,7 +211,7 @@ def _fa_case(c, group, W, dtype):
 def _expect_error(fn):
     try:
         fn()
-    except Exception as e:                 # noqa: BLE001 - the test inspects type and message
+    except Exception as e:
         return (type(e).__name__, str(e))
     return None
 
@@ -220,8 +220,7 @@ def _cases(rank, world, res, timeout_s, out):
     import torch.distributed as dist
 
     import qkv
-    from qkv.distributed import (gather_sequence, ring_attention, ring_stats, sequence_positions,
-                                 shard_sequence)
+    from qkv.distributed import gather_sequence, ring_attention, ring_stats, sequence_positions, shard_sequence
     W = world
     pairs = [dist.new_group([0, 1], timeout=datetime.timedelta(seconds=timeout_s)),
              dist.new_group([2, 3], timeout=datetime.timedelta(seconds=timeout_s))]
@@ -230,7 +229,7 @@ def _cases(rank, world, res, timeout_s, out):
     def record(key, fn):
         try:
             res[key] = fn()
-        except Exception:                  # noqa: BLE001
+        except Exception:
             res[key] = {"error": traceback.format_exc()}
 
     t0 = time.time()
@@ -312,7 +311,7 @@ def _module_case(layout, group):
     yl.backward(shard_sequence(dy, layout=layout, group=group, dim=1))
     err = (yl - shard_sequence(y, layout=layout, group=group, dim=1)).abs().max().item()
     gerr = 0.0
-    for (n, p1), p2 in zip(single.named_parameters(), ring.parameters()):
+    for p1, p2 in zip(single.parameters(), ring.parameters()):
         gsum = p2.grad.clone()
         dist.all_reduce(gsum, group=group)
         gerr = max(gerr, (gsum - p1.grad).abs().max().item())

@@ -26,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
