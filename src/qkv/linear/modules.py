@@ -1,0 +1,2 @@
+class LinearSelfAttention: pass
+class GatedDeltaNet: pass
