@@ -9,6 +9,8 @@ from .api import BackendInfo, Selection, attention, attention_weights, backends,
 from .core.masks import BlockMask, block_mask
 from .core.options import get_options, options
 from .nn import KVCache, RotaryEmbedding, SelfAttention
+from . import linear
+from .linear import GatedDeltaNet, LinearSelfAttention, linear_attention
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,5 @@ __all__ = [
     "attention", "attention_weights", "block_mask", "BlockMask", "masks", "scores", "distributed",
     "backends", "select_backend", "BackendInfo", "Selection", "options", "get_options",
     "SelfAttention", "KVCache", "RotaryEmbedding", "__version__",
+    "linear", "linear_attention", "LinearSelfAttention", "GatedDeltaNet",
 ]
