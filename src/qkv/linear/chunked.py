@@ -32,87 +32,105 @@ __all__ = ["linear_attention", "delta_rule"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# shared pieces
+# shared pieces. Inside the engines tensors are chunk-major, (nc, B·H, C, ·): each chunk's slice is one contiguous
+# batch for the sequential scan, and all chunks together are one batch for the parallel work.
 # ----------------------------------------------------------------------------------------------------------
-def _chunks(x: torch.Tensor, C: int, nc: int) -> torch.Tensor:
-    """(B, H, N, ...) -> (B, H, nc, C, ...), zero-padded at the end (a zero token changes nothing: k = v = 0,
-    q = 0, g = 0, beta = 0)."""
-    pad = nc * C - x.shape[2]
-    if pad:
-        x = F.pad(x, (0, 0) * (x.ndim - 3) + (0, pad))
-    return x.reshape(x.shape[0], x.shape[1], nc, C, *x.shape[3:])
+def _to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
+    """(B, H, N, *r) -> (nc, B·H, C, *r), contiguous, zero-padded at the end (one copy; a zero token changes
+    nothing: q = k = v = 0, g = 0, beta = 0)."""
+    B, H, N = x.shape[:3]
+    r = tuple(x.shape[3:])
+    nc, full = -(-N // C), N // C
+    out = x.new_empty(nc, B, H, C, *r)
+    if full:
+        perm = (2, 0, 1, 3) + tuple(range(4, 4 + len(r)))
+        out[:full].copy_(x[:, :, :full * C].unflatten(2, (full, C)).permute(perm))
+    if full < nc:
+        tail = N - full * C
+        out[full, :, :, tail:].zero_()
+        out[full, :, :, :tail].copy_(x[:, :, full * C:])
+    return out.view(nc, B * H, C, *r)
 
 
-def _unchunk(x: torch.Tensor, N: int) -> torch.Tensor:
-    """(B, H, nc, C, ...) -> (B, H, N, ...)."""
-    B, H, nc, C = x.shape[:4]
-    return x.reshape(B, H, nc * C, *x.shape[4:])[:, :, :N]
+def _from_chunks(x: torch.Tensor, B: int, H: int, N: int) -> torch.Tensor:
+    """(nc, B·H, C, *r) -> (B, H, N, *r)."""
+    nc, _, C = x.shape[:3]
+    r = tuple(x.shape[3:])
+    perm = (1, 2, 0, 3) + tuple(range(4, 4 + len(r)))
+    return x.view(nc, B, H, C, *r).permute(perm).reshape(B, H, nc * C, *r)[:, :, :N]
 
 
-def _masks(C: int, device):
-    tri = torch.ones(C, C, dtype=torch.bool, device=device).tril()
-    return tri, tri.tril(-1)
+def _b3(x: torch.Tensor) -> torch.Tensor:
+    """(..., r, c) -> (batch, r, c) view, for baddbmm_."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def _t(x):
+    return x.transpose(-1, -2)
 
 
 class _Decay:
-    """The per-chunk decay factors of log-decays g (B, H, N), or the neutral ones when g is None."""
+    """Per-chunk decay factors of chunk-major log-decays g (nc, B·H, C), or the causal mask alone when g is None."""
 
-    def __init__(self, g, C: int, nc: int, tri: torch.Tensor, like: torch.Tensor):
+    def __init__(self, g, C: int, device):
+        self.tri = torch.ones(C, C, dtype=torch.bool, device=device).tril()
         self.gated = g is not None
         if self.gated:
-            b = _chunks(g, C, nc).cumsum(-1)                         # (B, H, nc, C)
+            b = g.cumsum(-1)                                         # b_r: log-decay from the chunk start
             bl = b[..., -1:]
-            self.b = b
-            self.eb = b.exp()                                        # e^{b_r}: the decay from the chunk start
-            self.ekd = (bl - b).exp()                                # e^{b_last − b_s}: to the chunk end
-            self.a = bl.exp()                                        # (B, H, nc, 1)
-            diff = (b[..., :, None] - b[..., None, :]).masked_fill(~tri, float("-inf"))
-            self.E = diff.exp()                                      # (B, H, nc, C, C), 0 above the diagonal
-        else:
-            self.E = tri.to(like.dtype)
+            self.eb = b.exp()[..., None]                             # (nc, BH, C, 1): e^{b_r}
+            self.ekd = (bl - b).exp()[..., None]                     # e^{b_last − b_s}: to the chunk end
+            self.a = bl.exp()[..., None]                             # (nc, BH, 1, 1): the chunk's decay
+            E = b[..., :, None] - b[..., None, :]
+            self.E = E.masked_fill_(~self.tri, float("-inf")).exp_()  # (nc, BH, C, C), 0 above the diagonal
 
-    def q(self, x):        # x (B, H, nc, C, ·) ∘ e^{b}
-        return x * self.eb[..., None] if self.gated else x
+    def mask_(self, x):
+        """x (nc, BH, C, C) ∘ E in place (∘ the causal mask without decay)."""
+        return x.mul_(self.E) if self.gated else x.tril_()
 
-    def k(self, x):        # x ∘ e^{b_last − b}
-        return x * self.ekd[..., None] if self.gated else x
+    def q(self, x):
+        """x ∘ e^{b} (rows)."""
+        return x * self.eb if self.gated else x
+
+    def k(self, x):
+        """x ∘ e^{b_last − b} (rows)."""
+        return x * self.ekd if self.gated else x
 
 
 def _scan(U: torch.Tensor, a, s0) -> torch.Tensor:
-    """States at every chunk boundary: out[:, :, c] = state at the start of chunk c (c = 0..nc, the last one is the
-    final state), from S_{c+1} = a_c·S_c + U_c. U: (B, H, nc, F, Dv); a: (B, H, nc, 1) or None."""
-    B, H, nc, Fd, Dv = U.shape
-    out = U.new_empty(B, H, nc + 1, Fd, Dv)
+    """States at every chunk boundary, (nc + 1, BH, F, Dv): out[c] = state at the start of chunk c (out[nc] the
+    final state), from S_{c+1} = a_c·S_c + U_c. U: (nc, BH, F, Dv); a: (nc, BH, 1, 1) or None; s0: (BH, F, Dv)."""
+    nc = U.shape[0]
+    out = U.new_empty(nc + 1, *U.shape[1:])
     if s0 is None:
-        out[:, :, 0].zero_()
+        out[0].zero_()
     else:
-        out[:, :, 0].copy_(s0)
+        out[0].copy_(s0)
     if a is None:
-        torch.cumsum(U, dim=2, out=out[:, :, 1:])
+        torch.cumsum(U, 0, out=out[1:])
         if s0 is not None:
-            out[:, :, 1:] += s0[:, :, None]
+            out[1:] += s0
         return out
     for c in range(nc):
-        torch.addcmul(U[:, :, c], out[:, :, c], a[:, :, c, :, None], out=out[:, :, c + 1])
+        torch.addcmul(U[c], out[c], a[c], out=out[c + 1])
     return out
 
 
 def _rscan(X: torch.Tensor, a, ds_final) -> torch.Tensor:
-    """Gradients w.r.t. the states at every chunk boundary (the reverse of ``_scan``): out[:, :, c] = dL/dS_c, with
-    dS_c = a_c·dS_{c+1} + X_c and dS_nc = ds_final. X: (B, H, nc, F, Dv)."""
-    B, H, nc, Fd, Dv = X.shape
-    out = X.new_empty(B, H, nc + 1, Fd, Dv)
+    """The reverse of ``_scan``: out[c] = dL/dS_c with dS_c = a_c·dS_{c+1} + X_c and dS_nc = ds_final."""
+    nc = X.shape[0]
+    out = X.new_empty(nc + 1, *X.shape[1:])
     if ds_final is None:
-        out[:, :, nc].zero_()
+        out[nc].zero_()
     else:
-        out[:, :, nc].copy_(ds_final)
+        out[nc].copy_(ds_final)
     if a is None:
-        out[:, :, :nc] = X.flip(2).cumsum(2).flip(2)
+        out[:nc] = X.flip(0).cumsum(0).flip(0)
         if ds_final is not None:
-            out[:, :, :nc] += ds_final[:, :, None]
+            out[:nc] += ds_final
         return out
     for c in range(nc - 1, -1, -1):
-        torch.addcmul(X[:, :, c], out[:, :, c + 1], a[:, :, c, :, None], out=out[:, :, c])
+        torch.addcmul(X[c], out[c + 1], a[c], out=out[c])
     return out
 
 
@@ -121,66 +139,70 @@ def _rcumsum(x: torch.Tensor) -> torch.Tensor:
     return x.double().flip(-1).cumsum(-1).flip(-1).to(x.dtype)
 
 
-def _t(x):
-    return x.transpose(-1, -2)
+def _flat_state(s, BH: int):
+    return None if s is None else s.reshape(BH, *s.shape[2:])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # gated linear attention (causal)
 # ----------------------------------------------------------------------------------------------------------
-def _gla_parts(q, k, v, g, s0, C):
-    B, H, N, Fd = q.shape
-    nc = -(-N // C)
-    tri, _ = _masks(C, q.device)
-    qc, kc, vc = _chunks(q, C, nc), _chunks(k, C, nc), _chunks(v, C, nc)
-    dec = _Decay(g, C, nc, tri, q)
-    P = (qc @ _t(kc)) * dec.E                                          # (B, H, nc, C, C)
+def _gla_parts(qc, kc, vc, gc, s0):
+    dec = _Decay(gc, qc.shape[2], qc.device)
+    P = dec.mask_(qc @ _t(kc))                                       # (nc, BH, C, C)
     kd = dec.k(kc)
-    states = _scan(_t(kd) @ vc, dec.a if dec.gated else None, s0)     # (B, H, nc + 1, F, Dv)
-    return nc, qc, kc, vc, dec, P, kd, states
+    states = _scan(_t(kd) @ vc, dec.a if dec.gated else None, s0)   # (nc + 1, BH, F, Dv)
+    return dec, P, kd, states
 
 
 class _GatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, s0, C):
-        N = q.shape[2]
-        nc, qc, kc, vc, dec, P, kd, states = _gla_parts(q, k, v, g, s0, C)
+        B, H, N, Fd = q.shape
+        Dv = v.shape[-1]
+        qc, kc, vc = _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C)
+        gc = None if g is None else _to_chunks(g, C)
+        s0f = _flat_state(s0, B * H)
+        dec, P, kd, states = _gla_parts(qc, kc, vc, gc, s0f)
+        nc = qc.shape[0]
         o = P @ vc
-        o += dec.q(qc) @ states[:, :, :nc]
-        ctx.save_for_backward(q, k, v, g, s0)
-        ctx.C = C
+        _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(states[:nc]))
+        ctx.save_for_backward(qc, kc, vc, gc, s0f)
+        ctx.shape = (B, H, N)
         ctx.set_materialize_grads(False)
-        return _unchunk(o, N), states[:, :, nc].clone()
+        return _from_chunks(o, B, H, N), states[nc].reshape(B, H, Fd, Dv).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, ds_final):
-        q, k, v, g, s0 = ctx.saved_tensors
-        C = ctx.C
-        N = q.shape[2]
-        nc, qc, kc, vc, dec, P, kd, states = _gla_parts(q, k, v, g, s0, C)
+        qc, kc, vc, gc, s0 = ctx.saved_tensors
+        B, H, N = ctx.shape
+        nc, BH, C, Fd = qc.shape
+        Dv = vc.shape[-1]
+        dec, P, kd, states = _gla_parts(qc, kc, vc, gc, s0)
         a = dec.a if dec.gated else None
-        if do is None:
-            do = v.new_zeros(v.shape)
-        doc = _chunks(do, C, nc)
-        dstates = _rscan(_t(dec.q(qc)) @ doc, a, ds_final)             # dL/d(state at each boundary)
-        dnext = dstates[:, :, 1:]
-        dP = (doc @ _t(vc)) * dec.E
-        dq = dP @ kc + dec.q(doc @ _t(states[:, :, :nc]))
-        dk = _t(dP) @ qc + dec.k(vc @ _t(dnext))
-        dv = _t(P) @ doc + kd @ dnext
-        dq, dk, dv = _unchunk(dq, N), _unchunk(dk, N), _unchunk(dv, N)
+        doc = _to_chunks(do, C) if do is not None else vc.new_zeros(vc.shape)
+        dsf = _flat_state(ds_final, BH)
+        qd = dec.q(qc)
+        dstates = _rscan(_t(qd) @ doc, a, dsf)                          # dL/d(state at each boundary)
+        dnext = dstates[1:]
+        dP = dec.mask_(doc @ _t(vc))
+        dq = dec.q(doc @ _t(states[:nc]))
+        _b3(dq).baddbmm_(_b3(dP), _b3(kc))
+        dk = dec.k(vc @ _t(dnext))
+        _b3(dk).baddbmm_(_b3(_t(dP)), _b3(qc))
+        dv = _t(P) @ doc
+        _b3(dv).baddbmm_(_b3(kd), _b3(dnext))
         dg = None
-        if g is not None and ctx.needs_input_grad[3]:
+        if gc is not None and ctx.needs_input_grad[3]:
             # With B_t the log-decay summed from the sequence start, every term of the outputs and of the final
             # state carries exp(B_t − B_s) between a query/state read at t and a key at s; so
             # dL/dB_t = q_t·dq_t − k_t·dk_t (+ <dS_N, S_N> at the end), and dL/dg_s = Σ_{t ≥ s} dL/dB_t.
-            dB = (q * dq).sum(-1) - (k * dk).sum(-1)
+            dB = _from_chunks((qc * dq).sum(-1) - (kc * dk).sum(-1), B, H, N)
             dg = _rcumsum(dB)
-            if ds_final is not None:
-                dg = dg + (ds_final * states[:, :, nc]).sum((-1, -2))[..., None]
-        ds0 = dstates[:, :, 0] if s0 is not None and ctx.needs_input_grad[4] else None
-        return dq, dk, dv, dg, ds0, None
+            if dsf is not None:
+                dg = dg + (dsf * states[nc]).sum((-1, -2)).view(B, H, 1)
+        ds0 = dstates[0].reshape(B, H, Fd, Dv) if s0 is not None and ctx.needs_input_grad[4] else None
+        return (_from_chunks(dq, B, H, N), _from_chunks(dk, B, H, N), _from_chunks(dv, B, H, N), dg, ds0, None)
 
 
 def _linear_noncausal(q, k, v, s0):
@@ -239,40 +261,29 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
 # gated delta rule
 # ----------------------------------------------------------------------------------------------------------
 def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
-    """(I + A)⁻¹ for strictly lower-triangular A (..., C, C)."""
+    """(I + strictly_lower(A))⁻¹ for A (..., C, C); A's diagonal and upper triangle are not read."""
     C = A.shape[-1]
-    eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(A.shape).contiguous()
+    eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(A.shape)
     return torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
 
 
-def _delta_parts(q, k, v, beta, g, C):
-    """The chunk-parallel quantities of the delta rule (all but the scan)."""
-    N = q.shape[2]
-    D = q.shape[-1]
-    nc = -(-N // C)
-    tri, stri = _masks(C, q.device)
-    qc, kc, vc, bc = (_chunks(x, C, nc) for x in (q, k, v, beta))
-    dec = _Decay(g, C, nc, tri, q)
-    KK = kc @ _t(kc)                                                   # (B, H, nc, C, C)
-    A = (KK * dec.E * bc[..., :, None]).masked_fill_(~stri, 0.0)
+def _delta_parts(qc, kc, vc, bc, dec):
+    """The chunk-parallel quantities of the delta rule: T = (I + A)⁻¹, X = β∘e^b∘K and Z = [W | U0] = T·[X | β∘V]."""
+    D = kc.shape[-1]
+    kb = kc * bc[..., None]
+    A = kb @ _t(kc)                                                    # β_r·(k_r·k_s); the solve reads s < r only
+    if dec.gated:
+        A.mul_(dec.E)
     T = _unit_lower_inverse(A)
-    X = dec.q(kc * bc[..., None])                                      # β∘e^b∘K
-    Z = T @ torch.cat([X, vc * bc[..., None]], dim=-1)                 # [W | U0] = T·[β∘e^b∘K | β∘V]
-    W, U0 = Z[..., :D], Z[..., D:]
-    kd = dec.k(kc)
-    return nc, qc, kc, vc, bc, dec, KK, T, X, Z, W, U0, kd
-
-
-def _to_scan(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, nc, r, c) -> (nc, B·H, r, c) contiguous: each chunk's operand is one contiguous batch."""
-    B, H, nc = x.shape[:3]
-    return x.reshape(B * H, nc, *x.shape[3:]).transpose(0, 1).contiguous()
-
-
-def _from_scan(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
-    """(nc, B·H, r, c) -> (B, H, nc, r, c)."""
-    nc = x.shape[0]
-    return x.transpose(0, 1).reshape(B, H, nc, *x.shape[2:])
+    XY = kc.new_empty(*kc.shape[:3], D + vc.shape[-1])
+    X = XY[..., :D]
+    if dec.gated:
+        torch.mul(kb, dec.eb, out=X)
+    else:
+        X.copy_(kb)
+    torch.mul(vc, bc[..., None], out=XY[..., D:])
+    Z = T @ XY
+    return T, X, Z
 
 
 class _GatedDelta(torch.autograd.Function):
@@ -280,99 +291,108 @@ class _GatedDelta(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, g, s0, C):
         B, H, N, D = q.shape
         Dv = v.shape[-1]
-        nc, qc, kc, vc, bc, dec, KK, T, X, Z, W, U0, kd = _delta_parts(q, k, v, beta, g, C)
-        # the scan: u_c = U0_c − W_c·S_c; S_{c+1} = a_c·S_c + Kd_cᵀ·u_c
-        Ws, U0s, KdTs = _to_scan(W), _to_scan(U0), _to_scan(_t(kd))
-        a = _to_scan(dec.a[..., None]) if dec.gated else None          # (nc, B·H, 1, 1)
-        us = q.new_empty(nc, B * H, C, Dv)
-        Ss = q.new_empty(nc + 1, B * H, D, Dv)
+        qc, kc, vc, bc = (_to_chunks(x, C) for x in (q, k, v, beta))
+        gc = None if g is None else _to_chunks(g, C)
+        nc, BH = qc.shape[:2]
+        dec = _Decay(gc, C, q.device)
+        T, X, Z = _delta_parts(qc, kc, vc, bc, dec)
+        W, U0 = Z[..., :D], Z[..., D:]
+        kdT = _t(dec.k(kc))
+        a = dec.a if dec.gated else None
+        # the scan: u_c = U0_c − W_c·S_c;  S_{c+1} = a_c·S_c + Kd_cᵀ·u_c
+        us = q.new_empty(nc, BH, C, Dv)
+        Ss = q.new_empty(nc + 1, BH, D, Dv)
         if s0 is None:
             Ss[0].zero_()
         else:
-            Ss[0].copy_(s0.reshape(B * H, D, Dv))
+            Ss[0].copy_(s0.reshape(BH, D, Dv))
         for c in range(nc):
-            torch.baddbmm(U0s[c], Ws[c], Ss[c], alpha=-1.0, out=us[c])
-            torch.baddbmm(Ss[c] * a[c] if a is not None else Ss[c], KdTs[c], us[c], out=Ss[c + 1])
-        u, states = _from_scan(us, B, H), _from_scan(Ss[:nc], B, H)
-        o = ((qc @ _t(kc)) * dec.E) @ u
-        o += dec.q(qc) @ states
-        ctx.save_for_backward(q, k, v, beta, g, s0, _unchunk(u, N))
-        ctx.C = C
+            torch.baddbmm(U0[c], W[c], Ss[c], alpha=-1.0, out=us[c])
+            torch.baddbmm(Ss[c] * a[c] if a is not None else Ss[c], kdT[c], us[c], out=Ss[c + 1])
+        o = dec.mask_(qc @ _t(kc)) @ us
+        _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(Ss[:nc]))
+        ctx.save_for_backward(qc, kc, vc, bc, gc, _flat_state(s0, BH), us)
+        ctx.shape = (B, H, N)
         ctx.set_materialize_grads(False)
-        return _unchunk(o, N), Ss[nc].reshape(B, H, D, Dv).clone()
+        return _from_chunks(o, B, H, N), Ss[nc].reshape(B, H, D, Dv).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, ds_final):
-        q, k, v, beta, g, s0, u = ctx.saved_tensors
-        C = ctx.C
-        B, H, N, D = q.shape
-        Dv = v.shape[-1]
-        nc, qc, kc, vc, bc, dec, KK, T, X, Z, W, U0, kd = _delta_parts(q, k, v, beta, g, C)
+        qc, kc, vc, bc, gc, s0, us = ctx.saved_tensors
+        B, H, N = ctx.shape
+        nc, BH, C, D = qc.shape
+        Dv = vc.shape[-1]
+        dec = _Decay(gc, C, qc.device)
+        T, X, Z = _delta_parts(qc, kc, vc, bc, dec)
+        W = Z[..., :D]
+        kd = dec.k(kc)
         a = dec.a if dec.gated else None
-        uc = _chunks(u, C, nc)
-        states = _scan(_t(kd) @ uc, a, s0)                              # (B, H, nc + 1, D, Dv)
-        st = states[:, :, :nc]
-        if do is None:
-            do = v.new_zeros(v.shape)
-        doc = _chunks(do, C, nc)
+        Ss = _scan(_t(kd) @ us, a, s0)                                  # (nc + 1, BH, D, Dv)
+        st = Ss[:nc]
+        doc = _to_chunks(do, C) if do is not None else vc.new_zeros(vc.shape)
         QK = qc @ _t(kc)
-        P = QK * dec.E
         qd = dec.q(qc)
-        # reverse scan: du_c = Pᵀ·dO_c + Kd_c·dS_{c+1};  dS_c = a_c·dS_{c+1} + Qdᵀ·dO_c − W_cᵀ·du_c
-        PdO, QdO = _to_scan(_t(P) @ doc), _to_scan(_t(qd) @ doc)
-        Kds, WTs = _to_scan(kd), _to_scan(_t(W))
-        aS = _to_scan(a[..., None]) if a is not None else None
-        dus = q.new_empty(nc, B * H, C, Dv)
-        dSs = q.new_empty(nc + 1, B * H, D, Dv)
+        PdO = _t(dec.mask_(QK.clone())) @ doc
+        QdO = _t(qd) @ doc
+        # reverse scan: du_c = P_cᵀ·dO_c + Kd_c·dS_{c+1};  dS_c = a_c·dS_{c+1} + Qd_cᵀ·dO_c − W_cᵀ·du_c
+        dus = qc.new_empty(nc, BH, C, Dv)
+        dSs = qc.new_empty(nc + 1, BH, D, Dv)
         if ds_final is None:
             dSs[nc].zero_()
         else:
-            dSs[nc].copy_(ds_final.reshape(B * H, D, Dv))
+            dSs[nc].copy_(ds_final.reshape(BH, D, Dv))
         for c in range(nc - 1, -1, -1):
-            torch.baddbmm(PdO[c], Kds[c], dSs[c + 1], out=dus[c])
-            base = QdO[c] + (dSs[c + 1] * aS[c] if aS is not None else dSs[c + 1])
-            torch.baddbmm(base, WTs[c], dus[c], alpha=-1.0, out=dSs[c])
-        du = _from_scan(dus, B, H)
-        dnext = _from_scan(dSs[1:], B, H)
+            torch.baddbmm(PdO[c], kd[c], dSs[c + 1], out=dus[c])
+            if a is not None:
+                torch.addcmul(QdO[c], dSs[c + 1], a[c], out=dSs[c])
+            else:
+                torch.add(QdO[c], dSs[c + 1], out=dSs[c])
+            dSs[c].baddbmm_(_t(W[c]), dus[c], alpha=-1.0)
+        dnext = dSs[1:]
 
-        # outputs: o = P·u + Qd·S
-        dOu = doc @ _t(uc)
-        dP = dOu * dec.E                                                 # dL/d(Q·Kᵀ)
+        # o = (QK∘E)·u + Qd·S
+        dOu = doc @ _t(us)
+        dEE = dOu * QK if dec.gated else None                          # dL/dE (before ∘E), first part
+        dP = dec.mask_(dOu)                                              # dL/d(Q·Kᵀ)
         dQd = doc @ _t(st)
-        dq = dP @ kc + dec.q(dQd)
+        dq = dec.q(dQd)
+        _b3(dq).baddbmm_(_b3(dP), _b3(kc))
         dk = _t(dP) @ qc
-        # state updates: S' = a·S + Kdᵀ·u
-        dKd = uc @ _t(dnext)
+        # S' = a·S + Kdᵀ·u
+        dKd = us @ _t(dnext)
         dk += dec.k(dKd)
         # u = U0 − W·S, [W | U0] = T·[X | Y]  ->  d[X | Y] = Tᵀ·d[W | U0],  dA = −tril₋₁(d[X | Y]·[W | U0]ᵀ)
-        dZ = torch.cat([-(du @ _t(st)), du], dim=-1)
+        dZ = qc.new_empty(nc, BH, C, D + Dv)
+        torch.matmul(dus, _t(st), out=dZ[..., :D]).neg_()
+        dZ[..., D:].copy_(dus)
         dXY = _t(T) @ dZ
-        dA = -(dXY @ _t(Z))
-        _, stri = _masks(C, q.device)
-        dA.masked_fill_(~stri, 0.0)
+        dA = (dXY @ _t(Z)).tril_(-1).neg_()
         dX, dY = dXY[..., :D], dXY[..., D:]
-        # A = β_r·(k_r·k_s)·E_rs (strictly lower)
-        G = dA * dec.E * bc[..., :, None]
-        dk += G @ kc + _t(G) @ kc
-        dbeta = (dA * KK * dec.E).sum(-1)
+        # A = β_r·(k_r·k_s)·E_rs (s < r)
+        KK = kc @ _t(kc)
+        dAE = dA * dec.E if dec.gated else dA
+        dbeta = (dAE * KK).sum(-1)
+        G = dAE * bc[..., :, None]
+        _b3(dk).baddbmm_(_b3(G), _b3(kc))
+        _b3(dk).baddbmm_(_b3(_t(G)), _b3(kc))
         # X = β∘e^b∘K, Y = β∘V
-        bx = dec.q(bc[..., None])                                      # β∘e^b, (…, C, 1)
-        dk += dX * bx
+        dk += dX * dec.q(bc[..., None])
         dbeta += (dX * dec.q(kc)).sum(-1) + (dY * vc).sum(-1)
         dv = dY * bc[..., None]
         dg = None
         if dec.gated and ctx.needs_input_grad[4]:
-            dEE = (dOu * QK + dA * bc[..., :, None] * KK) * dec.E        # dL/dE ∘ E
+            dEE += dA * bc[..., :, None] * KK
+            dEE.mul_(dec.E)
             db = dEE.sum(-1) - dEE.sum(-2)
             db += (dQd * qd).sum(-1) + (dX * X).sum(-1)
             kdt = (dKd * kd).sum(-1)
             db -= kdt
-            db[..., -1] += kdt.sum(-1) + (dnext * st).sum((-1, -2)) * dec.a[..., 0]
-            dg = _unchunk(_rcumsum(db)[..., None], N)[..., 0]
+            db[..., -1] += kdt.sum(-1) + (dnext * st).sum((-1, -2)) * a[..., 0, 0]
+            dg = _from_chunks(_rcumsum(db), B, H, N)
         ds0 = dSs[0].reshape(B, H, D, Dv) if s0 is not None and ctx.needs_input_grad[5] else None
-        return (_unchunk(dq, N), _unchunk(dk, N), _unchunk(dv, N), _unchunk(dbeta[..., None], N)[..., 0], dg,
-                ds0, None)
+        return (_from_chunks(dq, B, H, N), _from_chunks(dk, B, H, N), _from_chunks(dv, B, H, N),
+                _from_chunks(dbeta, B, H, N), dg, ds0, None)
 
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, g: torch.Tensor | None = None,
