@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from qkv.linear import (delta_rule, delta_rule_step, linear_attention, linear_attention_step, recurrent_delta_rule,
                         recurrent_linear_attention)
 
-from _oracle import check_fa
+from qkv.testing import check_fa
 
 F64 = torch.float64
 

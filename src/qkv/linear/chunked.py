@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import _validate as _v
+from ._validate import finish_linear, prepare_delta, prepare_linear
 
 __all__ = ["linear_attention", "delta_rule"]
 
@@ -243,7 +243,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         Gradients flow to q, k, v, a decay tensor and initial_state; the backward recomputes the chunk quantities
         (nothing per step or per chunk is stored).
     """
-    c = _v.prepare_linear(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
+    c = prepare_linear(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
                           scale=scale, chunk_size=chunk_size, initial_state=initial_state, eps=eps)
     B, H, N, Fd = c.q.shape
     if N == 0 or B == 0:
@@ -253,7 +253,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         o, S = _linear_noncausal(c.q, c.k, c.v, c.state)
     else:
         o, S = _GatedLinear.apply(c.q, c.k, c.v, c.g, c.state, min(c.chunk_size, N))
-    o = _v.finish_linear(c, o)
+    o = finish_linear(c, o)
     return (o, S) if return_state else o
 
 
@@ -420,7 +420,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     layout. Gradients flow to q, k, v, beta, g and initial_state; the backward recomputes the chunk quantities from
     the inputs and the corrected values ``u`` ``(B, H, N, Dv)`` saved by the forward.
     """
-    c = _v.prepare_delta(q, k, v, beta, g=g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
+    c = prepare_delta(q, k, v, beta, g=g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
                          qk_l2norm=qk_l2norm)
     B, H, N, D = c.q.shape
     if N == 0 or B == 0:

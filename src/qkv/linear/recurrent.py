@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as _v
+from ._validate import DeltaCall, LinearCall, finish_linear, prepare_delta, prepare_linear
 
 __all__ = ["recurrent_linear_attention", "recurrent_delta_rule", "linear_attention_step", "delta_rule_step"]
 
 
-def _linear_recurrence(c: _v.LinearCall):
+def _linear_recurrence(c: LinearCall):
     """Prepared call -> (o (B, H, N, Dv[+1]) compute dtype, final state (B, H, F, Dv[+1]))."""
     B, H, N, Fd = c.q.shape
     S = c.state if c.state is not None else c.q.new_zeros(B, H, Fd, c.v.shape[-1])
@@ -39,7 +39,7 @@ def _linear_recurrence(c: _v.LinearCall):
     return o, S
 
 
-def _delta_recurrence(c: _v.DeltaCall):
+def _delta_recurrence(c: DeltaCall):
     """Prepared call -> (o (B, H, N, Dv) compute dtype, final state (B, H, D, Dv))."""
     B, H, N, D = c.q.shape
     S = c.state if c.state is not None else c.q.new_zeros(B, H, D, c.v.shape[-1])
@@ -66,10 +66,10 @@ def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q, k: ``(B, Hk, N, D)``, v: ``(B, H, N, Dv)`` with ``H % Hk == 0``. ``chunk_size`` is checked and ignored.
     Returns ``o`` ``(B, H, N, Dv)`` (q's dtype), or ``(o, state)`` with ``return_state``.
     """
-    c = _v.prepare_linear(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
+    c = prepare_linear(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
                           scale=scale, chunk_size=chunk_size, initial_state=initial_state, eps=eps)
     o, S = _linear_recurrence(c)
-    o = _v.finish_linear(c, o)
+    o = finish_linear(c, o)
     return (o, S) if return_state else o
 
 
@@ -81,7 +81,7 @@ def recurrent_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
 
     q, k: ``(B, Hk, N, D)``, v: ``(B, H, N, Dv)``, beta and g: ``(B, H, N)``. ``chunk_size`` is checked and ignored.
     """
-    c = _v.prepare_delta(q, k, v, beta, g=g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
+    c = prepare_delta(q, k, v, beta, g=g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
                          qk_l2norm=qk_l2norm)
     o, S = _delta_recurrence(c)
     o = o.to(c.out_dtype)
@@ -98,10 +98,10 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     per-token one is ``(B, H, 1)``). Returns ``o`` ``(B, H, 1, Dv)`` and the state after the token. Equal to
     ``linear_attention(..., initial_state=state, return_state=True)`` on the one token.
     """
-    c = _v.prepare_linear(q, k, v, causal=True, feature_map=feature_map, decay=decay, normalize=normalize,
+    c = prepare_linear(q, k, v, causal=True, feature_map=feature_map, decay=decay, normalize=normalize,
                           scale=scale, chunk_size=1, initial_state=state, eps=eps, step=True)
     o, S = _linear_recurrence(c)
-    return _v.finish_linear(c, o), S
+    return finish_linear(c, o), S
 
 
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -112,7 +112,7 @@ def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: tor
     q, k: ``(B, Hk, 1, D)``, v: ``(B, H, 1, Dv)``, beta and g: ``(B, H, 1)``; ``state``: ``(B, H, D, Dv)`` or None.
     Equal to ``delta_rule(..., initial_state=state, return_state=True)`` on the one token.
     """
-    c = _v.prepare_delta(q, k, v, beta, g=g, scale=scale, chunk_size=1, initial_state=state, qk_l2norm=qk_l2norm,
+    c = prepare_delta(q, k, v, beta, g=g, scale=scale, chunk_size=1, initial_state=state, qk_l2norm=qk_l2norm,
                          step=True)
     o, S = _delta_recurrence(c)
     return o.to(c.out_dtype), S
