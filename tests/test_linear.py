@@ -143,6 +143,23 @@ def test_delta_chunked_equals_recurrent(N, chunk, gated, l2):
     _assert_close(got, ref, what=f"N={N} C={chunk} gated={gated} l2={l2}")
 
 
+@pytest.mark.parametrize("engine", ["linear", "linear-gated", "delta", "delta-gated"])
+def test_segments_of_one_chunk(monkeypatch, engine):
+    # long inputs run segment by segment (a few chunks each, boundary states carried): force one chunk per segment
+    import qkv.linear.chunked as chunked
+    monkeypatch.setattr(chunked, "_SEGMENT_ELEMS", 1)
+    if engine.startswith("linear"):
+        t = _lin_inputs(N=90, decay="tokens" if engine.endswith("gated") else "none", seed=4)
+        fns = (linear_attention, recurrent_linear_attention)
+    else:
+        t = _delta_inputs(N=90, seed=4)
+        if not engine.endswith("gated"):
+            del t["g"]
+        fns = (delta_rule, recurrent_delta_rule)
+    kw = dict(chunk_size=16, normalize=False) if engine.startswith("linear") else dict(chunk_size=16, qk_l2norm=True)
+    _assert_close(_run(fns[0], t, **kw), _run(fns[1], t, **kw), what=engine)
+
+
 def test_gradients_of_state_only_and_output_only():
     t = _lin_inputs(N=50, decay="tokens")
     for fn_c, fn_r, tt, kw in ((linear_attention, recurrent_linear_attention, t, dict(chunk_size=16)),

@@ -143,14 +143,26 @@ def _flat_state(s, BH: int):
     return None if s is None else s.reshape(BH, *s.shape[2:])
 
 
+def _segments(nc: int, BH: int, C: int, width: int):
+    """Chunk ranges [c0, c1) processed together: their temporaries, (chunks, BH, C, C) and (chunks, BH, F, Dv),
+    stay within ~8 MB (fp32), which keeps them in cache and out of fresh page-faulting allocations and bounds the
+    engines' memory to O(N·D) plus one segment whatever N."""
+    per = max(1, _SEGMENT_ELEMS // (BH * max(C * C, width)))
+    return [(c0, min(nc, c0 + per)) for c0 in range(0, nc, per)]
+
+
+_SEGMENT_ELEMS = 1 << 21
+
+
 # ----------------------------------------------------------------------------------------------------------
 # gated linear attention (causal)
 # ----------------------------------------------------------------------------------------------------------
-def _gla_parts(qc, kc, vc, gc, s0):
+def _gla_seg(qc, kc, vc, gc, S):
+    """One segment's chunk quantities from the state S (BH, F, Dv) at its start."""
     dec = _Decay(gc, qc.shape[2], qc.device)
-    P = dec.mask_(qc @ _t(kc))                                       # (nc, BH, C, C)
+    P = dec.mask_(qc @ _t(kc))                                       # (n, BH, C, C)
     kd = dec.k(kc)
-    states = _scan(_t(kd) @ vc, dec.a if dec.gated else None, s0)   # (nc + 1, BH, F, Dv)
+    states = _scan(_t(kd) @ vc, dec.a if dec.gated else None, S)    # (n + 1, BH, F, Dv)
     return dec, P, kd, states
 
 
@@ -161,37 +173,54 @@ class _GatedLinear(torch.autograd.Function):
         Dv = v.shape[-1]
         qc, kc, vc = _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C)
         gc = None if g is None else _to_chunks(g, C)
-        s0f = _flat_state(s0, B * H)
-        dec, P, kd, states = _gla_parts(qc, kc, vc, gc, s0f)
-        nc = qc.shape[0]
-        o = P @ vc
-        _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(states[:nc]))
-        ctx.save_for_backward(qc, kc, vc, gc, s0f)
-        ctx.shape = (B, H, N)
+        nc, BH = qc.shape[:2]
+        S = _flat_state(s0, BH)
+        if S is None:
+            S = q.new_zeros(BH, Fd, Dv)
+        o = q.new_empty(nc, BH, C, Dv)
+        segs = _segments(nc, BH, C, Fd * Dv)
+        starts = q.new_empty(len(segs), BH, Fd, Dv)                     # the state where each segment starts
+        for i, (c0, c1) in enumerate(segs):
+            starts[i].copy_(S)
+            sl = slice(c0, c1)
+            dec, P, kd, states = _gla_seg(qc[sl], kc[sl], vc[sl], None if gc is None else gc[sl], S)
+            torch.matmul(P, vc[sl], out=o[sl])
+            _b3(o[sl]).baddbmm_(_b3(dec.q(qc[sl])), _b3(states[:-1]))
+            S = states[-1]
+        ctx.save_for_backward(qc, kc, vc, gc, starts, S)
+        ctx.shape, ctx.segs, ctx.has_s0 = (B, H, N), segs, s0 is not None
         ctx.set_materialize_grads(False)
-        return _from_chunks(o, B, H, N), states[nc].reshape(B, H, Fd, Dv).clone()
+        return _from_chunks(o, B, H, N), S.reshape(B, H, Fd, Dv).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, ds_final):
-        qc, kc, vc, gc, s0 = ctx.saved_tensors
+        qc, kc, vc, gc, starts, S_final = ctx.saved_tensors
         B, H, N = ctx.shape
         nc, BH, C, Fd = qc.shape
         Dv = vc.shape[-1]
-        dec, P, kd, states = _gla_parts(qc, kc, vc, gc, s0)
-        a = dec.a if dec.gated else None
         doc = _to_chunks(do, C) if do is not None else vc.new_zeros(vc.shape)
         dsf = _flat_state(ds_final, BH)
-        qd = dec.q(qc)
-        dstates = _rscan(_t(qd) @ doc, a, dsf)                          # dL/d(state at each boundary)
-        dnext = dstates[1:]
-        dP = dec.mask_(doc @ _t(vc))
-        dq = dec.q(doc @ _t(states[:nc]))
-        _b3(dq).baddbmm_(_b3(dP), _b3(kc))
-        dk = dec.k(vc @ _t(dnext))
-        _b3(dk).baddbmm_(_b3(_t(dP)), _b3(qc))
-        dv = _t(P) @ doc
-        _b3(dv).baddbmm_(_b3(kd), _b3(dnext))
+        dS = dsf if dsf is not None else qc.new_zeros(BH, Fd, Dv)
+        dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
+        for i in range(len(ctx.segs) - 1, -1, -1):
+            sl = slice(*ctx.segs[i])
+            qs, ks, vs, ds = qc[sl], kc[sl], vc[sl], doc[sl]
+            dec, P, kd, states = _gla_seg(qs, ks, vs, None if gc is None else gc[sl], starts[i])
+            dstates = _rscan(_t(dec.q(qs)) @ ds, dec.a if dec.gated else None, dS)   # dL/d(boundary states)
+            dnext = dstates[1:]
+            dP = dec.mask_(ds @ _t(vs))
+            torch.matmul(ds, _t(states[:-1]), out=dq[sl])
+            if dec.gated:
+                dq[sl].mul_(dec.eb)
+            _b3(dq[sl]).baddbmm_(_b3(dP), _b3(ks))
+            torch.matmul(vs, _t(dnext), out=dk[sl])
+            if dec.gated:
+                dk[sl].mul_(dec.ekd)
+            _b3(dk[sl]).baddbmm_(_b3(_t(dP)), _b3(qs))
+            torch.matmul(_t(P), ds, out=dv[sl])
+            _b3(dv[sl]).baddbmm_(_b3(kd), _b3(dnext))
+            dS = dstates[0]
         dg = None
         if gc is not None and ctx.needs_input_grad[3]:
             # With B_t the log-decay summed from the sequence start, every term of the outputs and of the final
@@ -200,8 +229,8 @@ class _GatedLinear(torch.autograd.Function):
             dB = _from_chunks((qc * dq).sum(-1) - (kc * dk).sum(-1), B, H, N)
             dg = _rcumsum(dB)
             if dsf is not None:
-                dg = dg + (dsf * states[nc]).sum((-1, -2)).view(B, H, 1)
-        ds0 = dstates[0].reshape(B, H, Fd, Dv) if s0 is not None and ctx.needs_input_grad[4] else None
+                dg = dg + (dsf * S_final).sum((-1, -2)).view(B, H, 1)
+        ds0 = dS.reshape(B, H, Fd, Dv) if ctx.has_s0 and ctx.needs_input_grad[4] else None
         return (_from_chunks(dq, B, H, N), _from_chunks(dk, B, H, N), _from_chunks(dv, B, H, N), dg, ds0, None)
 
 
@@ -286,6 +315,99 @@ def _delta_parts(qc, kc, vc, bc, dec):
     return T, X, Z
 
 
+def _delta_seg_fwd(qc, kc, vc, bc, gc, S, o, us):
+    """One segment of the delta rule from the state S (BH, D, Dv) at its start: writes the outputs o and the
+    corrected values us (n, BH, C, Dv) of its chunks; returns the state at its end."""
+    n, BH, C, D = qc.shape
+    Dv = vc.shape[-1]
+    dec = _Decay(gc, C, qc.device)
+    T, X, Z = _delta_parts(qc, kc, vc, bc, dec)
+    W, U0 = Z[..., :D], Z[..., D:]
+    kdT = _t(dec.k(kc))
+    a = dec.a if dec.gated else None
+    # the scan: u_c = U0_c − W_c·S_c;  S_{c+1} = a_c·S_c + Kd_cᵀ·u_c
+    Ss = qc.new_empty(n + 1, BH, D, Dv)
+    Ss[0].copy_(S)
+    for c in range(n):
+        torch.baddbmm(U0[c], W[c], Ss[c], alpha=-1.0, out=us[c])
+        torch.baddbmm(Ss[c] * a[c] if a is not None else Ss[c], kdT[c], us[c], out=Ss[c + 1])
+    torch.matmul(dec.mask_(qc @ _t(kc)), us, out=o)
+    _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(Ss[:n]))
+    return Ss[n]
+
+
+def _delta_seg_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
+    """The backward of one segment: from the state S at its start, its saved corrected values us, the output
+    gradients doc and the gradient dS of the state at its end, writes dq, dk, dv, dbeta and db (the gradient of the
+    in-chunk cumulative log-decays; None without decay) for its chunks; returns the gradient of S."""
+    n, BH, C, D = qc.shape
+    Dv = vc.shape[-1]
+    dec = _Decay(gc, C, qc.device)
+    T, X, Z = _delta_parts(qc, kc, vc, bc, dec)
+    W = Z[..., :D]
+    kd = dec.k(kc)
+    a = dec.a if dec.gated else None
+    st = _scan(_t(kd) @ us, a, S)[:n]                                 # states at the chunk starts
+    QK = qc @ _t(kc)
+    qd = dec.q(qc)
+    PdO = _t(dec.mask_(QK.clone())) @ doc
+    QdO = _t(qd) @ doc
+    # reverse scan: du_c = P_cᵀ·dO_c + Kd_c·dS_{c+1};  dS_c = a_c·dS_{c+1} + Qd_cᵀ·dO_c − W_cᵀ·du_c
+    dus = qc.new_empty(n, BH, C, Dv)
+    dSs = qc.new_empty(n + 1, BH, D, Dv)
+    dSs[n].copy_(dS)
+    for c in range(n - 1, -1, -1):
+        torch.baddbmm(PdO[c], kd[c], dSs[c + 1], out=dus[c])
+        if a is not None:
+            torch.addcmul(QdO[c], dSs[c + 1], a[c], out=dSs[c])
+        else:
+            torch.add(QdO[c], dSs[c + 1], out=dSs[c])
+        dSs[c].baddbmm_(_t(W[c]), dus[c], alpha=-1.0)
+    dnext = dSs[1:]
+
+    # o = (QK∘E)·u + Qd·S
+    dOu = doc @ _t(us)
+    dEE = dOu * QK if dec.gated else None                            # dL/dE (before ∘E), first part
+    dP = dec.mask_(dOu)                                              # dL/d(Q·Kᵀ)
+    dQd = doc @ _t(st)
+    if dec.gated:
+        torch.mul(dQd, dec.eb, out=dq)
+    else:
+        dq.copy_(dQd)
+    _b3(dq).baddbmm_(_b3(dP), _b3(kc))
+    torch.matmul(_t(dP), qc, out=dk)
+    # S' = a·S + Kdᵀ·u
+    dKd = us @ _t(dnext)
+    dk += dec.k(dKd)
+    # u = U0 − W·S, [W | U0] = T·[X | Y]  ->  d[X | Y] = Tᵀ·d[W | U0],  dA = −tril₋₁(d[X | Y]·[W | U0]ᵀ)
+    dZ = qc.new_empty(n, BH, C, D + Dv)
+    torch.matmul(dus, _t(st), out=dZ[..., :D]).neg_()
+    dZ[..., D:].copy_(dus)
+    dXY = _t(T) @ dZ
+    dA = (dXY @ _t(Z)).tril_(-1).neg_()
+    dX, dY = dXY[..., :D], dXY[..., D:]
+    # A = β_r·(k_r·k_s)·E_rs (s < r)
+    KK = kc @ _t(kc)
+    dAE = dA * dec.E if dec.gated else dA
+    torch.sum(dAE * KK, -1, out=dbeta)
+    G = dAE * bc[..., :, None]
+    _b3(dk).baddbmm_(_b3(G), _b3(kc))
+    _b3(dk).baddbmm_(_b3(_t(G)), _b3(kc))
+    # X = β∘e^b∘K, Y = β∘V
+    dk += dX * dec.q(bc[..., None])
+    dbeta += (dX * dec.q(kc)).sum(-1) + (dY * vc).sum(-1)
+    torch.mul(dY, bc[..., None], out=dv)
+    if db is not None:
+        dEE += dA * bc[..., :, None] * KK
+        dEE.mul_(dec.E)
+        torch.sub(dEE.sum(-1), dEE.sum(-2), out=db)
+        db += (dQd * qd).sum(-1) + (dX * X).sum(-1)
+        kdt = (dKd * kd).sum(-1)
+        db -= kdt
+        db[..., -1] += kdt.sum(-1) + (dnext * st).sum((-1, -2)) * a[..., 0, 0]
+    return dSs[0]
+
+
 class _GatedDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, C):
@@ -294,103 +416,40 @@ class _GatedDelta(torch.autograd.Function):
         qc, kc, vc, bc = (_to_chunks(x, C) for x in (q, k, v, beta))
         gc = None if g is None else _to_chunks(g, C)
         nc, BH = qc.shape[:2]
-        dec = _Decay(gc, C, q.device)
-        T, X, Z = _delta_parts(qc, kc, vc, bc, dec)
-        W, U0 = Z[..., :D], Z[..., D:]
-        kdT = _t(dec.k(kc))
-        a = dec.a if dec.gated else None
-        # the scan: u_c = U0_c − W_c·S_c;  S_{c+1} = a_c·S_c + Kd_cᵀ·u_c
+        S = _flat_state(s0, BH)
+        if S is None:
+            S = q.new_zeros(BH, D, Dv)
+        o = q.new_empty(nc, BH, C, Dv)
         us = q.new_empty(nc, BH, C, Dv)
-        Ss = q.new_empty(nc + 1, BH, D, Dv)
-        if s0 is None:
-            Ss[0].zero_()
-        else:
-            Ss[0].copy_(s0.reshape(BH, D, Dv))
-        for c in range(nc):
-            torch.baddbmm(U0[c], W[c], Ss[c], alpha=-1.0, out=us[c])
-            torch.baddbmm(Ss[c] * a[c] if a is not None else Ss[c], kdT[c], us[c], out=Ss[c + 1])
-        o = dec.mask_(qc @ _t(kc)) @ us
-        _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(Ss[:nc]))
-        ctx.save_for_backward(qc, kc, vc, bc, gc, _flat_state(s0, BH), us)
-        ctx.shape = (B, H, N)
+        segs = _segments(nc, BH, C, max(D * Dv, C * (D + Dv)))
+        starts = q.new_empty(len(segs), BH, D, Dv)
+        for i, (c0, c1) in enumerate(segs):
+            starts[i].copy_(S)
+            sl = slice(c0, c1)
+            S = _delta_seg_fwd(qc[sl], kc[sl], vc[sl], bc[sl], None if gc is None else gc[sl], S, o[sl], us[sl])
+        ctx.save_for_backward(qc, kc, vc, bc, gc, starts, us)
+        ctx.shape, ctx.segs, ctx.has_s0 = (B, H, N), segs, s0 is not None
         ctx.set_materialize_grads(False)
-        return _from_chunks(o, B, H, N), Ss[nc].reshape(B, H, D, Dv).clone()
+        return _from_chunks(o, B, H, N), S.reshape(B, H, D, Dv).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, ds_final):
-        qc, kc, vc, bc, gc, s0, us = ctx.saved_tensors
+        qc, kc, vc, bc, gc, starts, us = ctx.saved_tensors
         B, H, N = ctx.shape
         nc, BH, C, D = qc.shape
         Dv = vc.shape[-1]
-        dec = _Decay(gc, C, qc.device)
-        T, X, Z = _delta_parts(qc, kc, vc, bc, dec)
-        W = Z[..., :D]
-        kd = dec.k(kc)
-        a = dec.a if dec.gated else None
-        Ss = _scan(_t(kd) @ us, a, s0)                                  # (nc + 1, BH, D, Dv)
-        st = Ss[:nc]
         doc = _to_chunks(do, C) if do is not None else vc.new_zeros(vc.shape)
-        QK = qc @ _t(kc)
-        qd = dec.q(qc)
-        PdO = _t(dec.mask_(QK.clone())) @ doc
-        QdO = _t(qd) @ doc
-        # reverse scan: du_c = P_cᵀ·dO_c + Kd_c·dS_{c+1};  dS_c = a_c·dS_{c+1} + Qd_cᵀ·dO_c − W_cᵀ·du_c
-        dus = qc.new_empty(nc, BH, C, Dv)
-        dSs = qc.new_empty(nc + 1, BH, D, Dv)
-        if ds_final is None:
-            dSs[nc].zero_()
-        else:
-            dSs[nc].copy_(ds_final.reshape(BH, D, Dv))
-        for c in range(nc - 1, -1, -1):
-            torch.baddbmm(PdO[c], kd[c], dSs[c + 1], out=dus[c])
-            if a is not None:
-                torch.addcmul(QdO[c], dSs[c + 1], a[c], out=dSs[c])
-            else:
-                torch.add(QdO[c], dSs[c + 1], out=dSs[c])
-            dSs[c].baddbmm_(_t(W[c]), dus[c], alpha=-1.0)
-        dnext = dSs[1:]
-
-        # o = (QK∘E)·u + Qd·S
-        dOu = doc @ _t(us)
-        dEE = dOu * QK if dec.gated else None                          # dL/dE (before ∘E), first part
-        dP = dec.mask_(dOu)                                              # dL/d(Q·Kᵀ)
-        dQd = doc @ _t(st)
-        dq = dec.q(dQd)
-        _b3(dq).baddbmm_(_b3(dP), _b3(kc))
-        dk = _t(dP) @ qc
-        # S' = a·S + Kdᵀ·u
-        dKd = us @ _t(dnext)
-        dk += dec.k(dKd)
-        # u = U0 − W·S, [W | U0] = T·[X | Y]  ->  d[X | Y] = Tᵀ·d[W | U0],  dA = −tril₋₁(d[X | Y]·[W | U0]ᵀ)
-        dZ = qc.new_empty(nc, BH, C, D + Dv)
-        torch.matmul(dus, _t(st), out=dZ[..., :D]).neg_()
-        dZ[..., D:].copy_(dus)
-        dXY = _t(T) @ dZ
-        dA = (dXY @ _t(Z)).tril_(-1).neg_()
-        dX, dY = dXY[..., :D], dXY[..., D:]
-        # A = β_r·(k_r·k_s)·E_rs (s < r)
-        KK = kc @ _t(kc)
-        dAE = dA * dec.E if dec.gated else dA
-        dbeta = (dAE * KK).sum(-1)
-        G = dAE * bc[..., :, None]
-        _b3(dk).baddbmm_(_b3(G), _b3(kc))
-        _b3(dk).baddbmm_(_b3(_t(G)), _b3(kc))
-        # X = β∘e^b∘K, Y = β∘V
-        dk += dX * dec.q(bc[..., None])
-        dbeta += (dX * dec.q(kc)).sum(-1) + (dY * vc).sum(-1)
-        dv = dY * bc[..., None]
-        dg = None
-        if dec.gated and ctx.needs_input_grad[4]:
-            dEE += dA * bc[..., :, None] * KK
-            dEE.mul_(dec.E)
-            db = dEE.sum(-1) - dEE.sum(-2)
-            db += (dQd * qd).sum(-1) + (dX * X).sum(-1)
-            kdt = (dKd * kd).sum(-1)
-            db -= kdt
-            db[..., -1] += kdt.sum(-1) + (dnext * st).sum((-1, -2)) * a[..., 0, 0]
-            dg = _from_chunks(_rcumsum(db), B, H, N)
-        ds0 = dSs[0].reshape(B, H, D, Dv) if s0 is not None and ctx.needs_input_grad[5] else None
+        dS = ds_final.reshape(BH, D, Dv) if ds_final is not None else qc.new_zeros(BH, D, Dv)
+        dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
+        dbeta = torch.empty_like(bc)
+        db = torch.empty_like(gc) if gc is not None and ctx.needs_input_grad[4] else None
+        for i in range(len(ctx.segs) - 1, -1, -1):
+            sl = slice(*ctx.segs[i])
+            dS = _delta_seg_bwd(qc[sl], kc[sl], vc[sl], bc[sl], None if gc is None else gc[sl], starts[i], us[sl],
+                                doc[sl], dS, dq[sl], dk[sl], dv[sl], dbeta[sl], None if db is None else db[sl])
+        dg = _from_chunks(_rcumsum(db), B, H, N) if db is not None else None
+        ds0 = dS.reshape(B, H, D, Dv) if ctx.has_s0 and ctx.needs_input_grad[5] else None
         return (_from_chunks(dq, B, H, N), _from_chunks(dk, B, H, N), _from_chunks(dv, B, H, N),
                 _from_chunks(dbeta, B, H, N), dg, ds0, None)
 

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prefix:P, joined by '+'. Providers: auto tiled triton reference sdpa "
                                    "sdpa-flash sdpa-efficient sdpa-cudnn sdpa-math flex naive (groups: qkv, "
                                    "sdpa-all). On CPU flex is opt-in (its first compile takes ~30 s).")
+    b.add_argument("--kind", choices=["attention", "linear"], default="attention",
+                   help="linear: qkv's exact engines against the O(N) linear-attention family (default providers "
+                        "auto linear linear-decay deltanet, causal, N from 512 to 16384): where the quadratic cost "
+                        "overtakes the linear one on this machine")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     b.add_argument("--dtype", nargs="+", default=None, metavar="DT", help="fp32 bf16 fp16 fp64 (default fp32 on "
                    "CPU, bf16 on CUDA)")
@@ -102,12 +106,14 @@ def _bench(a) -> int:
             raise bench.BenchError(f"unknown shape set {a.shapes!r}; choose from {', '.join(bench.SHAPE_SETS)}")
         shapes = bench.SHAPE_SETS[a.shapes]
     pick = (lambda v, k, d: v if v is not None else shapes.get(k, d))
+    linear = a.kind == "linear"
     cfg = bench.Config(device=device,
                        dtypes=a.dtype or (["bf16"] if str(device).startswith("cuda") else ["fp32"]),
-                       seqlens=pick(a.seqlens, "seqlens", [512, 1024, 2048]),
+                       seqlens=pick(a.seqlens, "seqlens", [512 << i for i in range(6)] if linear
+                                    else [512, 1024, 2048]),
                        batch=pick(a.batch, "batch", 1), heads=pick(a.heads, "heads", 8),
                        head_dim=pick(a.head_dim, "head_dim", 64), masks=a.mask, modes=a.mode,
-                       providers=a.providers, reps=a.reps, warmup=a.warmup, budget_s=a.budget,
+                       providers=a.providers or (bench.LINEAR_DEFAULT if linear else None), reps=a.reps, warmup=a.warmup, budget_s=a.budget,
                        memory=a.memory, seed=a.seed, progress=not a.quiet)
     cfg.validate()  # bad requests fail here, before any output file is touched
     result = bench.run(cfg)

@@ -30,11 +30,11 @@ that reports its resident-set growth (setup such as a dense mask, plus the call'
 ``/proc/self/clear_refs``; ``ru_maxrss`` where that is missing). A point that runs out of memory, exceeds the
 time budget, or is refused is recorded with its status and the sweep goes on.
 """
-from .providers import ALIASES, PROVIDERS, Provider, default_providers, resolve_providers
+from .providers import ALIASES, LINEAR_DEFAULT, PROVIDERS, Provider, default_providers, resolve_providers
 from .report import format_table, plot, write_json
 from .specs import DTYPE_NAMES, DTYPES, MODES, SCHEMA, SHAPE_SETS, BenchError, Case, MaskSpec, parse_mask
 from .timing import Config, run
 
-__all__ = ["ALIASES", "PROVIDERS", "Provider", "default_providers", "resolve_providers", "format_table", "plot",
+__all__ = ["ALIASES", "LINEAR_DEFAULT", "PROVIDERS", "Provider", "default_providers", "resolve_providers", "format_table", "plot",
            "write_json", "DTYPE_NAMES", "DTYPES", "MODES", "SCHEMA", "SHAPE_SETS", "BenchError", "Case",
            "MaskSpec", "parse_mask", "Config", "run"]

@@ -12,7 +12,7 @@ import torch
 
 from .specs import BenchError, Case, MaskSpec
 
-__all__ = ["Provider", "PROVIDERS", "ALIASES", "default_providers", "resolve_providers"]
+__all__ = ["Provider", "PROVIDERS", "ALIASES", "LINEAR_DEFAULT", "default_providers", "resolve_providers"]
 
 # --------------------------------------------------------------------------------------------- providers
 def _qkv():
@@ -42,7 +42,7 @@ def _cuda_ok(device: str) -> tuple[bool, str]:
 class Provider:
     name: str
     label: str
-    family: str                                  # qkv | sdpa | flex | naive
+    family: str                                  # qkv | sdpa | flex | naive | linear
     doc: str
     _available: Callable[[str], tuple[bool, str]]
     _build: Callable[["Case", dict], Callable]   # (case, state) -> fn(q, k, v) -> out
@@ -202,6 +202,56 @@ def _naive_build(case: Case, info: dict):
     return fn
 
 
+def _linear_build(kind: str):
+    """qkv.linear's O(N) family, causal (or unmasked for plain linear attention): not softmax attention, so the
+    sweep times it beside the exact engines to show where the quadratic cost overtakes it."""
+    def build(case: Case, info: dict):
+        spec = case.spec
+        if not (spec.is_none or spec.only_causal):
+            raise NotImplementedError(f"the linear-attention family takes no mask but causal, got {case.mask!r}")
+        causal = spec.only_causal
+        if kind != "linear" and not causal:
+            raise NotImplementedError(f"{kind} is causal only")
+        lin = _qkv().linear
+        g = torch.Generator().manual_seed(1)
+        shape = (case.B, case.H, case.N)
+        info["mask_form"] = f"causal={causal}"
+        if kind == "linear":
+            def fn(q, k, v):
+                return lin.linear_attention(q, k, v, causal=causal)
+        elif kind == "linear-decay":
+            decay = (-0.1 * torch.rand(shape, generator=g)).to(case.device)
+
+            def fn(q, k, v):
+                return lin.linear_attention(q, k, v, decay=decay)
+        else:
+            beta = torch.rand(shape, generator=g).to(case.device)
+            decay = (-0.1 * torch.rand(shape, generator=g)).to(case.device)
+
+            def fn(q, k, v):
+                return lin.delta_rule(q, k, v, beta, g=decay, qk_l2norm=True)
+        return fn
+    return build
+
+
+def _linear_providers() -> list[Provider]:
+    ok = (lambda d: (True, "qkv.linear, chunked, torch ops") if d == "cpu" or torch.cuda.is_available()
+          else (False, "no CUDA device"))
+    return [
+        Provider("linear", "qkv linear (elu+1, normalised)", "linear",
+                 "qkv.linear_attention(q, k, v): φ(q)·(φ(k)ᵀ·v) / φ(q)·Σφ(k)", ok, _linear_build("linear")),
+        Provider("linear-decay", "qkv linear, per-token decay", "linear",
+                 "qkv.linear_attention(q, k, v, decay=(B,H,N) log-decays): Mamba-2 SSD / GLA form", ok,
+                 _linear_build("linear-decay")),
+        Provider("deltanet", "qkv gated delta rule", "linear",
+                 "qkv.linear.delta_rule(q, k, v, beta, g=..., qk_l2norm=True): Gated DeltaNet (Qwen3-Next)", ok,
+                 _linear_build("deltanet")),
+    ]
+
+
+LINEAR_DEFAULT = ["auto", "linear", "linear-decay", "deltanet"]
+
+
 def _qkv_providers() -> list[Provider]:
     """``auto`` and one provider per engine of qkv's registry (``qkv.backends()``), in its order. qkv's ``sdpa``
     engine is PyTorch's SDPA, which the ``sdpa`` providers below time directly."""
@@ -233,14 +283,15 @@ def _registry() -> dict[str, Provider]:
         Provider("naive", "naive math", "naive", "softmax(q·kᵀ/√d, masked)·v, materialised",
                  lambda d: (True, "materialises the N×N scores") if d == "cpu" or torch.cuda.is_available()
                  else (False, "no CUDA device"), _naive_build),
-    ]
+    ] + _linear_providers()
     return {p.name: p for p in ps}
 
 
 PROVIDERS = _registry()
 ALIASES = {"qkv": [p.name for p in PROVIDERS.values() if p.family == "qkv"], "sdpa-all": ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
                                                             "sdpa-math"],
-           "torch": ["sdpa", "flex"], "flex_attention": ["flex"], "math": ["naive"]}
+           "torch": ["sdpa", "flex"], "flex_attention": ["flex"], "math": ["naive"],
+           "linear-all": ["linear", "linear-decay", "deltanet"]}
 
 
 def default_providers(device: str) -> list[str]:
