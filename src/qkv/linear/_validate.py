@@ -2,14 +2,14 @@
 recurrent oracles and the one-token step functions, so that all of them refuse the same calls with the same
 words and compute on the same prepared tensors.
 
-Every check runs before any work. A prepared call holds the tensors the engines run on, in the compute dtype
-(fp64 for fp64 inputs, fp32 otherwise), with the query/key heads already expanded to the value heads:
+Every check runs before any work. A validated call's ``features(t0, t1)`` prepares a range of tokens for the
+engines, in the compute dtype (fp64 for fp64 inputs, fp32 otherwise), with the query/key heads expanded to the
+value heads (the chunked functions prepare the sequence a segment at a time, so that no full-length temporary is
+made; the oracles take it whole):
 
-* linear attention: ``q`` ``(B, H, N, F)`` = ``scale · φ(q)``, ``k`` ``(B, H, N, F)`` = ``φ(k)``, ``v``
-  ``(B, H, N, Dv)`` (``Dv + 1`` columns with ``normalize``: the last is all ones, so the state carries
-  ``Σ φ(k)``), ``g`` ``(B, H, N)`` log-decays or None, ``state`` ``(B, H, F, Dv[+1])`` or None;
-* delta rule: ``q`` ``(B, H, N, D)`` (scaled, l2-normalised if asked), ``k`` ``(B, H, N, D)``, ``v``, ``beta``
-  ``(B, H, N)``, ``g`` or None, ``state`` ``(B, H, D, Dv)`` or None.
+* linear attention: ``scale·φ(q)`` and ``φ(k)`` ``(B, H, n, F)``, ``v`` ``(B, H, n, Dv)`` (``Dv + 1`` columns with
+  ``normalize``: the last is all ones, so the state carries ``Σφ(k)``), log-decays ``(B, H, n)`` or None;
+* delta rule: ``q`` (l2-normalised if asked, scaled), ``k`` ``(B, H, n, D)``, ``v``, ``beta`` and ``g``.
 """
 from __future__ import annotations
 
@@ -128,17 +128,53 @@ def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class LinearCall:
-    q: torch.Tensor                 # (B, H, N, F): scale · φ(q), compute dtype
-    k: torch.Tensor                 # (B, H, N, F): φ(k)
-    v: torch.Tensor                 # (B, H, N, Dv[+1])
-    g: torch.Tensor | None          # (B, H, N) log-decays, or None
+    """A validated linear-attention call; ``features(t0, t1)`` prepares the tokens [t0, t1) for the engines."""
+    q: torch.Tensor                 # (B, Hk, N, D) as given
+    k: torch.Tensor
+    v: torch.Tensor                 # (B, H, N, Dv)
+    g: torch.Tensor | None          # (B, H, N) log-decays in the compute dtype (possibly an expanded view), or None
     state: torch.Tensor | None      # (B, H, F, Dv[+1]) or None
+    fmap: Callable
+    custom_map: bool
+    scale: float | None
     causal: bool
     normalize: bool
     eps: float
     chunk_size: int
-    dv: int                         # Dv of the caller's v (without the normaliser column)
+    cd: torch.dtype                 # compute dtype
     out_dtype: torch.dtype
+
+    @property
+    def dv(self) -> int:
+        return self.v.shape[-1]
+
+    def features(self, t0: int, t1: int):
+        """(scale·φ(q), φ(k), v[, 1], g) for tokens [t0, t1): (B, H, n, F), (B, H, n, F), (B, H, n, Dv[+1]),
+        (B, H, n) or None, in the compute dtype, the query/key heads expanded to the value heads."""
+        q, k, v = self.q[:, :, t0:t1], self.k[:, :, t0:t1], self.v[:, :, t0:t1]
+        B, H, n = v.shape[:3]
+        qf, kf = self.fmap(q.to(self.cd)), self.fmap(k.to(self.cd))
+        if self.custom_map:
+            for name, x, t in (("q", qf, q), ("k", kf, k)):
+                if not isinstance(x, torch.Tensor) or x.ndim != 4 or _shape(x)[:3] != _shape(t)[:3]:
+                    raise ValueError(f"feature_map({name}) must return a (B, Hk, N, F) tensor, got "
+                                     f"{_shape(x) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            if qf.shape[-1] != kf.shape[-1]:
+                raise ValueError(f"feature_map gave q and k different feature sizes: {qf.shape[-1]} and "
+                                 f"{kf.shape[-1]}")
+            qf, kf = qf.to(self.cd), kf.to(self.cd)
+            if self.state is not None:
+                _check_state(self.state, B, H, qf.shape[-1], self.dv + self.normalize, self.cd, q.device,
+                             _NORM_COL if self.normalize else "")
+        qf = qf * (1.0 / math.sqrt(qf.shape[-1]) if self.scale is None else self.scale)
+        qf, kf = _expand_heads(qf, H), _expand_heads(kf, H)
+        vv = v.to(self.cd)
+        if self.normalize:
+            vv = torch.cat([vv, torch.ones(B, H, n, 1, dtype=self.cd, device=v.device)], dim=-1)
+        return qf, kf, vv, None if self.g is None else self.g[:, :, t0:t1]
+
+
+_NORM_COL = " (the last column is the normaliser Σφ(k))"
 
 
 def _feature_map(feature_map) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -160,7 +196,7 @@ def _decay(decay, B: int, H: int, N: int, device, dtype) -> torch.Tensor | None:
     if isinstance(decay, Real) and not isinstance(decay, bool):
         if not 0.0 < float(decay) <= 1.0:
             raise ValueError(f"decay must lie in (0, 1] (a factor per step), got {decay!r}")
-        return torch.full((B, H, N), math.log(float(decay)), dtype=dtype, device=device)
+        return torch.tensor(math.log(float(decay)), dtype=dtype, device=device).expand(B, H, N)
     if not isinstance(decay, torch.Tensor):
         raise TypeError(f"decay must be None, a number in (0, 1], a (H,) tensor of factors or a (B, H, N) tensor "
                         f"of log-decays, got {type(decay).__name__}")
@@ -206,31 +242,10 @@ def prepare_linear(q, k, v, *, causal, feature_map, decay, normalize, scale, chu
         normalize = decay is None
     if initial_state is not None and not isinstance(initial_state, torch.Tensor):
         raise TypeError(f"initial_state must be a tensor or None, got {type(initial_state).__name__}")
-    if not callable(feature_map):   # the feature size is known before any work
-        extra = " (the last column is the normaliser Σφ(k))" if normalize else ""
-        if initial_state is not None:
-            _check_state(initial_state, B, H, D, Dv + normalize, cd, q.device, extra)
-
-    # ---- work: features, heads, normaliser column
-    qf, kf = fmap(q.to(cd)), fmap(k.to(cd))
-    if callable(feature_map):
-        for name, x, t in (("q", qf, q), ("k", kf, k)):
-            if not isinstance(x, torch.Tensor) or x.ndim != 4 or _shape(x)[:3] != _shape(t)[:3]:
-                raise ValueError(f"feature_map({name}) must return a (B, Hk, N, F) tensor, got "
-                                 f"{_shape(x) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if qf.shape[-1] != kf.shape[-1]:
-            raise ValueError(f"feature_map gave q and k different feature sizes: {qf.shape[-1]} and {kf.shape[-1]}")
-        qf, kf = qf.to(cd), kf.to(cd)
-        if initial_state is not None:
-            extra = " (the last column is the normaliser Σφ(k))" if normalize else ""
-            _check_state(initial_state, B, H, qf.shape[-1], Dv + normalize, cd, q.device, extra)
-    Fdim = qf.shape[-1]
-    qf = qf * (1.0 / math.sqrt(Fdim) if scale is None else scale)
-    qf, kf = _expand_heads(qf, H), _expand_heads(kf, H)
-    vv = v.to(cd)
-    if normalize:
-        vv = torch.cat([vv, torch.ones(B, H, N, 1, dtype=cd, device=v.device)], dim=-1)
-    return LinearCall(qf, kf, vv, g, initial_state, causal, normalize, float(eps), chunk_size, Dv, q.dtype)
+    if initial_state is not None and not callable(feature_map):   # the feature size is known before any work
+        _check_state(initial_state, B, H, D, Dv + normalize, cd, q.device, _NORM_COL if normalize else "")
+    return LinearCall(q, k, v, g, initial_state, fmap, callable(feature_map), scale, causal, normalize, float(eps),
+                      chunk_size, cd, q.dtype)
 
 
 def finish_linear(call: LinearCall, o: torch.Tensor) -> torch.Tensor:
@@ -249,14 +264,29 @@ def finish_linear(call: LinearCall, o: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class DeltaCall:
-    q: torch.Tensor                 # (B, H, N, D), scaled (and l2-normalised if asked), compute dtype
-    k: torch.Tensor                 # (B, H, N, D)
+    """A validated delta-rule call; ``features(t0, t1)`` prepares the tokens [t0, t1) for the engines."""
+    q: torch.Tensor                 # (B, Hk, N, D) as given
+    k: torch.Tensor
     v: torch.Tensor                 # (B, H, N, Dv)
     beta: torch.Tensor              # (B, H, N)
-    g: torch.Tensor | None          # (B, H, N) log-decays, or None
+    g: torch.Tensor | None          # (B, H, N) or None
     state: torch.Tensor | None      # (B, H, D, Dv) or None
+    scale: float
+    qk_l2norm: bool
     chunk_size: int
+    cd: torch.dtype
     out_dtype: torch.dtype
+
+    def features(self, t0: int, t1: int):
+        """(q, k, v, beta, g) for tokens [t0, t1) in the compute dtype: q, k l2-normalised if asked, q scaled, the
+        query/key heads expanded to the value heads."""
+        H = self.v.shape[1]
+        q, k = self.q[:, :, t0:t1].to(self.cd), self.k[:, :, t0:t1].to(self.cd)
+        if self.qk_l2norm:
+            q, k = l2norm(q), l2norm(k)
+        q = _expand_heads(q * self.scale, H)
+        return (q, _expand_heads(k, H), self.v[:, :, t0:t1].to(self.cd), self.beta[:, :, t0:t1].to(self.cd),
+                None if self.g is None else self.g[:, :, t0:t1].to(self.cd))
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -286,10 +316,5 @@ def prepare_delta(q, k, v, beta, *, g, scale, chunk_size, initial_state, qk_l2no
     if initial_state is not None:
         _check_state(initial_state, B, H, D, Dv, cd, q.device)
 
-    qq, kk = q.to(cd), k.to(cd)
-    if qk_l2norm:
-        qq, kk = l2norm(qq), l2norm(kk)
-    qq = qq * (1.0 / math.sqrt(D) if scale is None else scale)
-    qq, kk = _expand_heads(qq, H), _expand_heads(kk, H)
-    return DeltaCall(qq, kk, v.to(cd), beta.to(cd), None if g is None else g.to(cd), initial_state, chunk_size,
-                     q.dtype)
+    return DeltaCall(q, k, v, beta, g, initial_state, 1.0 / math.sqrt(D) if scale is None else scale, qk_l2norm,
+                     chunk_size, cd, q.dtype)

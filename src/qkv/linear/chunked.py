@@ -143,12 +143,13 @@ def _flat_state(s, BH: int):
     return None if s is None else s.reshape(BH, *s.shape[2:])
 
 
-def _segments(nc: int, BH: int, C: int, width: int):
-    """Chunk ranges [c0, c1) processed together: their temporaries, (chunks, BH, C, C) and (chunks, BH, F, Dv),
-    stay within ~8 MB (fp32), which keeps them in cache and out of fresh page-faulting allocations and bounds the
-    engines' memory to O(N·D) plus one segment whatever N."""
-    per = max(1, _SEGMENT_ELEMS // (BH * max(C * C, width)))
-    return [(c0, min(nc, c0 + per)) for c0 in range(0, nc, per)]
+def _segment_len(BH: int, C: int, F: int, Dv: int) -> int:
+    """Tokens per segment (a multiple of C): the public functions run a long sequence as a chain of segments
+    joined by the state, so that every temporary, (chunks, BH, C, C) and (chunks, BH, F, Dv) included, stays
+    within ~8 MB (fp32). That keeps the work in cache and out of fresh, page-faulting allocations (glibc maps
+    blocks over 32 MB anew on every call) and bounds the memory beyond the inputs and outputs, whatever N."""
+    per = max(1, _SEGMENT_ELEMS // (BH * max(C * C, F * Dv, C * (F + Dv))))
+    return per * C
 
 
 _SEGMENT_ELEMS = 1 << 21
@@ -157,7 +158,7 @@ _SEGMENT_ELEMS = 1 << 21
 # ----------------------------------------------------------------------------------------------------------
 # gated linear attention (causal)
 # ----------------------------------------------------------------------------------------------------------
-def _gla_seg(qc, kc, vc, gc, S):
+def _gla_parts(qc, kc, vc, gc, S):
     """One segment's chunk quantities from the state S (BH, F, Dv) at its start."""
     dec = _Decay(gc, qc.shape[2], qc.device)
     P = dec.mask_(qc @ _t(kc))                                       # (n, BH, C, C)
@@ -173,64 +174,45 @@ class _GatedLinear(torch.autograd.Function):
         Dv = v.shape[-1]
         qc, kc, vc = _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C)
         gc = None if g is None else _to_chunks(g, C)
-        nc, BH = qc.shape[:2]
-        S = _flat_state(s0, BH)
-        if S is None:
-            S = q.new_zeros(BH, Fd, Dv)
-        o = q.new_empty(nc, BH, C, Dv)
-        segs = _segments(nc, BH, C, Fd * Dv)
-        starts = q.new_empty(len(segs), BH, Fd, Dv)                     # the state where each segment starts
-        for i, (c0, c1) in enumerate(segs):
-            starts[i].copy_(S)
-            sl = slice(c0, c1)
-            dec, P, kd, states = _gla_seg(qc[sl], kc[sl], vc[sl], None if gc is None else gc[sl], S)
-            torch.matmul(P, vc[sl], out=o[sl])
-            _b3(o[sl]).baddbmm_(_b3(dec.q(qc[sl])), _b3(states[:-1]))
-            S = states[-1]
-        ctx.save_for_backward(qc, kc, vc, gc, starts, S)
-        ctx.shape, ctx.segs, ctx.has_s0 = (B, H, N), segs, s0 is not None
+        s0f = _flat_state(s0, B * H)
+        dec, P, kd, states = _gla_parts(qc, kc, vc, gc, s0f)
+        o = P @ vc
+        _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(states[:-1]))
+        S = states[-1]
+        ctx.save_for_backward(qc, kc, vc, gc, s0f, S)
+        ctx.shape = (B, H, N)
         ctx.set_materialize_grads(False)
         return _from_chunks(o, B, H, N), S.reshape(B, H, Fd, Dv).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, ds_final):
-        qc, kc, vc, gc, starts, S_final = ctx.saved_tensors
+        qc, kc, vc, gc, s0, S_final = ctx.saved_tensors
         B, H, N = ctx.shape
         nc, BH, C, Fd = qc.shape
         Dv = vc.shape[-1]
         doc = _to_chunks(do, C) if do is not None else vc.new_zeros(vc.shape)
         dsf = _flat_state(ds_final, BH)
-        dS = dsf if dsf is not None else qc.new_zeros(BH, Fd, Dv)
-        dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
-        for i in range(len(ctx.segs) - 1, -1, -1):
-            sl = slice(*ctx.segs[i])
-            qs, ks, vs, ds = qc[sl], kc[sl], vc[sl], doc[sl]
-            dec, P, kd, states = _gla_seg(qs, ks, vs, None if gc is None else gc[sl], starts[i])
-            dstates = _rscan(_t(dec.q(qs)) @ ds, dec.a if dec.gated else None, dS)   # dL/d(boundary states)
-            dnext = dstates[1:]
-            dP = dec.mask_(ds @ _t(vs))
-            torch.matmul(ds, _t(states[:-1]), out=dq[sl])
-            if dec.gated:
-                dq[sl].mul_(dec.eb)
-            _b3(dq[sl]).baddbmm_(_b3(dP), _b3(ks))
-            torch.matmul(vs, _t(dnext), out=dk[sl])
-            if dec.gated:
-                dk[sl].mul_(dec.ekd)
-            _b3(dk[sl]).baddbmm_(_b3(_t(dP)), _b3(qs))
-            torch.matmul(_t(P), ds, out=dv[sl])
-            _b3(dv[sl]).baddbmm_(_b3(kd), _b3(dnext))
-            dS = dstates[0]
+        dec, P, kd, states = _gla_parts(qc, kc, vc, gc, s0)
+        dstates = _rscan(_t(dec.q(qc)) @ doc, dec.a if dec.gated else None, dsf)   # dL/d(boundary states)
+        dnext = dstates[1:]
+        dP = dec.mask_(doc @ _t(vc))
+        dq = dec.q(doc @ _t(states[:-1]))
+        _b3(dq).baddbmm_(_b3(dP), _b3(kc))
+        dk = dec.k(vc @ _t(dnext))
+        _b3(dk).baddbmm_(_b3(_t(dP)), _b3(qc))
+        dv = _t(P) @ doc
+        _b3(dv).baddbmm_(_b3(kd), _b3(dnext))
         dg = None
         if gc is not None and ctx.needs_input_grad[3]:
-            # With B_t the log-decay summed from the sequence start, every term of the outputs and of the final
-            # state carries exp(B_t − B_s) between a query/state read at t and a key at s; so
-            # dL/dB_t = q_t·dq_t − k_t·dk_t (+ <dS_N, S_N> at the end), and dL/dg_s = Σ_{t ≥ s} dL/dB_t.
+            # With B_t the log-decay summed from the call's start, every term of the outputs and of the final
+            # state carries exp(B_t − B_s) between a query/state read at t and a key (or the initial state, s = 0)
+            # at s; so dL/dB_t = q_t·dq_t − k_t·dk_t (+ <dS_N, S_N> at the end), and dL/dg_s = Σ_{t ≥ s} dL/dB_t.
             dB = _from_chunks((qc * dq).sum(-1) - (kc * dk).sum(-1), B, H, N)
             dg = _rcumsum(dB)
             if dsf is not None:
                 dg = dg + (dsf * S_final).sum((-1, -2)).view(B, H, 1)
-        ds0 = dS.reshape(B, H, Fd, Dv) if ctx.has_s0 and ctx.needs_input_grad[4] else None
+        ds0 = dstates[0].reshape(B, H, Fd, Dv) if s0 is not None and ctx.needs_input_grad[4] else None
         return (_from_chunks(dq, B, H, N), _from_chunks(dk, B, H, N), _from_chunks(dv, B, H, N), dg, ds0, None)
 
 
@@ -273,15 +255,28 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         (nothing per step or per chunk is stored).
     """
     c = prepare_linear(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
-                          scale=scale, chunk_size=chunk_size, initial_state=initial_state, eps=eps)
-    B, H, N, Fd = c.q.shape
+                       scale=scale, chunk_size=chunk_size, initial_state=initial_state, eps=eps)
+    B, H, N = c.v.shape[:3]
+    Dv1 = c.dv + c.normalize
     if N == 0 or B == 0:
-        o = c.q.new_zeros(B, H, N, c.v.shape[-1])
-        S = c.state.clone() if c.state is not None else c.q.new_zeros(B, H, Fd, c.v.shape[-1])
+        qf = c.features(0, 0)[0]
+        o = qf.new_zeros(B, H, N, Dv1)
+        S = c.state.clone() if c.state is not None else qf.new_zeros(B, H, qf.shape[-1], Dv1)
     elif not c.causal:
-        o, S = _linear_noncausal(c.q, c.k, c.v, c.state)
+        qf, kf, vf, _ = c.features(0, N)
+        o, S = _linear_noncausal(qf, kf, vf, c.state)
     else:
-        o, S = _GatedLinear.apply(c.q, c.k, c.v, c.g, c.state, min(c.chunk_size, N))
+        # a chain of segments joined by the state (see _segment_len); each runs chunk by chunk
+        C = min(c.chunk_size, N)
+        L = _segment_len(B * H, C, c.q.shape[-1], Dv1)
+        S, outs = c.state, []
+        for t0 in range(0, N, L):
+            t1 = min(N, t0 + L)
+            qf, kf, vf, g = c.features(t0, t1)
+            o, S = _GatedLinear.apply(qf, kf, vf, g, S, min(C, t1 - t0))
+            outs.append(finish_linear(c, o))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return (o, S) if return_state else o
     o = finish_linear(c, o)
     return (o, S) if return_state else o
 
@@ -315,7 +310,7 @@ def _delta_parts(qc, kc, vc, bc, dec):
     return T, X, Z
 
 
-def _delta_seg_fwd(qc, kc, vc, bc, gc, S, o, us):
+def _delta_fwd(qc, kc, vc, bc, gc, S, o, us):
     """One segment of the delta rule from the state S (BH, D, Dv) at its start: writes the outputs o and the
     corrected values us (n, BH, C, Dv) of its chunks; returns the state at its end."""
     n, BH, C, D = qc.shape
@@ -336,7 +331,7 @@ def _delta_seg_fwd(qc, kc, vc, bc, gc, S, o, us):
     return Ss[n]
 
 
-def _delta_seg_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
+def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
     """The backward of one segment: from the state S at its start, its saved corrected values us, the output
     gradients doc and the gradient dS of the state at its end, writes dq, dk, dv, dbeta and db (the gradient of the
     in-chunk cumulative log-decays; None without decay) for its chunks; returns the gradient of S."""
@@ -416,26 +411,19 @@ class _GatedDelta(torch.autograd.Function):
         qc, kc, vc, bc = (_to_chunks(x, C) for x in (q, k, v, beta))
         gc = None if g is None else _to_chunks(g, C)
         nc, BH = qc.shape[:2]
-        S = _flat_state(s0, BH)
-        if S is None:
-            S = q.new_zeros(BH, D, Dv)
+        s0f = _flat_state(s0, BH)
         o = q.new_empty(nc, BH, C, Dv)
         us = q.new_empty(nc, BH, C, Dv)
-        segs = _segments(nc, BH, C, max(D * Dv, C * (D + Dv)))
-        starts = q.new_empty(len(segs), BH, D, Dv)
-        for i, (c0, c1) in enumerate(segs):
-            starts[i].copy_(S)
-            sl = slice(c0, c1)
-            S = _delta_seg_fwd(qc[sl], kc[sl], vc[sl], bc[sl], None if gc is None else gc[sl], S, o[sl], us[sl])
-        ctx.save_for_backward(qc, kc, vc, bc, gc, starts, us)
-        ctx.shape, ctx.segs, ctx.has_s0 = (B, H, N), segs, s0 is not None
+        S = _delta_fwd(qc, kc, vc, bc, gc, s0f if s0f is not None else q.new_zeros(BH, D, Dv), o, us)
+        ctx.save_for_backward(qc, kc, vc, bc, gc, s0f, us)
+        ctx.shape = (B, H, N)
         ctx.set_materialize_grads(False)
         return _from_chunks(o, B, H, N), S.reshape(B, H, D, Dv).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, ds_final):
-        qc, kc, vc, bc, gc, starts, us = ctx.saved_tensors
+        qc, kc, vc, bc, gc, s0, us = ctx.saved_tensors
         B, H, N = ctx.shape
         nc, BH, C, D = qc.shape
         Dv = vc.shape[-1]
@@ -444,12 +432,10 @@ class _GatedDelta(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
         dbeta = torch.empty_like(bc)
         db = torch.empty_like(gc) if gc is not None and ctx.needs_input_grad[4] else None
-        for i in range(len(ctx.segs) - 1, -1, -1):
-            sl = slice(*ctx.segs[i])
-            dS = _delta_seg_bwd(qc[sl], kc[sl], vc[sl], bc[sl], None if gc is None else gc[sl], starts[i], us[sl],
-                                doc[sl], dS, dq[sl], dk[sl], dv[sl], dbeta[sl], None if db is None else db[sl])
+        dS = _delta_bwd(qc, kc, vc, bc, gc, s0 if s0 is not None else qc.new_zeros(BH, D, Dv), us, doc, dS,
+                            dq, dk, dv, dbeta, db)
         dg = _from_chunks(_rcumsum(db), B, H, N) if db is not None else None
-        ds0 = dS.reshape(B, H, D, Dv) if ctx.has_s0 and ctx.needs_input_grad[5] else None
+        ds0 = dS.reshape(B, H, D, Dv) if s0 is not None and ctx.needs_input_grad[5] else None
         return (_from_chunks(dq, B, H, N), _from_chunks(dk, B, H, N), _from_chunks(dv, B, H, N),
                 _from_chunks(dbeta, B, H, N), dg, ds0, None)
 
@@ -480,12 +466,22 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     the inputs and the corrected values ``u`` ``(B, H, N, Dv)`` saved by the forward.
     """
     c = prepare_delta(q, k, v, beta, g=g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
-                         qk_l2norm=qk_l2norm)
-    B, H, N, D = c.q.shape
+                      qk_l2norm=qk_l2norm)
+    B, H, N, Dv = c.v.shape
+    D = c.q.shape[-1]
     if N == 0 or B == 0:
-        o = c.q.new_zeros(B, H, N, c.v.shape[-1])
-        S = c.state.clone() if c.state is not None else c.q.new_zeros(B, H, D, c.v.shape[-1])
+        o = c.v.new_zeros(B, H, N, Dv, dtype=c.cd)
+        S = c.state.clone() if c.state is not None else c.v.new_zeros(B, H, D, Dv, dtype=c.cd)
     else:
-        o, S = _GatedDelta.apply(c.q, c.k, c.v, c.beta, c.g, c.state, min(c.chunk_size, N))
+        # a chain of segments joined by the state (see _segment_len); each runs chunk by chunk
+        C = min(c.chunk_size, N)
+        L = _segment_len(B * H, C, D, Dv)
+        S, outs = c.state, []
+        for t0 in range(0, N, L):
+            t1 = min(N, t0 + L)
+            qq, kk, vv, bb, gg = c.features(t0, t1)
+            o, S = _GatedDelta.apply(qq, kk, vv, bb, gg, S, min(C, t1 - t0))
+            outs.append(o)
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     o = o.to(c.out_dtype)
     return (o, S) if return_state else o

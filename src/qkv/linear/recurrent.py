@@ -20,39 +20,41 @@ __all__ = ["recurrent_linear_attention", "recurrent_delta_rule", "linear_attenti
 
 
 def _linear_recurrence(c: LinearCall):
-    """Prepared call -> (o (B, H, N, Dv[+1]) compute dtype, final state (B, H, F, Dv[+1]))."""
-    B, H, N, Fd = c.q.shape
-    S = c.state if c.state is not None else c.q.new_zeros(B, H, Fd, c.v.shape[-1])
+    """Validated call -> (o (B, H, N, Dv[+1]) compute dtype, final state (B, H, F, Dv[+1]))."""
+    q, k, v, g = c.features(0, c.v.shape[2])
+    B, H, N, Fd = q.shape
+    S = c.state if c.state is not None else q.new_zeros(B, H, Fd, v.shape[-1])
     outs = []
     for t in range(N):
-        if c.g is not None:
-            S = S * torch.exp(c.g[:, :, t])[..., None, None]
-        S = S + c.k[:, :, t, :, None] * c.v[:, :, t, None, :]
+        if g is not None:
+            S = S * torch.exp(g[:, :, t])[..., None, None]
+        S = S + k[:, :, t, :, None] * v[:, :, t, None, :]
         if c.causal:
-            outs.append((c.q[:, :, t, :, None] * S).sum(-2))
+            outs.append((q[:, :, t, :, None] * S).sum(-2))
     if not c.causal:
-        o = (c.q[..., :, None] * S[:, :, None]).sum(-2)
+        o = (q[..., :, None] * S[:, :, None]).sum(-2)
     elif outs:
         o = torch.stack(outs, dim=2)
     else:
-        o = c.q.new_zeros(B, H, 0, c.v.shape[-1])
+        o = q.new_zeros(B, H, 0, v.shape[-1])
     return o, S
 
 
 def _delta_recurrence(c: DeltaCall):
-    """Prepared call -> (o (B, H, N, Dv) compute dtype, final state (B, H, D, Dv))."""
-    B, H, N, D = c.q.shape
-    S = c.state if c.state is not None else c.q.new_zeros(B, H, D, c.v.shape[-1])
+    """Validated call -> (o (B, H, N, Dv) compute dtype, final state (B, H, D, Dv))."""
+    q, k, v, beta, g = c.features(0, c.v.shape[2])
+    B, H, N, D = q.shape
+    S = c.state if c.state is not None else q.new_zeros(B, H, D, v.shape[-1])
     outs = []
     for t in range(N):
-        if c.g is not None:
-            S = S * torch.exp(c.g[:, :, t])[..., None, None]
-        k_t = c.k[:, :, t]
+        if g is not None:
+            S = S * torch.exp(g[:, :, t])[..., None, None]
+        k_t = k[:, :, t]
         recalled = (S * k_t[..., None]).sum(-2)                       # Sᵀk: what the state predicts for k_t
-        delta = (c.v[:, :, t] - recalled) * c.beta[:, :, t, None]
+        delta = (v[:, :, t] - recalled) * beta[:, :, t, None]
         S = S + k_t[..., None] * delta[..., None, :]
-        outs.append((c.q[:, :, t, :, None] * S).sum(-2))
-    o = torch.stack(outs, dim=2) if outs else c.q.new_zeros(B, H, 0, c.v.shape[-1])
+        outs.append((q[:, :, t, :, None] * S).sum(-2))
+    o = torch.stack(outs, dim=2) if outs else q.new_zeros(B, H, 0, v.shape[-1])
     return o, S
 
 
