@@ -7,8 +7,8 @@ engines, in the compute dtype (fp64 for fp64 inputs, fp32 otherwise), with the q
 value heads (the chunked functions prepare the sequence a segment at a time, so that no full-length temporary is
 made; the oracles take it whole):
 
-* linear attention: ``scale·φ(q)`` and ``φ(k)`` ``(B, H, n, F)``, ``v`` ``(B, H, n, Dv)`` (``Dv + 1`` columns with
-  ``normalize``: the last is all ones, so the state carries ``Σφ(k)``), log-decays ``(B, H, n)`` or None;
+* linear attention: ``scale·φ(q)`` and ``φ(k)`` ``(B, H, n, F)``, ``v`` ``(B, H, n, Dv)``, log-decays ``(B, H, n)``
+  or None (with ``normalize`` the engines give v a last column of ones, so that the state carries ``Σφ(k)``);
 * delta rule: ``q`` (l2-normalised if asked, scaled), ``k`` ``(B, H, n, D)``, ``v``, ``beta`` and ``g``.
 """
 from __future__ import annotations
@@ -149,8 +149,9 @@ class LinearCall:
         return self.v.shape[-1]
 
     def features(self, t0: int, t1: int):
-        """(scale·φ(q), φ(k), v[, 1], g) for tokens [t0, t1): (B, H, n, F), (B, H, n, F), (B, H, n, Dv[+1]),
-        (B, H, n) or None, in the compute dtype, the query/key heads expanded to the value heads."""
+        """(scale·φ(q), φ(k), v, g) for tokens [t0, t1): (B, H, n, F), (B, H, n, F), (B, H, n, Dv), (B, H, n) or
+        None, in the compute dtype, the query/key heads expanded to the value heads. With ``normalize`` the engines
+        append the normaliser's column of ones to v themselves."""
         q, k, v = self.q[:, :, t0:t1], self.k[:, :, t0:t1], self.v[:, :, t0:t1]
         B, H, n = v.shape[:3]
         qf, kf = self.fmap(q.to(self.cd)), self.fmap(k.to(self.cd))
@@ -168,10 +169,7 @@ class LinearCall:
                              _NORM_COL if self.normalize else "")
         qf = qf * (1.0 / math.sqrt(qf.shape[-1]) if self.scale is None else self.scale)
         qf, kf = _expand_heads(qf, H), _expand_heads(kf, H)
-        vv = v.to(self.cd)
-        if self.normalize:
-            vv = torch.cat([vv, torch.ones(B, H, n, 1, dtype=self.cd, device=v.device)], dim=-1)
-        return qf, kf, vv, None if self.g is None else self.g[:, :, t0:t1]
+        return qf, kf, v.to(self.cd), None if self.g is None else self.g[:, :, t0:t1]
 
 
 _NORM_COL = " (the last column is the normaliser Σφ(k))"

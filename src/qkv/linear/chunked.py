@@ -35,21 +35,25 @@ __all__ = ["linear_attention", "delta_rule"]
 # shared pieces. Inside the engines tensors are chunk-major, (nc, B·H, C, ·): each chunk's slice is one contiguous
 # batch for the sequential scan, and all chunks together are one batch for the parallel work.
 # ----------------------------------------------------------------------------------------------------------
-def _to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
+def _to_chunks(x: torch.Tensor, C: int, ones: bool = False) -> torch.Tensor:
     """(B, H, N, *r) -> (nc, B·H, C, *r), contiguous, zero-padded at the end (one copy; a zero token changes
-    nothing: q = k = v = 0, g = 0, beta = 0)."""
+    nothing: q = k = v = 0, g = 0, beta = 0). ``ones``: x is (B, H, N, Dv) and gets a last column of ones
+    (the normaliser's), (nc, B·H, C, Dv + 1)."""
     B, H, N = x.shape[:3]
     r = tuple(x.shape[3:])
     nc, full = -(-N // C), N // C
-    out = x.new_empty(nc, B, H, C, *r)
+    out = x.new_empty(nc, B, H, C, *r[:-1], r[-1] + 1) if ones else x.new_empty(nc, B, H, C, *r)
+    dst = out[..., :-1] if ones else out
     if full:
         perm = (2, 0, 1, 3) + tuple(range(4, 4 + len(r)))
-        out[:full].copy_(x[:, :, :full * C].unflatten(2, (full, C)).permute(perm))
+        dst[:full].copy_(x[:, :, :full * C].unflatten(2, (full, C)).permute(perm))
+    if ones:
+        out[..., -1] = 1.0
     if full < nc:
         tail = N - full * C
         out[full, :, :, tail:].zero_()
-        out[full, :, :, :tail].copy_(x[:, :, full * C:])
-    return out.view(nc, B * H, C, *r)
+        dst[full, :, :, :tail].copy_(x[:, :, full * C:])
+    return out.view(nc, B * H, C, *out.shape[4:])
 
 
 def _from_chunks(x: torch.Tensor, B: int, H: int, N: int) -> torch.Tensor:
@@ -106,13 +110,11 @@ def _scan(U: torch.Tensor, a, s0) -> torch.Tensor:
         out[0].zero_()
     else:
         out[0].copy_(s0)
-    if a is None:
-        torch.cumsum(U, 0, out=out[1:])
-        if s0 is not None:
-            out[1:] += s0
-        return out
     for c in range(nc):
-        torch.addcmul(U[c], out[c], a[c], out=out[c + 1])
+        if a is None:
+            torch.add(U[c], out[c], out=out[c + 1])
+        else:
+            torch.addcmul(U[c], out[c], a[c], out=out[c + 1])
     return out
 
 
@@ -124,13 +126,11 @@ def _rscan(X: torch.Tensor, a, ds_final) -> torch.Tensor:
         out[nc].zero_()
     else:
         out[nc].copy_(ds_final)
-    if a is None:
-        out[:nc] = X.flip(0).cumsum(0).flip(0)
-        if ds_final is not None:
-            out[:nc] += ds_final
-        return out
     for c in range(nc - 1, -1, -1):
-        torch.addcmul(X[c], out[c + 1], a[c], out=out[c])
+        if a is None:
+            torch.add(X[c], out[c + 1], out=out[c])
+        else:
+            torch.addcmul(X[c], out[c + 1], a[c], out=out[c])
     return out
 
 
@@ -169,10 +169,10 @@ def _gla_parts(qc, kc, vc, gc, S):
 
 class _GatedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, s0, C):
+    def forward(ctx, q, k, v, g, s0, C, ones):
         B, H, N, Fd = q.shape
-        Dv = v.shape[-1]
-        qc, kc, vc = _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C)
+        Dv = v.shape[-1] + ones
+        qc, kc, vc = _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C, ones)
         gc = None if g is None else _to_chunks(g, C)
         s0f = _flat_state(s0, B * H)
         dec, P, kd, states = _gla_parts(qc, kc, vc, gc, s0f)
@@ -180,7 +180,7 @@ class _GatedLinear(torch.autograd.Function):
         _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(states[:-1]))
         S = states[-1]
         ctx.save_for_backward(qc, kc, vc, gc, s0f, S)
-        ctx.shape = (B, H, N)
+        ctx.shape, ctx.ones = (B, H, N), ones
         ctx.set_materialize_grads(False)
         return _from_chunks(o, B, H, N), S.reshape(B, H, Fd, Dv).clone()
 
@@ -213,7 +213,10 @@ class _GatedLinear(torch.autograd.Function):
             if dsf is not None:
                 dg = dg + (dsf * S_final).sum((-1, -2)).view(B, H, 1)
         ds0 = dstates[0].reshape(B, H, Fd, Dv) if s0 is not None and ctx.needs_input_grad[4] else None
-        return (_from_chunks(dq, B, H, N), _from_chunks(dk, B, H, N), _from_chunks(dv, B, H, N), dg, ds0, None)
+        if ctx.ones:                                                    # the constant column has no gradient
+            dv = dv[..., :-1]
+        return (_from_chunks(dq, B, H, N), _from_chunks(dk, B, H, N), _from_chunks(dv, B, H, N), dg, ds0, None,
+                None)
 
 
 def _linear_noncausal(q, k, v, s0):
@@ -264,6 +267,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         S = c.state.clone() if c.state is not None else qf.new_zeros(B, H, qf.shape[-1], Dv1)
     elif not c.causal:
         qf, kf, vf, _ = c.features(0, N)
+        if c.normalize:
+            vf = torch.cat([vf, vf.new_ones(B, H, N, 1)], dim=-1)
         o, S = _linear_noncausal(qf, kf, vf, c.state)
     else:
         # a chain of segments joined by the state (see _segment_len); each runs chunk by chunk
@@ -273,7 +278,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         for t0 in range(0, N, L):
             t1 = min(N, t0 + L)
             qf, kf, vf, g = c.features(t0, t1)
-            o, S = _GatedLinear.apply(qf, kf, vf, g, S, min(C, t1 - t0))
+            o, S = _GatedLinear.apply(qf, kf, vf, g, S, min(C, t1 - t0), c.normalize)
             outs.append(finish_linear(c, o))
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return (o, S) if return_state else o

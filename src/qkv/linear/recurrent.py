@@ -22,6 +22,8 @@ __all__ = ["recurrent_linear_attention", "recurrent_delta_rule", "linear_attenti
 def _linear_recurrence(c: LinearCall):
     """Validated call -> (o (B, H, N, Dv[+1]) compute dtype, final state (B, H, F, Dv[+1]))."""
     q, k, v, g = c.features(0, c.v.shape[2])
+    if c.normalize:                                                    # the state's last column sums φ(k)
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     B, H, N, Fd = q.shape
     S = c.state if c.state is not None else q.new_zeros(B, H, Fd, v.shape[-1])
     outs = []
