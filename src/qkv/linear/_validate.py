@@ -281,15 +281,19 @@ class DeltaCall:
         H = self.v.shape[1]
         q, k = self.q[:, :, t0:t1].to(self.cd), self.k[:, :, t0:t1].to(self.cd)
         if self.qk_l2norm:
-            q, k = l2norm(q), l2norm(k)
-        q = _expand_heads(q * self.scale, H)
+            q, k = l2norm(q, scale=self.scale), l2norm(k)
+        else:
+            q = q * self.scale
+        q = _expand_heads(q, H)
         return (q, _expand_heads(k, H), self.v[:, :, t0:t1].to(self.cd), self.beta[:, :, t0:t1].to(self.cd),
                 None if self.g is None else self.g[:, :, t0:t1].to(self.cd))
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(Σx² + eps) over the last dim (the normalisation of flash-linear-attention and transformers)."""
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+def l2norm(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
+    """scale · x / sqrt(Σx² + eps) over the last dim (the normalisation of flash-linear-attention and
+    transformers)."""
+    r = torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+    return x * (r * scale if scale != 1.0 else r)
 
 
 def prepare_delta(q, k, v, beta, *, g, scale, chunk_size, initial_state, qk_l2norm, step: bool = False) -> DeltaCall:

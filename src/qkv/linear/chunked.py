@@ -297,22 +297,15 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
 
 
 def _delta_parts(qc, kc, vc, bc, dec):
-    """The chunk-parallel quantities of the delta rule: T = (I + A)⁻¹, X = β∘e^b∘K and Z = [W | U0] = T·[X | β∘V]."""
-    D = kc.shape[-1]
+    """The chunk-parallel quantities of the delta rule: T = (I + A)⁻¹, X = β∘e^b∘K, Y = β∘V, W = T·X, U0 = T·Y."""
     kb = kc * bc[..., None]
     A = kb @ _t(kc)                                                    # β_r·(k_r·k_s); the solve reads s < r only
     if dec.gated:
         A.mul_(dec.E)
     T = _unit_lower_inverse(A)
-    XY = kc.new_empty(*kc.shape[:3], D + vc.shape[-1])
-    X = XY[..., :D]
-    if dec.gated:
-        torch.mul(kb, dec.eb, out=X)
-    else:
-        X.copy_(kb)
-    torch.mul(vc, bc[..., None], out=XY[..., D:])
-    Z = T @ XY
-    return T, X, Z
+    X = kb.mul_(dec.eb) if dec.gated else kb
+    Y = vc * bc[..., None]
+    return T, X, Y, T @ X, T @ Y
 
 
 def _delta_fwd(qc, kc, vc, bc, gc, S, o, us):
@@ -321,8 +314,7 @@ def _delta_fwd(qc, kc, vc, bc, gc, S, o, us):
     n, BH, C, D = qc.shape
     Dv = vc.shape[-1]
     dec = _Decay(gc, C, qc.device)
-    T, X, Z = _delta_parts(qc, kc, vc, bc, dec)
-    W, U0 = Z[..., :D], Z[..., D:]
+    T, X, Y, W, U0 = _delta_parts(qc, kc, vc, bc, dec)
     kdT = _t(dec.k(kc))
     a = dec.a if dec.gated else None
     # the scan: u_c = U0_c − W_c·S_c;  S_{c+1} = a_c·S_c + Kd_cᵀ·u_c
@@ -343,8 +335,7 @@ def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
     n, BH, C, D = qc.shape
     Dv = vc.shape[-1]
     dec = _Decay(gc, C, qc.device)
-    T, X, Z = _delta_parts(qc, kc, vc, bc, dec)
-    W = Z[..., :D]
+    T, X, Y, W, U0 = _delta_parts(qc, kc, vc, bc, dec)
     kd = dec.k(kc)
     a = dec.a if dec.gated else None
     st = _scan(_t(kd) @ us, a, S)[:n]                                 # states at the chunk starts
@@ -379,13 +370,14 @@ def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
     # S' = a·S + Kdᵀ·u
     dKd = us @ _t(dnext)
     dk += dec.k(dKd)
-    # u = U0 − W·S, [W | U0] = T·[X | Y]  ->  d[X | Y] = Tᵀ·d[W | U0],  dA = −tril₋₁(d[X | Y]·[W | U0]ᵀ)
-    dZ = qc.new_empty(n, BH, C, D + Dv)
-    torch.matmul(dus, _t(st), out=dZ[..., :D]).neg_()
-    dZ[..., D:].copy_(dus)
-    dXY = _t(T) @ dZ
-    dA = (dXY @ _t(Z)).tril_(-1).neg_()
-    dX, dY = dXY[..., :D], dXY[..., D:]
+    # u = U0 − W·S, W = T·X, U0 = T·Y, T = (I + A)⁻¹  ->  dX = Tᵀ·dW, dY = Tᵀ·dU0, dA = −tril₋₁(dX·Wᵀ + dY·U0ᵀ)
+    TT = _t(T)
+    dX = TT @ (dus @ _t(st))
+    dX.neg_()                                                       # dW = −du·Sᵀ
+    dY = TT @ dus                                                   # dU0 = du
+    dA = dX @ _t(W)
+    _b3(dA).baddbmm_(_b3(dY), _b3(_t(U0)))
+    dA.tril_(-1).neg_()
     # A = β_r·(k_r·k_s)·E_rs (s < r)
     KK = kc @ _t(kc)
     dAE = dA * dec.E if dec.gated else dA
