@@ -296,8 +296,9 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
 
 
-def _delta_parts(qc, kc, vc, bc, dec):
-    """The chunk-parallel quantities of the delta rule: T = (I + A)⁻¹, X = β∘e^b∘K, Y = β∘V, W = T·X, U0 = T·Y."""
+def _delta_parts(qc, kc, vc, bc, dec, u0_out=None):
+    """The chunk-parallel quantities of the delta rule: T = (I + A)⁻¹, X = β∘e^b∘K, Y = β∘V, W = T·X, U0 = T·Y
+    (written into ``u0_out`` when given)."""
     kb = kc * bc[..., None]
     A = kb @ _t(kc)                                                    # β_r·(k_r·k_s); the solve reads s < r only
     if dec.gated:
@@ -305,7 +306,7 @@ def _delta_parts(qc, kc, vc, bc, dec):
     T = _unit_lower_inverse(A)
     X = kb.mul_(dec.eb) if dec.gated else kb
     Y = vc * bc[..., None]
-    return T, X, Y, T @ X, T @ Y
+    return T, X, Y, T @ X, torch.matmul(T, Y, out=u0_out)
 
 
 def _delta_fwd(qc, kc, vc, bc, gc, S, o, us):
@@ -314,15 +315,19 @@ def _delta_fwd(qc, kc, vc, bc, gc, S, o, us):
     n, BH, C, D = qc.shape
     Dv = vc.shape[-1]
     dec = _Decay(gc, C, qc.device)
-    T, X, Y, W, U0 = _delta_parts(qc, kc, vc, bc, dec)
+    _, _, _, W, _ = _delta_parts(qc, kc, vc, bc, dec, u0_out=us)      # us holds U0 until the scan corrects it
     kdT = _t(dec.k(kc))
     a = dec.a if dec.gated else None
-    # the scan: u_c = U0_c − W_c·S_c;  S_{c+1} = a_c·S_c + Kd_cᵀ·u_c
+    # the scan: u_c = U0_c − W_c·S_c;  S_{c+1} = a_c·S_c + Kd_cᵀ·u_c  (in place: no temporaries per chunk)
     Ss = qc.new_empty(n + 1, BH, D, Dv)
     Ss[0].copy_(S)
     for c in range(n):
-        torch.baddbmm(U0[c], W[c], Ss[c], alpha=-1.0, out=us[c])
-        torch.baddbmm(Ss[c] * a[c] if a is not None else Ss[c], kdT[c], us[c], out=Ss[c + 1])
+        us[c].baddbmm_(W[c], Ss[c], alpha=-1.0)
+        if a is not None:
+            torch.mul(Ss[c], a[c], out=Ss[c + 1])
+        else:
+            Ss[c + 1].copy_(Ss[c])
+        Ss[c + 1].baddbmm_(kdT[c], us[c])
     torch.matmul(dec.mask_(qc @ _t(kc)), us, out=o)
     _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(Ss[:n]))
     return Ss[n]
@@ -341,19 +346,20 @@ def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
     st = _scan(_t(kd) @ us, a, S)[:n]                                 # states at the chunk starts
     QK = qc @ _t(kc)
     qd = dec.q(qc)
-    PdO = _t(dec.mask_(QK.clone())) @ doc
-    QdO = _t(qd) @ doc
     # reverse scan: du_c = P_cᵀ·dO_c + Kd_c·dS_{c+1};  dS_c = a_c·dS_{c+1} + Qd_cᵀ·dO_c − W_cᵀ·du_c
-    dus = qc.new_empty(n, BH, C, Dv)
+    # (the parts that do not depend on the scan are computed for all chunks first, into the scan's buffers)
+    dus = torch.matmul(_t(dec.mask_(QK.clone())), doc)
     dSs = qc.new_empty(n + 1, BH, D, Dv)
+    torch.matmul(_t(qd), doc, out=dSs[:n])
     dSs[n].copy_(dS)
+    WT = _t(W)
     for c in range(n - 1, -1, -1):
-        torch.baddbmm(PdO[c], kd[c], dSs[c + 1], out=dus[c])
+        dus[c].baddbmm_(kd[c], dSs[c + 1])
         if a is not None:
-            torch.addcmul(QdO[c], dSs[c + 1], a[c], out=dSs[c])
+            dSs[c].addcmul_(dSs[c + 1], a[c])
         else:
-            torch.add(QdO[c], dSs[c + 1], out=dSs[c])
-        dSs[c].baddbmm_(_t(W[c]), dus[c], alpha=-1.0)
+            dSs[c].add_(dSs[c + 1])
+        dSs[c].baddbmm_(WT[c], dus[c], alpha=-1.0)
     dnext = dSs[1:]
 
     # o = (QK∘E)·u + Qd·S
