@@ -3,15 +3,18 @@ the recurrent definitions against closed forms written independently here, strea
 the refusal of bad inputs."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qkv.linear import (delta_rule, delta_rule_step, linear_attention, linear_attention_step, recurrent_delta_rule,
-                        recurrent_linear_attention)
-
+from qkv.linear import (
+    delta_rule,
+    delta_rule_step,
+    linear_attention,
+    linear_attention_step,
+    recurrent_delta_rule,
+    recurrent_linear_attention,
+)
 from qkv.testing import check_fa
 
 F64 = torch.float64
@@ -250,7 +253,7 @@ def test_recurrent_linear_matches_closed_form(causal, decay, normalize):
     d = t.get("decay")
     logd = None if d is None else (d.detach() if decay == "tokens" else torch.log(d.detach()).view(1, -1, 1)
                                    .expand(2, 3, 23))
-    fm = lambda x: F.elu(x) + 1   # noqa: E731
+    fm = lambda x: F.elu(x) + 1
     want = _closed_form_linear(q, k, v, logdecay=logd, causal=causal, normalize=normalize, scale=0.5, fmap=fm,
                                s0=s0)
     got = recurrent_linear_attention(q, k, v, causal=causal, decay=None if d is None else d.detach(),
@@ -266,7 +269,7 @@ def test_recurrent_delta_matches_matrix_form():
     eye = torch.eye(4, dtype=F64)
     for i in range(19):
         kt = k[:, :, i, :, None]
-        M = math.e ** 0 * torch.exp(g[:, :, i])[..., None, None] * (eye - beta[:, :, i, None, None] * kt @ kt.mT)
+        M = torch.exp(g[:, :, i])[..., None, None] * (eye - beta[:, :, i, None, None] * kt @ kt.mT)
         S = M @ S + beta[:, :, i, None, None] * kt @ v[:, :, i, None, :]
         outs.append((S.mT @ (q[:, :, i, :, None] * 0.4))[..., 0])
     got, st = recurrent_delta_rule(q, k, v, beta, g=g, scale=0.4, initial_state=s0, return_state=True)
@@ -345,7 +348,7 @@ def test_delta_streaming_two_calls_equal_one(split):
     q, k, v, beta, g, s0 = (t[n] for n in ("q", "k", "v", "beta", "g", "initial_state"))
     kw = dict(chunk_size=64, qk_l2norm=True)
     o, S = delta_rule(q, k, v, beta, g=g, initial_state=s0, return_state=True, **kw)
-    sl = lambda x, a, b: x[:, :, a:b]   # noqa: E731
+    sl = lambda x, a, b: x[:, :, a:b]
     o1, S1 = delta_rule(*(sl(x, 0, split) for x in (q, k, v, beta)), g=sl(g, 0, split), initial_state=s0,
                         return_state=True, **kw)
     o2, S2 = delta_rule(*(sl(x, split, None) for x in (q, k, v, beta)), g=sl(g, split, None), initial_state=S1,
@@ -500,7 +503,8 @@ def test_steps_refuse_more_than_one_token():
 # property test: random shapes, chunk sizes and options
 # ----------------------------------------------------------------------------------------------------------------
 try:
-    from hypothesis import given, strategies as st
+    from hypothesis import given
+    from hypothesis import strategies as st
 except ImportError:   # pragma: no cover
     given = None
 

@@ -46,7 +46,7 @@ def test_linear_self_attention_matches_functional_and_trains():
     m = LinearSelfAttention(24, 4, causal=False, feature_map="relu", bias=False).double()
     x = _x().requires_grad_()
     out = m(x)
-    h = lambda t: t.view(2, 40, 4, 6).transpose(1, 2)   # noqa: E731
+    h = lambda t: t.view(2, 40, 4, 6).transpose(1, 2)
     o = linear_attention(h(m.q_proj(x)), h(m.k_proj(x)), h(m.v_proj(x)), causal=False, feature_map="relu")
     torch.testing.assert_close(out, m.o_proj(o.transpose(1, 2).reshape(2, 40, 24)), rtol=0, atol=1e-12)
     out.sum().backward()

@@ -4,13 +4,12 @@
 FlashAttention's conventions (bottom-right causal, fully masked rows = 0, natural-log LSE) on any device;
 the README has the tour, ``docs/semantics.md`` the exact rules and ``docs/architecture.md`` the layers.
 """
-from . import distributed, masks, scores
+from . import distributed, linear, masks, scores
 from .api import BackendInfo, Selection, attention, attention_weights, backends, select_backend
 from .core.masks import BlockMask, block_mask
 from .core.options import get_options, options
-from .nn import KVCache, RotaryEmbedding, SelfAttention
-from . import linear
 from .linear import GatedDeltaNet, LinearSelfAttention, linear_attention
+from .nn import KVCache, RotaryEmbedding, SelfAttention
 
 __version__ = "0.1.0"
 

@@ -14,9 +14,9 @@ made; the oracles take it whole):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -20,10 +20,7 @@ over all chunks at once.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._validate import finish_linear, prepare_delta, prepare_linear
@@ -143,12 +140,12 @@ def _flat_state(s, BH: int):
     return None if s is None else s.reshape(BH, *s.shape[2:])
 
 
-def _segment_len(BH: int, C: int, F: int, Dv: int) -> int:
+def _segment_len(BH: int, C: int, Fd: int, Dv: int) -> int:
     """Tokens per segment (a multiple of C): the public functions run a long sequence as a chain of segments
     joined by the state, so that every temporary, (chunks, BH, C, C) and (chunks, BH, F, Dv) included, stays
     within ~8 MB (fp32). That keeps the work in cache and out of fresh, page-faulting allocations (glibc maps
     blocks over 32 MB anew on every call) and bounds the memory beyond the inputs and outputs, whatever N."""
-    per = max(1, _SEGMENT_ELEMS // (BH * max(C * C, F * Dv, C * (F + Dv))))
+    per = max(1, _SEGMENT_ELEMS // (BH * max(C * C, Fd * Dv, C * (Fd + Dv))))
     return per * C
 
 
