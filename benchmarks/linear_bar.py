@@ -10,7 +10,8 @@
 3. At N = 32768, causal forward: each of them against qkv's exact engine (``qkv.attention(causal=True)``).
    Goal: ≥ 10× faster.
 
-Writes ``benchmarks/results/linear_bar.json`` (every sample) and ``linear_bar.txt`` (the verdicts). Run on a quiet
+Writes ``benchmarks/results/linear_bar.json`` (every sample) and ``linear_bar.txt`` (the verdicts; ``--name`` changes
+the stem). Run on a quiet
 machine (``flock /tmp/qkv-bench.lock python benchmarks/linear_bar.py``): CPU timings move with any other load.
 ``--threads N`` sets torch's threads (default: torch's own), ``--quick`` shrinks the repetitions.
 """
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not the figures)")
+    ap.add_argument("--name", default="linear_bar", help="results file stem (default linear_bar)")
     ap.add_argument("--skip-qwen-shape-fwdbwd", action="store_true",
                     help="skip transformers' fallback fwd+bwd at Qwen3-Next's heads (~1 min per call on 2 cores)")
     a = ap.parse_args(argv)
@@ -142,13 +144,15 @@ def main(argv=None) -> int:
     reps = 3 if a.quick else 9
     os.makedirs(OUT, exist_ok=True)
     meta = {"cpu": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "loadavg_start": os.getloadavg(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["python"] + sys.argv)}
     try:
         import transformers
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
-    lines = [f"qkv.linear bar on {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}"]
+    lines = [f"qkv.linear bar on {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, load average "
+             f"{meta['loadavg_start'][0]:.1f} at the start"]
     result = {"meta": meta, "delta": [], "scaling": None}
 
     # 1
@@ -180,11 +184,12 @@ def main(argv=None) -> int:
         lines.append(f"3. N=32768 causal fwd: exact (qkv.attention) {te * 1e3:.0f} ms vs {name} {t32 * 1e3:.0f} ms: "
                      f"{te / t32:.1f}x (goal >= 10x: {'met' if te / t32 >= 10 else 'NOT met'})")
         print(lines[-1], flush=True)
-    with open(os.path.join(OUT, "linear_bar.json"), "w") as f:
+    meta["loadavg_end"] = os.getloadavg()
+    with open(os.path.join(OUT, f"{a.name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(OUT, "linear_bar.txt"), "w") as f:
+    with open(os.path.join(OUT, f"{a.name}.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {os.path.join(OUT, 'linear_bar.json')} and linear_bar.txt")
+    print(f"wrote {os.path.join(OUT, a.name)}.json and .txt")
     return 0
 
 
