@@ -113,7 +113,8 @@ def _bench(a) -> int:
                                     else [512, 1024, 2048]),
                        batch=pick(a.batch, "batch", 1), heads=pick(a.heads, "heads", 8),
                        head_dim=pick(a.head_dim, "head_dim", 64), masks=a.mask, modes=a.mode,
-                       providers=a.providers or (bench.LINEAR_DEFAULT if linear else None), reps=a.reps, warmup=a.warmup, budget_s=a.budget,
+                       providers=a.providers or (bench.LINEAR_DEFAULT if linear else None), reps=a.reps,
+                       warmup=a.warmup, budget_s=a.budget,
                        memory=a.memory, seed=a.seed, progress=not a.quiet)
     cfg.validate()  # bad requests fail here, before any output file is touched
     result = bench.run(cfg)

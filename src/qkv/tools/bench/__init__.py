@@ -35,6 +35,6 @@ from .report import format_table, plot, write_json
 from .specs import DTYPE_NAMES, DTYPES, MODES, SCHEMA, SHAPE_SETS, BenchError, Case, MaskSpec, parse_mask
 from .timing import Config, run
 
-__all__ = ["ALIASES", "LINEAR_DEFAULT", "PROVIDERS", "Provider", "default_providers", "resolve_providers", "format_table", "plot",
-           "write_json", "DTYPE_NAMES", "DTYPES", "MODES", "SCHEMA", "SHAPE_SETS", "BenchError", "Case",
-           "MaskSpec", "parse_mask", "Config", "run"]
+__all__ = ["ALIASES", "LINEAR_DEFAULT", "PROVIDERS", "Provider", "default_providers", "resolve_providers",
+           "format_table", "plot", "write_json", "DTYPE_NAMES", "DTYPES", "MODES", "SCHEMA", "SHAPE_SETS",
+           "BenchError", "Case", "MaskSpec", "parse_mask", "Config", "run"]
