@@ -160,7 +160,11 @@ def test_segments_of_one_chunk(monkeypatch, engine):
             del t["g"]
         fns = (delta_rule, recurrent_delta_rule)
     kw = dict(chunk_size=16, normalize=False) if engine.startswith("linear") else dict(chunk_size=16, qk_l2norm=True)
-    _assert_close(_run(fns[0], t, **kw), _run(fns[1], t, **kw), what=engine)
+    got = _run(fns[0], t, **kw)
+    _assert_close(got, _run(fns[1], t, **kw), what=engine)
+    with torch.no_grad():                       # inference writes the segments into one preallocated output
+        o, S = fns[0](**t, **kw, return_state=True)
+    assert (o - got["o"]).abs().max() < 1e-12 and (S - got["state"]).abs().max() < 1e-12
 
 
 def test_gradients_of_state_only_and_output_only():

@@ -152,6 +152,29 @@ def _segment_len(BH: int, C: int, Fd: int, Dv: int) -> int:
 _SEGMENT_ELEMS = 1 << 21
 
 
+class _Output:
+    """The segments' outputs joined along N: written into one preallocated tensor when nothing needs a gradient
+    (peak memory: the output plus one segment), concatenated otherwise (autograd sees each segment)."""
+
+    def __init__(self, N: int, inputs):
+        self.N = N
+        self.grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+        self.parts, self.buf = [], None
+
+    def put(self, t0: int, t1: int, o: torch.Tensor) -> None:
+        if self.grad or (t0 == 0 and t1 == self.N):
+            self.parts.append(o)
+            return
+        if self.buf is None:
+            self.buf = o.new_empty(*o.shape[:2], self.N, *o.shape[3:])
+        self.buf[:, :, t0:t1] = o
+
+    def result(self) -> torch.Tensor:
+        if self.buf is not None:
+            return self.buf
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=2)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # gated linear attention (causal)
 # ----------------------------------------------------------------------------------------------------------
@@ -175,7 +198,7 @@ class _GatedLinear(torch.autograd.Function):
         dec, P, kd, states = _gla_parts(qc, kc, vc, gc, s0f)
         o = P @ vc
         _b3(o).baddbmm_(_b3(dec.q(qc)), _b3(states[:-1]))
-        S = states[-1]
+        S = states[-1].clone()                                          # not a view: the boundary states go
         ctx.save_for_backward(qc, kc, vc, gc, s0f, S)
         ctx.shape, ctx.ones = (B, H, N), ones
         ctx.set_materialize_grads(False)
@@ -271,13 +294,13 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         # a chain of segments joined by the state (see _segment_len); each runs chunk by chunk
         C = min(c.chunk_size, N)
         L = _segment_len(B * H, C, c.q.shape[-1], Dv1)
-        S, outs = c.state, []
+        S, out = c.state, _Output(N, (q, k, v, decay, initial_state))
         for t0 in range(0, N, L):
             t1 = min(N, t0 + L)
             qf, kf, vf, g = c.features(t0, t1)
             o, S = _GatedLinear.apply(qf, kf, vf, g, S, min(C, t1 - t0), c.normalize)
-            outs.append(finish_linear(c, o))
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            out.put(t0, t1, finish_linear(c, o))
+        o = out.result()
         return (o, S) if return_state else o
     o = finish_linear(c, o)
     return (o, S) if return_state else o
@@ -476,12 +499,12 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         # a chain of segments joined by the state (see _segment_len); each runs chunk by chunk
         C = min(c.chunk_size, N)
         L = _segment_len(B * H, C, D, Dv)
-        S, outs = c.state, []
+        S, out = c.state, _Output(N, (q, k, v, beta, g, initial_state))
         for t0 in range(0, N, L):
             t1 = min(N, t0 + L)
             qq, kk, vv, bb, gg = c.features(t0, t1)
             o, S = _GatedDelta.apply(qq, kk, vv, bb, gg, S, min(C, t1 - t0))
-            outs.append(o)
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            out.put(t0, t1, o.to(c.out_dtype))
+        o = out.result()
     o = o.to(c.out_dtype)
     return (o, S) if return_state else o
