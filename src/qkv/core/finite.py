@@ -10,7 +10,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["all_finite", "finite_result", "matmul_skip_zeros"]
+__all__ = ["all_finite", "finite_result", "matmul_skip_zeros", "NonFiniteInputs", "nonfinite_names"]
+
+
+class NonFiniteInputs(ValueError):
+    """An engine found, after running, that NaN/inf inputs may have made its result wrong and that it cannot
+    compute such a call exactly. ``backend="auto"`` then runs the call on an engine that can (tiled)."""
+
+
+def nonfinite_names(q, k, v, bias=None) -> list[str]:
+    """Which of q, k, v hold a NaN or inf, and whether bias holds a NaN or +inf (-inf is masking)."""
+    bad = [n for n, t in (("q", q), ("k", k), ("v", v)) if not all_finite(t)]
+    if bias is not None and bias.numel() and bias.device.type != "meta":
+        total = float(bias.sum(dtype=torch.float64))
+        if total != total or total == float("inf"):
+            bad.append("bias")
+    return bad
 
 
 def all_finite(*ts: torch.Tensor | None) -> bool:
@@ -18,7 +33,7 @@ def all_finite(*ts: torch.Tensor | None) -> bool:
     copy): a NaN or inf makes the sum non-finite; a sum that overflows says False too (the caller then takes
     its exact path, which is right either way)."""
     for t in ts:
-        if t is None or t.numel() == 0:
+        if t is None or t.numel() == 0 or t.device.type == "meta":       # meta tensors hold no values
             continue
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         if not bool(torch.isfinite(t.sum(dtype=acc))):

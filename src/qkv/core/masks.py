@@ -606,6 +606,8 @@ def _compute_mod_state(mod, B, H, Nq, Nk, bq, bk, device) -> torch.Tensor:
     qs, qe = _block_bounds(Nq, bq, device)
     ks, ke = _block_bounds(Nk, bk, device)
     nqb, nkb = len(qs), len(ks)
+    if nqb == 0 or nkb == 0:
+        return torch.zeros(1, 1, nqb, nkb, dtype=torch.int8, device=device)
     classes = getattr(mod, "block_classes", None)      # MaskMods (and shifted ones) may have a formula
     if classes is not None:
         r = classes(qs[:, None], qe[:, None], ks[None, :], ke[None, :])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..core.call import Call
-from ..core.finite import matmul_skip_zeros
+from ..core.finite import all_finite, matmul_skip_zeros
 from .base import Engine
 
 __all__ = ["ENGINE", "ReferenceEngine", "reference_attention", "reference_weights", "SCORE_BUDGET_BYTES",
@@ -126,11 +126,19 @@ def _probs(call: Call, q0: int, q1: int, dtype, dropout: bool):
     s = _Scores.apply(q, k.transpose(-1, -2)) * call.scale
     per_row = call.B * call.Hq * call.Nk
     vis = None if not call.rules else _rows_of(lambda a, b: call.visible(a, b, 0, call.Nk), q0, q1, per_row)
-    if vis is not None:
-        s = s.masked_fill(~vis, 0.0)        # hidden scores (maybe NaN) never reach the mods or their gradients
+    hide = None if vis is None else ~vis
+    if call.has_mods and not all_finite(call.q, call.k, call.bias):
+        # A NaN score that the mods turn into -inf (or that a mask hides) must not reach their derivatives
+        # (0·NaN): find those positions first, then differentiate the mods with 0 there.
+        with torch.no_grad():
+            s0 = call.scores(s.detach() if hide is None else s.detach().masked_fill(hide, 0.0), q0, q1, 0, call.Nk)
+            dead = s0 == float("-inf")
+        hide = dead if hide is None else hide | dead
+    if hide is not None:
+        s = s.masked_fill(hide, 0.0)        # hidden scores (maybe NaN) never reach the mods or their gradients
     s = call.scores(s, q0, q1, 0, call.Nk)
-    if vis is not None:
-        s = s.masked_fill(~vis, float("-inf"))
+    if hide is not None:
+        s = s.masked_fill(hide, float("-inf"))
     m = s.amax(-1, keepdim=True).detach()
     m = m.masked_fill(torch.isinf(m), 0.0)                  # fully masked row: exp(-inf - 0) = 0, no NaN
     e = torch.exp(s - m)

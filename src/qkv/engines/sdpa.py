@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from ..core.call import Call, as4
-from ..core.finite import all_finite
+from ..core.finite import NonFiniteInputs, nonfinite_names
 from .base import Engine
 from .reference import SCORE_BUDGET_BYTES
 
-__all__ = ["ENGINE", "SdpaEngine", "sdpa_attention", "peak_bytes", "MASK_CHUNK_ELEMENTS"]
+__all__ = ["ENGINE", "SdpaEngine", "sdpa_attention", "peak_bytes", "plausible", "MASK_CHUNK_ELEMENTS"]
 
 
 #: Most index-grid elements a mask_mod is evaluated on at once while the dense mask is built (its int64
@@ -60,17 +60,28 @@ class SdpaEngine(Engine):
             need = peak_bytes(call)
             if need > SCORE_BUDGET_BYTES:
                 why.append(f"SDPA would need a dense {need / 2**30:.1f} GiB attn_mask for this mask")
-        if (call.bias is not None or not call.every_key_visible) and not torch.compiler.is_compiling() \
-                and not all_finite(call.q, call.k, call.v):
-            # SDPA's kernels (is_causal included) multiply the zero probabilities of hidden keys by their
-            # values and add the mask to NaN scores: a NaN or inf that a row cannot see would reach it (qkv's
-            # engines keep hidden keys out). One summing pass over q, k, v: small beside the attention.
-            why.append("q, k or v holds NaN or inf values and the call hides keys from some rows: SDPA lets "
-                       "hidden values reach those rows (0·NaN); tiled keeps them out")
         return why
 
     def forward(self, call: Call):
-        return sdpa_attention(call), None
+        out = sdpa_attention(call)
+        if not torch.compiler.is_compiling() and not plausible(out):
+            bad = nonfinite_names(call.q, call.k, call.v, call.bias)
+            if bad:
+                raise NonFiniteInputs(
+                    f"backend='sdpa' cannot serve this call: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} "
+                    f"NaN or inf values, and SDPA's kernels turn a NaN score into a row of zeros and let hidden "
+                    f"values reach rows that cannot see them (0·NaN); use backend='tiled' (or 'auto')")
+        return out, None
+
+
+def plausible(out: torch.Tensor) -> bool:
+    """Whether SDPA's output can only have come from finite inputs or harmless ones: finite, with no row of
+    exact zeros (SDPA's CPU kernels give a NaN score row zeros). One pass over the output (not the inputs: a
+    decoding step's keys are far larger); only an implausible output has the inputs checked."""
+    if out.numel() == 0 or out.device.type == "meta":
+        return True
+    m = out.abs().amax(-1)                       # NaN propagates; inf stays; an all-zero row gives 0
+    return bool(torch.isfinite(m.sum(dtype=torch.float32))) and not bool((m == 0).any())
 
 
 def peak_bytes(call: Call) -> int:

@@ -194,9 +194,10 @@ def _ops_fwd(t: _Tile, qb, k, v, k0, k1, partial):
     m, arg = s.max(-1, keepdim=True)
     p = torch.softmax(s, -1)
     r = -torch.log(p.gather(-1, arg))                    # p at the max is exp(0) / Σ exp(s − m)
-    if partial or c.has_mods:
-        # rows whose scores here are all -inf (masked, or -inf through a bias or score_mod) see no key in
-        # this run: softmax gave NaN, the run contributes nothing
+    r = r.masked_fill_(m == float("inf"), 0.0)           # a +inf score: lse +inf (the output is NaN)
+    if partial or c.has_mods or t.exact:
+        # rows whose scores here are all -inf (masked, -inf through a bias or score_mod, or infinite inputs)
+        # see no key in this run: softmax gave NaN, the run contributes nothing
         dead = m == _NEG
         if bool(dead.any()):
             p = p.masked_fill_(dead, 0.0)
@@ -217,7 +218,8 @@ def _merge(m_a, r_a, o_a, m_b, r_b, o_b):
     wa, wb = torch.exp(m_a - ms + r_a), torch.exp(m_b - ms + r_b)
     tot = wa + wb
     tot = tot.masked_fill(tot == 0, 1.0)
-    return m, torch.log(tot), o_a * (wa / tot) + o_b * (wb / tot)
+    r = torch.log(tot).masked_fill_(m == float("inf"), 0.0)     # a +inf score: lse +inf, the output NaN
+    return m, r, o_a * (wa / tot) + o_b * (wb / tot)
 
 
 # ------------------------------------------------------------------------------ banded (sliding window)
@@ -432,13 +434,17 @@ def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False, lo=False):
     A result that is not finite comes from NaN/inf inputs; the fast paths (fused kernel, band) may also have
     let a hidden one in through a 0·NaN, so such a call is computed again on the exact path, where keys a row
     cannot see never touch it. The kept band probabilities are then NaN: the backward recomputes them."""
-    res = _fwd_pass(call, q, k, v, bq, sched, band, keep, exact=False)
-    if finite_result(res[0], res[1]):
-        return res if lo else res[:4] + (None,)
+    fused = _use_fused(call)
+    # PyTorch's fused kernel gives a row of NaN scores the result of a row that sees nothing (0, lse 0), which
+    # no check of the result can tell: q or k that are not finite go to the exact path first.
+    if not (fused and not all_finite(q, k)):
+        res = _fwd_pass(call, q, k, v, bq, sched, band, keep, exact=False)
+        if finite_result(res[0], res[1]):
+            return res if lo else res[:4] + (None,)
     ebq, esched = _exact_schedule(call)
     out, lse, out_acc, _, lse_lo = _fwd_pass(call, q, k, v, ebq, esched, None, False, exact=True)
-    kept = None if res[3] is None else res[3].fill_(float("nan"))
-    return out, lse, out_acc if res[2] is not None else None, kept, lse_lo if lo else None
+    kept = torch.full((band.kept_size(call),), float("nan"), dtype=call.acc_dtype, device=q.device) if keep else None
+    return out, lse, None if fused else out_acc, kept, lse_lo if lo else None
 
 
 def _fwd_pass(call: Call, q, k, v, bq, sched, band, keep, exact: bool):
@@ -512,8 +518,6 @@ def _ops_bwd(t: _Tile, g, k0, k1, partial):
     qb, dob, kc, vc = g["qb"], g["dob"], g["k"][:, :, k0:k1], g["v"][:, :, k0:k1]
     s_raw = torch.matmul(qb, kc.transpose(-1, -2)).view(c.B, c.Hq, n, cw)
     vis = c.visible(t.q0, t.q1, k0, k1) if partial else None
-    if vis is not None and t.exact:
-        s_raw = s_raw.masked_fill_(~vis, 0.0)              # hidden scores never reach the mods' gradients
     s = c.scores(s_raw, t.q0, t.q1, k0, k1) if c.has_mods else s_raw
     if s is s_raw and c.has_mods:
         s = s.clone()                                      # s_raw is read again by scores_backward
@@ -534,6 +538,8 @@ def _ops_bwd(t: _Tile, g, k0, k1, partial):
     if t.exact:                                            # p = 0 times a NaN dp (a NaN value) is 0 here
         zero = p == 0
         ds = ds.masked_fill_(zero, 0.0)
+        if c.has_mods:                 # nor do scores that are hidden (maybe NaN) reach the mods' derivatives
+            s_raw = s_raw.masked_fill_(zero, 0.0)
     if c.has_mods:
         ds = c.scores_backward(s_raw, ds, t.q0, t.q1, k0, k1, g["dbias"], g["dcaps"], zero=zero)
     ds = ds.reshape(*t.fold, cw)
@@ -559,11 +565,12 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
     0·NaN, so such a backward is computed again on the exact path (zero probabilities and zero score
     gradients never meet NaN/inf values). The band path leaves the lse of its rows unwritten, so after it
     the exact path first recomputes the forward's out and lse."""
-    grads = _bwd_pass(call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band, kept, dcaps, lo, False)
-    if all_finite(*grads, *(dcaps or ())):
-        return grads
-    for d in dcaps or ():
-        d.zero_()
+    if not (_use_fused(call) and dlse is None and not all_finite(q, k)):      # (see _fwd)
+        grads = _bwd_pass(call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band, kept, dcaps, lo, False)
+        if all_finite(*grads, *(dcaps or ())):
+            return grads
+        for d in dcaps or ():
+            d.zero_()
     ebq, esched = _exact_schedule(call)
     if band is not None:
         out, lse, out_acc, _, lo = _fwd_pass(call, q, k, v, ebq, esched, None, False, exact=True)
