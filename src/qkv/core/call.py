@@ -274,8 +274,20 @@ class Call:
                     - torch.arange(k0, k1, device=s.device).view(1, -1)).abs().to(s.dtype)
             s = s - self.alibi.to(s.dtype)[:, :, None, None] * dist
         if self.bias is not None:
-            s = s + tile(self.bias, q0, q1, k0, k1).to(s.dtype)
+            b = tile(self.bias, q0, q1, k0, k1).to(s.dtype)
+            s = s + b
+            if self._bias_hides():        # a -inf bias hides its key whatever the score (a NaN one too)
+                s = s.masked_fill(b == float("-inf"), float("-inf"))
         return s
+
+    def _bias_hides(self) -> bool:
+        """Whether the bias holds -inf entries (known once per call; assumed while being traced)."""
+        if torch.compiler.is_compiling():
+            return True
+        hides = self._idx.get("bias_hides")
+        if hides is None:
+            hides = self._idx["bias_hides"] = bool((self.bias == float("-inf")).any())
+        return hides
 
     def scores_backward(self, s_raw, ds, q0, q1, k0, k1, dbias, dcaps=None, zero=None):
         """Given dL/d(final scores) ``ds`` of a tile, return dL/d(raw scaled scores), accumulate the bias

@@ -127,7 +127,7 @@ def _probs(call: Call, q0: int, q1: int, dtype, dropout: bool):
     per_row = call.B * call.Hq * call.Nk
     vis = None if not call.rules else _rows_of(lambda a, b: call.visible(a, b, 0, call.Nk), q0, q1, per_row)
     hide = None if vis is None else ~vis
-    if call.has_mods and not all_finite(call.q, call.k, call.bias):
+    if call.has_mods and not torch.compiler.is_compiling() and not all_finite(call.q, call.k, call.bias):
         # A NaN score that the mods turn into -inf (or that a mask hides) must not reach their derivatives
         # (0·NaN): find those positions first, then differentiate the mods with 0 there.
         with torch.no_grad():

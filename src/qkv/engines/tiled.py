@@ -633,9 +633,12 @@ def _native_fwd(call: Call):
     """The CPU kernel's out and lse for a call it serves; a result that is not finite is computed again on
     the exact path (the kernel multiplies the zero probabilities of keys past a row's range, within its last
     group of keys, by their values: 0·NaN)."""
-    out, lse = _native.attention_fwd(call)
-    if finite_result(out, lse):
-        return out, lse
+    # The kernel takes a NaN score for a masked one (its row max skips NaN), which no check of the result can
+    # tell: q or k that are not finite go to the exact path first.
+    if all_finite(call.q, call.k):
+        out, lse = _native.attention_fwd(call)
+        if finite_result(out, lse):
+            return out, lse
     bq, sched = _exact_schedule(call)
     out, lse, _, _, _ = _fwd_pass(call, call.q, call.k, call.v, bq, sched, None, False, exact=True)
     return out, lse
@@ -643,9 +646,10 @@ def _native_fwd(call: Call):
 
 def _native_bwd(call: Call, out, lse, dout, dlse):
     """The CPU kernel's (dq, dk, dv); gradients that are not finite are computed again on the exact path."""
-    grads = _native.attention_bwd(call, out, lse, dout, dlse)
-    if all_finite(*grads):
-        return grads
+    if all_finite(call.q, call.k):                  # (see _native_fwd)
+        grads = _native.attention_bwd(call, out, lse, dout, dlse)
+        if all_finite(*grads):
+            return grads
     bq, sched = _exact_schedule(call)
     return _bwd_pass(call, call.q, call.k, call.v, out, lse, dout, dlse, bq, sched, False, None, None, None, None,
                      True)[:3]
