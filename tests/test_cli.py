@@ -159,8 +159,7 @@ def test_user_errors_are_one_line_exit_2_before_any_work(argv, needle, capsys, m
     assert not worked, f"work done before the error: {worked}"
 
 
-def test_show_with_bad_text_in_a_subprocess_prints_no_traceback(tmp_path):
-    for argv in (["show", ""], ["show", "hi", "--layer", "99"], ["show", "hi", "--out", _unwritable(tmp_path)]):
-        r = subprocess.run([sys.executable, "-m", "qkv", *argv], capture_output=True, text=True, env=_env(),
-                           timeout=120, cwd=tmp_path)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+def test_show_with_a_bad_layer_in_a_subprocess_prints_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "qkv", "show", "hi", "--layer", "99"], capture_output=True, text=True,
+                       env=_env(), timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr

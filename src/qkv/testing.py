@@ -139,8 +139,8 @@ def naive_attention(
         dist = (qi + (Nk - Nq) - kj).abs().to(cd)
         s = s - sl * dist
     if bias is not None:
-        b = bias.to(cd)
-        s = torch.where(b == float("-inf"), b, s + b)   # a -inf bias hides its key, whatever the score
+        bias_c = bias.to(cd)
+        s = torch.where(bias_c == float("-inf"), bias_c, s + bias_c)   # a -inf bias hides its key, whatever the score
     if score_mod is not None:
         s = score_mod(s, b, h, qi, kj).to(cd)  # a user's mod may promote (e.g. fp32 constants)
     s = torch.broadcast_to(s, (B, Hq, Nq, Nk))
