@@ -60,11 +60,13 @@ def _schedule(call: Call, bq: int, bk: int, skip: range = range(0), fused: bool 
     Nq, Nk = call.Nq, call.Nk
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
     row_bytes = call.B * call.Hq * bq * call.acc_dtype.itemsize
-    # kv tiles per run: the ops path materialises a run's score tile, the fused kernel tiles inside itself
-    per_run = nkb if (_use_fused(call) if fused is None else fused) else max(1, TILE_BYTES // (row_bytes * bk))
+    # kv tiles per run: the ops path materialises a run's score tile, the fused kernel tiles inside itself but
+    # is handed a partial run's mask (and the mask_mod evaluated over it), so partial runs stay in TILE_BYTES
+    bounded = max(1, TILE_BYTES // (row_bytes * bk))
+    per_full = nkb if (_use_fused(call) if fused is None else fused) else bounded
     state = call.block_state(bq, bk)
     if state is None:
-        step = per_run * bk
+        step = per_full * bk
         runs = [(k0, min(k0 + step, Nk), False) for k0 in range(0, Nk, step)]
         return [runs] * nqb
     st = state.reshape(-1, nqb, nkb)
@@ -95,6 +97,7 @@ def _schedule(call: Call, bq: int, bk: int, skip: range = range(0), fused: bool 
                 j += 1
                 continue
             j0 = j
+            per_run = per_full if marks[j0] == "F" else bounded
             while j < nkb and marks[j] == marks[j0] and j - j0 < per_run:
                 j += 1
             runs.append((j0 * bk, min(j * bk, Nk), marks[j0] == "P"))
