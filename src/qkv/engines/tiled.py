@@ -632,13 +632,22 @@ def _bwd_pass(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, 
             None if dbias is None else dbias.to(call.bias.dtype))
 
 
+def _kernel_inputs_finite(call: Call) -> bool:
+    """Whether q and the keys some row sees (a range-only call's rows see one span of keys; a decoding step
+    with a window, only the window's) hold only finite values."""
+    left, right = call.key_range()
+    lo = max(0, call.offset - left)
+    hi = min(call.Nk, call.Nq + call.offset + right)
+    return all_finite(call.q, call.k[:, :, lo:hi] if lo < hi else None)
+
+
 def _native_fwd(call: Call):
     """The CPU kernel's out and lse for a call it serves; a result that is not finite is computed again on
     the exact path (the kernel multiplies the zero probabilities of keys past a row's range, within its last
     group of keys, by their values: 0·NaN)."""
     # The kernel takes a NaN score for a masked one (its row max skips NaN), which no check of the result can
     # tell: q or k that are not finite go to the exact path first.
-    if all_finite(call.q, call.k):
+    if _kernel_inputs_finite(call):
         out, lse = _native.attention_fwd(call)
         if finite_result(out, lse):
             return out, lse
@@ -649,7 +658,7 @@ def _native_fwd(call: Call):
 
 def _native_bwd(call: Call, out, lse, dout, dlse):
     """The CPU kernel's (dq, dk, dv); gradients that are not finite are computed again on the exact path."""
-    if all_finite(call.q, call.k):                  # (see _native_fwd)
+    if _kernel_inputs_finite(call):                 # (see _native_fwd)
         grads = _native.attention_bwd(call, out, lse, dout, dlse)
         if all_finite(*grads):
             return grads
