@@ -83,7 +83,8 @@ def test_info(capsys):
     assert json.loads(capsys.readouterr().out)["versions"]["torch"] == torch.__version__
 
 
-def test_show_and_demo_are_wired(monkeypatch):
+def test_show_and_demo_are_wired(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)                      # --out directories are made before the work
     calls = []
     fake_viz = types.SimpleNamespace(show=lambda text, **kw: calls.append(("show", text, kw)))
     fake_demo = types.SimpleNamespace(run=lambda **kw: calls.append(("demo", kw)))
@@ -119,3 +120,46 @@ def test_issue2_bar_commands_parse_and_validate():
         if name == "2a":
             assert cfg.providers == ["tiled", "sdpa", "flex"] and cfg.masks == ["window:256"]
             assert bench.parse_mask("window:256").window == (255, 0)
+
+
+def _unwritable(tmp_path):
+    """A path no one can write (as root too): below a regular file."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    return str(f / "sub")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["show", ""], "TEXT"),
+    (["show", "   "], "TEXT"),
+    (["show", "hello", "--layer", "99"], "--layer 99 is out of range"),
+    (["show", "hello", "--head", "-1"], "--head"),
+    (["show", "hello", "--head", "12"], "--head 12 is out of range"),
+    (["show", "hello", "--layer", "x"], "--layer"),
+    (["show", "hello", "--out", "UNWRITABLE"], "--out"),
+    (["demo", "--out", "UNWRITABLE"], "--out"),
+    (["bench", "--json", "UNWRITABLE/b.json"], "--json"),
+    (["bench", "--plot", "UNWRITABLE"], "--plot"),
+    (["check", "--json", "UNWRITABLE"], "--json"),
+])
+def test_user_errors_are_one_line_exit_2_before_any_work(argv, needle, capsys, monkeypatch, tmp_path):
+    # these printed a traceback (exit 1); the bench/check ones only after the whole run
+    bad = _unwritable(tmp_path)
+    argv = [a.replace("UNWRITABLE", bad) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    worked = []
+    from qkv.tools import bench, check, demo, viz
+    monkeypatch.setattr(viz, "show", lambda *a, **kw: worked.append("show"))
+    monkeypatch.setattr(demo, "run", lambda *a, **kw: worked.append("demo"))
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: worked.append("bench"))
+    monkeypatch.setattr(check, "run_checks", lambda *a, **kw: worked.append("check") or [])
+    assert cli.main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.err.count("\n") == 1 and needle in cap.err and "Traceback" not in cap.err, cap.err
+    assert not worked, f"work done before the error: {worked}"
+
+
+def test_show_with_a_bad_layer_in_a_subprocess_prints_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "qkv", "show", "hi", "--layer", "99"], capture_output=True, text=True,
+                       env=_env(), timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr

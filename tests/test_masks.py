@@ -440,3 +440,98 @@ def test_mask_through_tiled_attention(name, as_block_mask):
     q, k, v = make_qkv(2, 2, 2, 20, 24, 16, dtype=torch.float32, seed=7)
     mask = qkv.block_mask(m, 2, 2, 20, 24, block_size=8) if as_block_mask else m
     compare("tiled", q, k, v, mask=mask, oracle_mask=mine, grad=True)
+
+
+# -------------------------------------------------------------------------- arguments and immutability
+
+def test_block_mask_from_a_tensor_is_immutable():
+    # a BlockMask kept a reference to the tensor it was built from: editing it afterwards made tiled/auto
+    # differ from reference by ~1
+    N = 256
+    m = torch.ones(N, N, dtype=torch.bool).tril()
+    bm = qkv.block_mask(m, 1, 1, N, N)
+    m.fill_(True)
+    q, k, v = make_qkv(1, 1, 1, N, N, 16, seed=1)
+    want = qkv.attention(q, k, v, causal=True, backend="reference")
+    for backend in ("reference", "tiled", "auto", "sdpa"):
+        torch.testing.assert_close(qkv.attention(q, k, v, mask=bm, backend=backend), want, rtol=0, atol=1e-5)
+    # the copy keeps broadcast dimensions at size 1 (an expanded mask is not materialised)
+    big = torch.ones(1, 1, N, N, dtype=torch.bool).tril().expand(4, 8, N, N)
+    assert qkv.block_mask(big, 4, 8, N, N).tensor.shape == (1, 1, N, N)
+
+
+def test_mask_arguments_are_copied():
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    lens = torch.tensor([2, 6])
+    doc, pad = qkv.masks.document(ids), qkv.masks.padding(lens)
+    ids.fill_(0)
+    lens.fill_(6)
+    i, j = torch.arange(6).view(-1, 1), torch.arange(6).view(1, -1)
+    got = doc.bind(6, 6)(torch.zeros(1, 1, 1, 1, dtype=torch.long), 0, i, j)
+    assert not bool(got[..., 0, 3])
+    assert not bool(pad.bind(6, 6)(torch.tensor(0).view(1, 1, 1, 1), 0, i, j)[..., 0, 4])
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: qkv.masks.prefix_lm(-1), "prefix_len.*>= 0.*-1"),
+    (lambda: qkv.masks.prefix_lm(torch.tensor([2, -3])), "prefix_len.*>= 0"),
+    (lambda: qkv.masks.prefix_lm(torch.zeros(2, 2, dtype=torch.long)), r"prefix_len.*\(B,\)"),
+    (lambda: qkv.masks.padding(torch.tensor([3, -1])), "kv_lens.*>= 0.*-1"),
+    (lambda: qkv.masks.padding(torch.tensor([3, 1]), q_lens=torch.tensor([-2, 1])), "q_lens.*>= 0"),
+    (lambda: qkv.masks.padding(torch.ones(2, 2, dtype=torch.long)), r"kv_lens.*\(B,\)"),
+    (lambda: qkv.masks.longformer(2, -1), "global_tokens.*>= 0"),
+    (lambda: qkv.masks.document(torch.zeros(2, 2, 2, dtype=torch.long)), r"ids.*\(N,\) or \(B, N\)"),
+])
+def test_bad_mask_arguments_raise_when_built(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("mask,match", [
+    (lambda: qkv.masks.document(torch.zeros(5, dtype=torch.long)), r"ids has 5 entries.*Nk=8"),
+    (lambda: qkv.masks.document(torch.zeros(8, dtype=torch.long), q_ids=torch.zeros(3, dtype=torch.long)),
+     r"q_ids has 3 entries.*Nq=8"),
+    (lambda: qkv.masks.document(torch.zeros(3, 8, dtype=torch.long)), r"ids has 3 rows.*B=2"),
+    (lambda: qkv.masks.padding(torch.tensor([3, 4, 5])), r"kv_lens has 3 entries.*B=2"),
+    (lambda: qkv.masks.padding(torch.tensor([3, 4]), q_lens=torch.tensor([1])), r"q_lens has 1 entries.*B=2"),
+    (lambda: qkv.masks.prefix_lm(torch.tensor([1, 2, 3])), r"prefix_len has 3 entries.*B=2"),
+    (lambda: qkv.masks.or_masks(qkv.masks.causal(), qkv.masks.document(torch.zeros(5, dtype=torch.long))),
+     r"ids has 5 entries"),
+])
+def test_mask_arguments_are_checked_against_the_call(mask, match):
+    # document(ids) with len(ids) != Nk quietly made rows 0; a padding of the wrong batch length passed
+    q, k, v = make_qkv(2, 1, 1, 8, 8, 4)
+    for backend in ("reference", "tiled", "auto"):
+        with pytest.raises(ValueError, match=match):
+            qkv.attention(q, k, v, mask=mask(), backend=backend)
+    with pytest.raises(ValueError, match=match):
+        qkv.block_mask(mask(), 2, 1, 8, 8)
+
+
+def test_document_ids_of_one_batch_row_broadcast():
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    got = evaluate(qkv.masks.document(ids), 3, 1, 6, 6)
+    assert torch.equal(got, full(ids[0][:, None] == ids[0][None, :], 3, 1, 6, 6))
+
+
+def test_mod_state_evaluates_in_bounded_chunks():
+    # a plain mask_mod's block states (auto's density, the tiled engine's schedule) were evaluated one
+    # block-row against all keys: O(bq·Nk) int64 temporaries per step, unbounded in N
+    from qkv.core import masks
+    seen = [0]
+
+    def mm(b, h, i, j):
+        seen[0] = max(seen[0], torch.broadcast_shapes(b.shape, h.shape, i.shape, j.shape).numel())
+        return (i // 200 + j // 900) % 3 != 0              # empty, full and partial blocks
+
+    old = masks.EVAL_ELEMENTS
+    masks.EVAL_ELEMENTS = 128 * 512
+    try:
+        bm = qkv.block_mask(mm, 1, 2, 1000, 5000)
+    finally:
+        masks.EVAL_ELEMENTS = old
+    assert seen[0] <= 128 * 512
+    i, j = torch.arange(1000).view(-1, 1), torch.arange(5000).view(1, -1)
+    dense = ((i // 200 + j // 900) % 3 != 0)[None, None]
+    want = qkv.block_mask(dense, 1, 1, 1000, 5000)               # states from the whole mask at once
+    assert torch.equal(bm.to_dense(), want.to_dense()) and set(bm.to_dense().unique().tolist()) == {0, 1, 2}

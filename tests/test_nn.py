@@ -307,3 +307,35 @@ def test_hf_gpt2_attention_layer_loaded_into_selfattention():
         ref = hf(x, attention_mask=causal)[0]
         out = layer(x)
     assert maxdiff(out, ref) < 1e-10
+
+
+def test_a_failed_call_leaves_the_kv_cache_as_it_was():
+    # the mask was checked after the append: the next step attended to keys of a call that raised
+    torch.manual_seed(0)
+    m = qkv.SelfAttention(16, 2, causal=True)
+    cache = m.new_cache(1, 32)
+    x = torch.randn(1, 4, 16)
+    m(x, kv_cache=cache)
+    keys, values = cache.keys.clone(), cache.values.clone()
+    for bad in (torch.ones(1, 1, 3, 6, dtype=torch.bool),                 # wrong Nk (the cache holds 4 + 3)
+                lambda b, h, i, j: (j <= i).float()):                     # a mask_mod of floats
+        with pytest.raises((ValueError, TypeError)):
+            m(torch.randn(1, 3, 16), kv_cache=cache, mask=bad)
+        assert cache.length == 4
+        assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values)
+    with pytest.raises(ValueError, match="budget"):                      # need_weights over its budget: after
+        big = qkv.SelfAttention(16, 2)                                    # attention ran, still no change
+        c2 = big.new_cache(1, 2)
+        from qkv.engines import reference
+        old = reference.SCORE_BUDGET_BYTES
+        reference.SCORE_BUDGET_BYTES = 1
+        try:
+            big(torch.randn(1, 2, 16), kv_cache=c2, need_weights=True)
+        finally:
+            reference.SCORE_BUDGET_BYTES = old
+    assert c2.length == 0
+    # the step after the failures sees exactly the keys of the calls that succeeded
+    x2 = torch.randn(1, 1, 16)
+    out = m(x2, kv_cache=cache)
+    ref = m(torch.cat([x, x2], 1))[:, -1:]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

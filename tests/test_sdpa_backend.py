@@ -73,7 +73,7 @@ def test_sdpa_explicit_refuses_what_it_cannot_serve(case):
     q, k, v = make_qkv(1, 2, 2, 6, 6, 8)
     calls = []
     if "score_mod" in kw:
-        kw = dict(score_mod=lambda s, b, h, i, j: calls.append(1) or s)
+        kw = dict(score_mod=lambda s, b, h, i, j: (s.numel() > 1 and calls.append(1)) or s)  # 1: a probe
     with pytest.raises(ValueError, match=r"(?is)sdpa.*(" + why + ")"):
         qkv.attention(q, k, v, backend="sdpa", **kw)
     assert not calls, "score_mod was evaluated before refusing"
@@ -98,3 +98,32 @@ def test_sdpa_decode_step_without_mask(with_bias):
     bias = torch.randn(1, 4, 1, 37, dtype=torch.float64).float() if with_bias else None
     assert qkv.select_backend(q, k, v, bias=bias, **kw).name == "sdpa"
     compare("sdpa", q, k, v, grad=True, bias=bias, **kw)
+
+
+def test_dense_mask_is_built_in_bounded_chunks_and_counted():
+    # auto with a dense mask_mod checked only the bool mask's N² bytes, while evaluating the mask_mod on int64
+    # index grids plus SDPA's float copy cost 19x that. The mask is now built a chunk of rows at a time into
+    # one additive mask of q's dtype (which SDPA reads as it is), and that is what supports() counts.
+    from qkv.core.call import prepare
+    from qkv.engines import sdpa
+    seen = [0]
+
+    def mm(b, h, i, j):
+        seen[0] = max(seen[0], torch.broadcast_shapes(b.shape, h.shape, i.shape, j.shape).numel())
+        return (i - j) % 3 != 1
+
+    q, k, v = make_qkv(1, 2, 2, 600, 700, 8)
+    old = sdpa.MASK_CHUNK_ELEMENTS
+    sdpa.MASK_CHUNK_ELEMENTS = 2 * 700 * 50
+    try:
+        out = qkv.attention(q, k, v, mask=mm, backend="sdpa")
+    finally:
+        sdpa.MASK_CHUNK_ELEMENTS = old
+    assert 1 < seen[0] <= 2 * 700 * 50
+    torch.testing.assert_close(out, qkv.attention(q, k, v, mask=mm, backend="reference"), rtol=0, atol=1e-5)
+    call = prepare(q, k, v, mask=mm)
+    assert sdpa.peak_bytes(call) >= 2 * 600 * 700 * 4           # the (B, Hq, Nq, Nk) fp32 mask
+    big = torch.empty(1, 16, 8192, 8, device="meta")
+    reasons = sdpa.ENGINE.supports(prepare(big, big, big, mask=mm))
+    assert any("attn_mask" in r for r in reasons)                # 4 GiB of fp32 mask: over the 2 GiB budget
+    assert qkv.select_backend(big, big, big, mask=mm).name == "tiled"

@@ -61,6 +61,32 @@ CASES = [
     ("backend_sdpa_score_mod", dict(backend="sdpa", score_mod=lambda s, b, h, i, j: s), (ValueError,),
      [r"sdpa", r"score_mod"]),
     ("backend_triton_cpu", dict(backend="triton"), (ValueError,), [r"triton"]),
+    # what a user's mask_mod / score_mod returns: one clear error naming it (never read as an additive bias)
+    ("mask_mod_none", dict(mask=lambda b, h, i, j: None), (TypeError,), [word("mask_mod"), "None"]),
+    ("mask_mod_float", dict(mask=lambda b, h, i, j: (j <= i).float()), (TypeError,), [word("mask_mod"), "float32"]),
+    ("mask_mod_int", dict(mask=lambda b, h, i, j: (j <= i).long()), (TypeError,), [word("mask_mod"), "int64"]),
+    ("mask_mod_shape", dict(mask=lambda b, h, i, j: torch.ones(3, 3, dtype=torch.bool)), (ValueError,),
+     [word("mask_mod"), r"\(3, 3\)"]),
+    ("mask_mod_list", dict(mask=lambda b, h, i, j: [True]), (TypeError,), [word("mask_mod"), "list"]),
+    ("and_masks_float", dict(mask=qkv.masks.and_masks(qkv.masks.causal(), lambda b, h, i, j: (j <= i).float())),
+     (TypeError,), [r"and_masks", word("mask_mod"), "float32"]),
+    ("not_mask_none", dict(mask=qkv.masks.not_mask(lambda b, h, i, j: None)), (TypeError,), [r"not_mask", "None"]),
+    ("score_mod_none", dict(score_mod=lambda s, b, h, i, j: None), (TypeError,), [word("score_mod"), "None"]),
+    ("score_mod_int", dict(score_mod=lambda s, b, h, i, j: (s > 0).long()), (TypeError,),
+     [word("score_mod"), "int64"]),
+    ("score_mod_shape", dict(score_mod=lambda s, b, h, i, j: torch.zeros(2, 6, 7)), (ValueError,),
+     [word("score_mod"), r"\(2, 6, 7\)", "elementwise"]),
+    ("score_mod_float", dict(score_mod=lambda s, b, h, i, j: 1.0), (TypeError,), [word("score_mod"), "float"]),
+    ("alibi_device", dict(alibi_slopes=torch.ones(4, device="meta")), (ValueError,),
+     [word("alibi_slopes"), "meta", "cpu"]),
+    ("document_ids_length", dict(mask=qkv.masks.document(torch.zeros(5, dtype=torch.long))), (ValueError,),
+     [r"ids", r"\b5\b", r"Nk=7"]),
+    ("document_ids_batch", dict(mask=qkv.masks.document(torch.zeros(3, 7, dtype=torch.long))), (ValueError,),
+     [r"ids", r"\b3\b", r"B=2"]),
+    ("padding_batch", dict(mask=qkv.masks.padding(torch.tensor([3, 4, 5]))), (ValueError,),
+     [r"kv_lens", r"\b3\b", r"B=2"]),
+    ("prefix_batch", dict(mask=qkv.masks.prefix_lm(torch.tensor([1, 2, 3]))), (ValueError,),
+     [r"prefix_len", r"B=2"]),
 ]
 
 
@@ -73,12 +99,15 @@ def test_bad_call_raises_naming_the_argument(case):
         kw["mask"] = qkv.block_mask(qkv.masks.causal(), 1, 1, 9, 9)
     calls = []
 
+    # prepare probes a user's mods at one index (the type of their result): no work; a grid of them is
     def spy_mod(b, h, i, j):
-        calls.append("mask")
+        if i.numel() * j.numel() > 1:
+            calls.append("mask")
         return i >= 0
 
     def spy_score(s, b, h, i, j):
-        calls.append("score")
+        if s.numel() > 1:
+            calls.append("score")
         return s
 
     if "mask" not in kw:
@@ -113,3 +142,33 @@ def test_valid_edge_arguments_accepted():
                dict(dropout_p=0.0), dict(mask=torch.ones(1, dtype=torch.bool)), dict(bias=torch.zeros(1)),
                dict(alibi_slopes=torch.ones(2, 4)), dict(softcap=1e-3)):
         qkv.attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa", "auto"])
+@pytest.mark.parametrize("bad", ["none", "float", "shape"])
+def test_mask_mod_results_are_checked_on_every_engine(backend, bad):
+    """A mask_mod returning 0/1 floats was an additive bias on sdpa/auto, a bool on tiled and a `~` TypeError
+    on reference; now each engine raises the same error before computing anything."""
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 8)
+    mm = {"none": lambda b, h, i, j: None, "float": lambda b, h, i, j: (j <= i).float(),
+          "shape": lambda b, h, i, j: (j <= i)[..., :3]}[bad]
+    with pytest.raises((TypeError, ValueError), match="mask_mod"):
+        qkv.attention(q, k, v, mask=mm, backend=backend)
+    # a mask_mod that is right at one index and wrong on a grid: caught where it is evaluated, same error
+    late = lambda b, h, i, j: (j <= i) if i.numel() == 1 else (j <= i).float()
+    with pytest.raises(TypeError, match="mask_mod.*float32"):
+        qkv.attention(q, k, v, mask=late, backend=backend)
+    with pytest.raises(TypeError, match="mask_mod.*float32"):
+        qkv.block_mask(late, 1, 1, 300, 300)
+
+
+def test_meta_tensors_give_shapes():
+    # meta tensors hold no values: every engine returns results of the right shape and dtype (no error from
+    # torch internals); causal on tiled raised "Cannot copy out of meta tensor"
+    q = torch.empty(1, 4, 9, 8, device="meta")
+    k = v = torch.empty(1, 2, 9, 8, device="meta")
+    for backend in ("reference", "tiled", "auto"):
+        out, lse = qkv.attention(q, k, v, causal=True, backend=backend, return_lse=True)
+        assert out.device.type == "meta" and out.shape == (1, 4, 9, 8) and lse.shape == (1, 4, 9)
+    assert qkv.attention(q, k, v, causal=True, backend="sdpa").shape == (1, 4, 9, 8)
+    assert qkv.attention_weights(q, k, causal=True).shape == (1, 4, 9, 9)

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .core.call import Call, prepare
+from .core.finite import NonFiniteInputs
 from .core.options import get_options
 from .dispatch import Selection
 from .engines.reference import reference_weights
+from .engines.sdpa import plausible
 
 __all__ = ["attention", "attention_weights", "backends", "select_backend", "BackendInfo", "Selection"]
 
@@ -41,7 +43,7 @@ def _empty(call: Call):
     """Zero-size calls: empty outputs, or zeros (lse = -inf) when there are no keys; still differentiable."""
     out = call.q.new_zeros(call.B, call.Hq, call.Nq, call.Dv)
     touch = call.q.sum() + call.k.sum() + call.v.sum() + (call.bias.sum() if call.bias is not None else 0)
-    out = out + 0 * touch.to(out.dtype)
+    out = out + (0 * touch.to(out.dtype)).nan_to_num(0.0, 0.0, 0.0)    # a NaN input stays out of the zeros
     lse = torch.full((call.B, call.Hq, call.Nq), float("-inf"), device=call.q.device)
     return out, lse
 
@@ -87,15 +89,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                get_options().serial)
         run = _FAST.get(key)
         if run is not None:
-            return run(q, k, v)
+            out = run(q, k, v)
+            if out is not None:
+                return out
     call = prepare(q, k, v, causal=causal, window=window, mask=mask, bias=bias, score_mod=score_mod,
                    alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, dropout_p=dropout_p,
                    generator=generator, return_lse=return_lse)
     eng = dispatch.choose(call, backend)
-    if call.B * call.Hq * call.Nq == 0 or call.Nk == 0:
-        out, lse = _empty(call)
+    if call.B * call.Hq * call.Nq == 0 or call.Nk == 0 or call.device.type == "meta":
+        out, lse = _empty(call)          # meta tensors: results of the right shape and dtype, no values
     else:
-        out, lse = eng.forward(call)
+        try:
+            out, lse = eng.forward(call)
+        except NonFiniteInputs:
+            if backend != "auto":
+                raise
+            # auto's pick found NaN/inf inputs it cannot compute exactly: the tiled engine can
+            eng = dispatch.engine("tiled")
+            out, lse = eng.forward(call)
         if key is not None and eng.name == "sdpa":
             _remember(key, call)
     return (out, lse) if return_lse else out
@@ -111,10 +122,15 @@ def _remember(key, call: Call) -> None:
     kw = {} if key[10] is None else {"scale": call.scale}       # SDPA's default scale is the same 1/sqrt(D)
     if call.G > 1:
         kw["enable_gqa"] = True
+    # An output SDPA may have got wrong from NaN/inf inputs (sdpa.plausible) takes the full path instead.
     if call.plain_causal:
-        _FAST[key] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+        _FAST[key] = lambda q, k, v: _plausible_or_none(F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw))
     elif call.every_key_visible:
-        _FAST[key] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw)
+        _FAST[key] = lambda q, k, v: _plausible_or_none(F.scaled_dot_product_attention(q, k, v, **kw))
+
+
+def _plausible_or_none(out):
+    return out if plausible(out) else None
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> Selection:

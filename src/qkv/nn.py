@@ -207,6 +207,14 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Append ``k`` ``(batch, n_kv_heads, n, head_dim)`` and ``v`` ``(batch, n_kv_heads, n, v_head_dim)``;
         returns ``(keys, values)``, the cached ``(batch, n_kv_heads, length, ·)`` views after the append."""
+        keys, values = self._stage(k, v)
+        self.length += k.shape[2]
+        return keys, values
+
+    def _stage(self, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k``, ``v`` after the cached positions without committing them: returns the views of the cached
+        and new positions; ``length`` (what the cache holds) changes only when the caller adds ``n`` to it, so a
+        call that fails after staging leaves the cache as it was."""
         for name, t, d in (("k", k, self.head_dim), ("v", v, self.v_head_dim)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -222,8 +230,7 @@ class KVCache:
             raise ValueError(f"KVCache overflow: {self.length} cached + {n} new > max_len={self.max_len}")
         self.k[:, :, self.length: self.length + n] = k
         self.v[:, :, self.length: self.length + n] = v
-        self.length += n
-        return self.keys, self.values
+        return self.k[:, :, : self.length + n], self.v[:, :, : self.length + n]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -407,7 +414,8 @@ class SelfAttention(nn.Module):
             q = self.rope(q, offset=offset, positions=positions)
             k = self.rope(k, offset=offset, positions=positions)
         if kv_cache is not None:
-            k, v = kv_cache.append(k.to(kv_cache.dtype), v.to(kv_cache.dtype))     # (B, Hkv, Nk, D)
+            # staged, not committed: the cache grows only once the whole call has succeeded
+            k, v = kv_cache._stage(k.to(kv_cache.dtype), v.to(kv_cache.dtype))     # (B, Hkv, Nk, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
 
         # ---- attention
@@ -417,7 +425,7 @@ class SelfAttention(nn.Module):
         else:
             out = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **kw)  # (B, Hq, N, D)
         out = self.o_proj(out.transpose(1, 2).reshape(B, N, self.n_heads * self.head_dim))  # (B, N, d_model)
-        if need_weights:
-            weights = attention_weights(q, k, **kw)                                # (B, Hq, N, Nk)
-            return out, weights
-        return out
+        weights = attention_weights(q, k, **kw) if need_weights else None          # (B, Hq, N, Nk)
+        if kv_cache is not None:
+            kv_cache.length += N
+        return (out, weights) if need_weights else out

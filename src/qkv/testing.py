@@ -114,14 +114,16 @@ def naive_attention(
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv).  Returns ``(out, lse)`` in compute_dtype
     (out: (B, Hq, Nq, Dv); lse: (B, Hq, Nq), natural log, -inf on rows with no visible key), or
     ``(out, lse, probs)`` with ``return_probs``.  ``compute_dtype=None`` computes in q's dtype.
-    Differentiable w.r.t. every input (use fresh leaves cast to compute_dtype for the oracle).
+    Differentiable w.r.t. every input (use fresh leaves cast to compute_dtype for the oracle). NaN and inf in
+    the inputs count only where a row sees them: a key a row cannot see (hidden, or a -inf score) adds nothing
+    to it whatever its value, and a row that sees no key is 0 (forward; gradients of NaN inputs are autograd's).
     ``dropout_mask``: optional bool keep-mask (B, Hq, Nq, Nk); kept probabilities are scaled 1/(1-p).
     """
     cd = q.dtype if compute_dtype is None else compute_dtype
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if scale is None:
-        scale = 1.0 / math.sqrt(D)
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
     g = Hq // Hkv
     if g > 1:
@@ -137,7 +139,8 @@ def naive_attention(
         dist = (qi + (Nk - Nq) - kj).abs().to(cd)
         s = s - sl * dist
     if bias is not None:
-        s = s + bias.to(cd)
+        bias_c = bias.to(cd)
+        s = torch.where(bias_c == float("-inf"), bias_c, s + bias_c)   # a -inf bias hides its key, whatever the score
     if score_mod is not None:
         s = score_mod(s, b, h, qi, kj).to(cd)  # a user's mod may promote (e.g. fp32 constants)
     s = torch.broadcast_to(s, (B, Hq, Nq, Nk))
@@ -153,7 +156,13 @@ def naive_attention(
     pd = probs
     if dropout_mask is not None:
         pd = torch.where(dropout_mask, probs / (1.0 - dropout_p), torch.zeros_like(probs))
-    out = torch.matmul(pd, vc)
+    if bool(torch.isfinite(vc).all()):
+        out = torch.matmul(pd, vc)
+    else:
+        # Keys a row cannot see never touch it: a zero probability (hidden key, -inf score, dropped) adds
+        # nothing, even against a NaN or infinite value (a matmul would add 0·NaN = NaN).
+        terms = pd.unsqueeze(-1) * vc.unsqueeze(-3)                   # (B, H, Nq, Nk, Dv)
+        out = torch.where((pd != 0).unsqueeze(-1), terms, torch.zeros_like(terms)).sum(-2)
     lse = torch.where(empty, torch.full_like(l, float("-inf")), m_safe + torch.log(l_safe)).squeeze(-1)
     if return_probs:
         return out, lse, probs

@@ -24,11 +24,11 @@ import torch
 
 from . import hash as _hash
 from .capture import Lifted, lift
-from .masks import BlockMask, MaskMod, check_window, mod_state, tensor_state
+from .masks import BlockMask, MaskMod, check_window, mask_result, mod_state, tensor_state
 from .masks import causal as _causal
 from .masks import sliding_window as _sliding_window
 
-__all__ = ["Call", "prepare", "FLOATS"]
+__all__ = ["Call", "prepare", "FLOATS", "score_result"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -234,7 +234,10 @@ class Call:
             if kind == "tensor":
                 m = tile(r, q0, q1, k0, k1)
             else:
-                m = torch.as_tensor(r(*self.indices(q0, q1, k0, k1)), device=self.q.device)
+                m = r(*self.indices(q0, q1, k0, k1))
+                if not getattr(r, "_trusted", False):
+                    m = mask_result(m, (self.B, self.Hq, q1 - q0, k1 - k0))
+                m = torch.as_tensor(m, device=self.q.device)
             out = m if out is None else out & m
         return out
 
@@ -262,7 +265,7 @@ class Call:
         """Apply softcap → ALiBi → bias → score_mod to scaled scores s: (B, Hq, bq, bk) in the acc dtype."""
         s = self._fixed_mods(s, q0, q1, k0, k1)
         if self.score_mod is not None:
-            s = self.score_mod(s, *self.indices(q0, q1, k0, k1))
+            s = score_result(self.score_mod(s, *self.indices(q0, q1, k0, k1)), s)
         return s
 
     def _fixed_mods(self, s, q0, q1, k0, k1):
@@ -274,19 +277,33 @@ class Call:
                     - torch.arange(k0, k1, device=s.device).view(1, -1)).abs().to(s.dtype)
             s = s - self.alibi.to(s.dtype)[:, :, None, None] * dist
         if self.bias is not None:
-            s = s + tile(self.bias, q0, q1, k0, k1).to(s.dtype)
+            b = tile(self.bias, q0, q1, k0, k1).to(s.dtype)
+            s = s + b
+            if self._bias_hides():        # a -inf bias hides its key whatever the score (a NaN one too)
+                s = s.masked_fill(b == float("-inf"), float("-inf"))
         return s
 
-    def scores_backward(self, s_raw, ds, q0, q1, k0, k1, dbias, dcaps=None):
+    def _bias_hides(self) -> bool:
+        """Whether the bias holds -inf entries (known once per call; assumed while being traced)."""
+        if torch.compiler.is_compiling():
+            return True
+        hides = self._idx.get("bias_hides")
+        if hides is None:
+            hides = self._idx["bias_hides"] = bool((self.bias == float("-inf")).any())
+        return hides
+
+    def scores_backward(self, s_raw, ds, q0, q1, k0, k1, dbias, dcaps=None, zero=None):
         """Given dL/d(final scores) ``ds`` of a tile, return dL/d(raw scaled scores), accumulate the bias
         gradient into ``dbias`` (a tensor shaped like ``self.bias``) when given, and the gradients of the
         score_mod's captured tensors that require grad into ``dcaps`` (a list of accumulators, in the order of
-        ``self.captures`` restricted to those that require grad) when given."""
+        ``self.captures`` restricted to those that require grad) when given. ``zero``: a bool tile where the
+        gradient is 0 by structure (zero probabilities), kept 0 through the mods' derivatives (which may be
+        NaN there)."""
         if self.score_mod is not None:
             caps = [c for c in self.captures if c.requires_grad] if dcaps is not None else []
             with torch.enable_grad():
                 pre = self._fixed_mods(s_raw, q0, q1, k0, k1).detach().requires_grad_(True)
-                post = self.score_mod(pre, *self.indices(q0, q1, k0, k1))
+                post = score_result(self.score_mod(pre, *self.indices(q0, q1, k0, k1)), pre)
                 if post.requires_grad:
                     grads = torch.autograd.grad(post, [pre, *caps], ds.expand_as(post), allow_unused=True)
                 else:                      # the mod ignores s and every capture: nothing flows back
@@ -295,16 +312,36 @@ class Call:
                 if g is not None:
                     acc += g
             ds = grads[0] if grads[0] is not None else torch.zeros_like(s_raw)
+            if zero is not None:
+                ds = ds.masked_fill_(zero, 0.0)
         if dbias is not None:
             _accumulate(dbias, ds, q0, q1, k0, k1)
         if self.softcap is not None:
             t = torch.tanh(s_raw / self.softcap)
             ds = ds * (1 - t * t)
+            if zero is not None:
+                ds = ds.masked_fill_(zero, 0.0)
         return ds
 
     # ---- dropout: a counter-based keep-mask, identical on every engine for the same seed
     def keep(self, q0, q1, k0, k1) -> torch.Tensor:
         return _hash.uniform(self.seed, *self.indices(q0, q1, k0, k1)) >= self.dropout_p
+
+
+def score_result(out, s: torch.Tensor) -> torch.Tensor:
+    """What a score_mod returned for scores ``s``, checked and cast to ``s``'s dtype and shape (a wider result,
+    e.g. from a captured fp64 table, is cast back, as FlexAttention does)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"score_mod must return a floating tensor (the modified scores), got "
+                        f"{'None' if out is None else type(out).__name__}")
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"score_mod must return floating scores, got a {out.dtype} tensor")
+    if out.shape != s.shape:
+        if out.dim() > s.dim() or any(a not in (1, b) for a, b in zip(reversed(out.shape), reversed(s.shape))):
+            raise ValueError(f"score_mod returned shape {tuple(out.shape)} for scores of shape {tuple(s.shape)}: "
+                             f"it must be elementwise (index captured tensors with b, h, q_idx, kv_idx)")
+        out = out.expand(s.shape).contiguous()
+    return out if out.dtype == s.dtype else out.to(s.dtype)
 
 
 class _Shifted:
@@ -356,6 +393,24 @@ def _meet(a, b):
     if a is None or b is None:
         return b if a is None else a
     return tuple(y if x is None else x if y is None else min(x, y) for x, y in zip(a, b))
+
+
+def _probe_index(device):
+    i = torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=device)
+    return i, i, i, i
+
+
+def _probe_mask_mod(mod, device):
+    """Evaluate a user's mask_mod at one index (0, 0, 0, 0) so that a wrong result type or shape is reported
+    before any work (the full evaluation checks it again, tile by tile)."""
+    mask_result(mod(*_probe_index(device)), (1, 1, 1, 1))
+
+
+def _probe_score_mod(mod, device, dtype):
+    """Evaluate a score_mod on one zero score at index (0, 0, 0, 0): a wrong result is reported before any work."""
+    s = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)
+    with torch.no_grad():
+        score_result(mod(s, *_probe_index(device)), s)
 
 
 def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_mod=None, alibi_slopes=None,
@@ -424,8 +479,9 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
         if _shape(alibi_slopes) not in ((Hq,), (B, Hq), (1, Hq)):
             raise ValueError(f"alibi_slopes must be (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), got "
                              f"{_shape(alibi_slopes)}")
-        alibi = alibi_slopes.to(device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else
-                                torch.float32).reshape(-1, Hq)
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
+        alibi = alibi_slopes.to(dtype=torch.float64 if q.dtype == torch.float64 else torch.float32).reshape(-1, Hq)
     if softcap is not None:
         softcap = _number("softcap", softcap, positive=True)
     dropout_p = _number("dropout_p", dropout_p)
@@ -465,10 +521,20 @@ def prepare(q, k, v, *, causal=False, window=None, mask=None, bias=None, score_m
             mask = as4(mask)
             rules.append(("tensor", mask))
         elif callable(mask):
-            rules.append(("mod", mask.bind(Nq_all, Nk_all) if isinstance(mask, MaskMod) else mask))
+            mod = mask.bind(Nq_all, Nk_all) if isinstance(mask, MaskMod) else mask
+            if isinstance(mod, MaskMod):
+                mod.check(B, Hq)
+            rules.append(("mod", mod))
         else:
             raise TypeError(f"mask must be a bool tensor, a mask_mod callable or a BlockMask, got "
                             f"{type(mask).__name__}")
+    # Last, once every other argument is known good: the user's mods at one index, so that a result of the
+    # wrong type or shape is reported before any work.
+    for kind, r in rules:
+        if kind == "mod" and not getattr(r, "_trusted", False):
+            _probe_mask_mod(r, q.device)
+    if score_mod is not None:
+        _probe_score_mod(score_mod, q.device, torch.float64 if q.dtype == torch.float64 else torch.float32)
     seed = 0
     if _seed is not None:
         seed = int(_seed)

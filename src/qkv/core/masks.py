@@ -46,13 +46,15 @@ class MaskMod:
     """
 
     def __init__(self, name: str, fn: Callable, blocks: Callable | None = None, *, offset: int = 0,
-                 sizes: tuple[int, int] | None = None):
+                 sizes: tuple[int, int] | None = None, check: Callable | None = None):
         self.name, self._fn, self._blocks, self.offset, self.sizes = name, fn, blocks, offset, sizes
+        self._check = check      # check(m, B, H): raise ValueError when the bound mask cannot serve (B, H, sizes)
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self._fn(self, b, h, q_idx, kv_idx)
 
     _cacheable = False
+    _trusted = True          # built by qkv from its own parts: returns bool tensors of the right shape
     _window = None           # (left, right) when this mask is exactly a sliding window (see sliding_window)
 
     @property
@@ -68,9 +70,18 @@ class MaskMod:
 
     def bind(self, nq: int, nk: int) -> "MaskMod":
         """A copy aligned for ``Nq`` queries and ``Nk`` keys (offset ``Nk - Nq``)."""
-        m = MaskMod(self.name, self._fn, self._blocks, offset=nk - nq, sizes=(nq, nk))
-        m._cacheable, m._window = self._cacheable, self._window
+        m = MaskMod(self.name, self._fn, self._blocks, offset=nk - nq, sizes=(nq, nk), check=self._check)
+        m._cacheable, m._window, m._trusted = self._cacheable, self._window, self._trusted
+        if m._check is not None:
+            m._check(m, None, None)              # sizes now; the batch when a call or block_mask binds it
         return m
+
+    def check(self, B: int, H: int) -> None:
+        """Raise ValueError when this bound mask's arguments (ids, lengths) do not fit a call of batch ``B``,
+        ``H`` heads and its bound sizes (a tensor of per-key ids of the wrong length, per-batch lengths of
+        the wrong batch size). Unbound masks are not checked."""
+        if self._check is not None and self.sizes is not None:
+            self._check(self, B, H)
 
     def block_classes(self, qs, qe, ks, ke):
         """``(any, all)`` per block, or None when this mask has no analytic form."""
@@ -85,20 +96,61 @@ def _call(child, m, b, h, q, kv):
     return child._fn(m, b, h, q, kv) if isinstance(child, MaskMod) else child(b, h, q, kv)
 
 
-def _as_index(x, name: str) -> torch.Tensor:
+def _as_index(x, name: str, *, nonneg: bool = False) -> torch.Tensor:
+    """An int64 copy of an int or integer tensor (a copy: editing the caller's tensor later changes nothing)."""
     if isinstance(x, torch.Tensor):
-        if x.dtype.is_floating_point or x.dtype == torch.bool:
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
-        return x.to(torch.int64)
-    if isinstance(x, int):
-        return torch.tensor(x, dtype=torch.int64)
-    raise TypeError(f"{name} must be an int or an integer tensor, got {type(x).__name__}")
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor (it holds no values)")
+        t = x.detach().to(torch.int64, copy=True)
+    elif isinstance(x, int) and not isinstance(x, bool):
+        t = torch.tensor(x, dtype=torch.int64)
+    else:
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(x).__name__}")
+    if nonneg and t.numel() and int(t.min()) < 0:
+        raise ValueError(f"{name} must be >= 0, got {int(t.min())}")
+    return t
+
+
+def _batch_values(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A scalar or (B,) per-batch value: anything else is an error."""
+    if t.dim() > 1:
+        raise ValueError(f"{name} must be an int or a (B,) tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_batch(name: str, t: torch.Tensor, B: int):
+    if t.dim() == 1 and t.shape[0] != B:
+        raise ValueError(f"{name} has {t.shape[0]} entries (one per batch), the call has batch size B={B}")
 
 
 def _per_batch(t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A scalar or per-batch (B,) tensor, read at the broadcast batch indices ``b``."""
     t = t.to(b.device)
     return t if t.dim() == 0 else t[b]
+
+
+def _grid_shape(*idx) -> torch.Size:
+    return torch.broadcast_shapes(*(getattr(x, "shape", ()) for x in idx))
+
+
+def mask_result(m, shape, what: str = "mask_mod") -> torch.Tensor:
+    """Check what a mask_mod returned for index tensors broadcasting to ``shape``: a bool tensor (or a Python
+    bool) broadcastable to ``shape``. Anything else — None, 0/1 floats or ints, a wrong shape — is an error
+    naming the mask_mod and what it returned (0/1 floats are never read as an additive bias)."""
+    if isinstance(m, bool):
+        return torch.tensor(m)
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{what} must return a bool tensor (True = may attend), got "
+                        f"{'None' if m is None else type(m).__name__}")
+    if m.dtype != torch.bool:
+        raise TypeError(f"{what} must return a bool tensor (True = may attend), got a {m.dtype} tensor (use "
+                        f"a comparison, e.g. kv_idx <= q_idx; additive float masks go to bias= or score_mod)")
+    if m.dim() > len(shape) or any(a not in (1, b) for a, b in zip(reversed(m.shape), reversed(shape))):
+        raise ValueError(f"{what} returned shape {tuple(m.shape)} for index tensors of shape {tuple(shape)}: it "
+                         f"must be elementwise in (b, h, q_idx, kv_idx) (shape broadcastable to theirs)")
+    return m
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -162,12 +214,30 @@ def document(ids: torch.Tensor, q_ids: torch.Tensor | None = None) -> MaskMod:
 
     ``ids: (Nk,)`` or ``(B, Nk)``, the document of each key. Queries default to the ids of their absolute
     positions (``i + Nk - Nq``, the last Nq keys); pass ``q_ids: (Nq,)`` or ``(B, Nq)`` to set them.
-    When the ids are sorted (contiguous documents), blocks are classified analytically.
+    When the ids are sorted (contiguous documents), blocks are classified analytically. The ids are copied:
+    editing the tensor afterwards does not change the mask. Binding to a call checks that there is one id
+    per key (and per query), and one row per batch.
     """
     kid = _as_index(ids, "ids")
     qid = None if q_ids is None else _as_index(q_ids, "q_ids")
-    if kid.dim() not in (1, 2) or (qid is not None and qid.dim() not in (1, 2)):
-        raise ValueError(f"ids must be (N,) or (B, N), got {tuple(kid.shape)}")
+    for name, t in (("ids", kid), ("q_ids", qid)):
+        if t is not None and t.dim() not in (1, 2):
+            raise ValueError(f"{name} must be (N,) or (B, N), got {tuple(t.shape)}")
+    kid = kid[0] if kid.dim() == 2 and kid.shape[0] == 1 else kid
+    qid = qid[0] if qid is not None and qid.dim() == 2 and qid.shape[0] == 1 else qid
+
+    def check(m, B, H):
+        nq, nk = m.sizes
+        if kid.shape[-1] != nk:
+            raise ValueError(f"document(ids): ids has {kid.shape[-1]} entries, one per key; the call has "
+                             f"Nk={nk} keys")
+        if qid is not None and qid.shape[-1] != nq:
+            raise ValueError(f"document(q_ids=...): q_ids has {qid.shape[-1]} entries, one per query; the call "
+                             f"has Nq={nq} queries")
+        for name, t in (("ids", kid), ("q_ids", qid)):
+            if B is not None and t is not None and t.dim() == 2 and t.shape[0] != B:
+                raise ValueError(f"document({name}): {name} has {t.shape[0]} rows (one per batch), the call has "
+                                 f"batch size B={B}")
 
     def ids_at(t, b, pos):
         t = t.to(pos.device)
@@ -207,16 +277,19 @@ def document(ids: torch.Tensor, q_ids: torch.Tensor | None = None) -> MaskMod:
             all_ = whole & (qlo == qhi) & (klo == khi) & (qlo == klo)
             return any_, all_
 
-    return MaskMod("document(ids)", fn, blocks)
+    if kid.numel() == 0:
+        blocks = None
+    return MaskMod("document(ids)", fn, blocks, check=check)
 
 
 def prefix_lm(prefix_len) -> MaskMod:
-    """Prefix-LM: every query sees the first ``prefix_len`` keys (int or (B,) tensor), causal after that."""
-    P = _as_index(prefix_len, "prefix_len")
+    """Prefix-LM: every query sees the first ``prefix_len`` keys (int >= 0 or (B,) tensor), causal after that."""
+    P = _batch_values(_as_index(prefix_len, "prefix_len", nonneg=True), "prefix_len")
     return or_masks(causal(), MaskMod(
         f"prefix({prefix_len if isinstance(prefix_len, int) else 'tensor'})",
         lambda m, b, h, q, kv: kv < _per_batch(P, b),
-        lambda off, qs, qe, ks, ke: (ks < _view4(P, qs), ke <= _view4(P, qs))))
+        lambda off, qs, qe, ks, ke: (ks < _view4(P, qs), ke <= _view4(P, qs)),
+        check=lambda m, B, H: B is not None and _check_batch("prefix_len", P, B)))
 
 
 def _view4(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -226,9 +299,16 @@ def _view4(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def padding(kv_lens, q_lens=None) -> MaskMod:
-    """Key j visible in batch b iff ``j < kv_lens[b]``; with ``q_lens``, rows ``i >= q_lens[b]`` see nothing."""
-    KL = _as_index(kv_lens, "kv_lens")
-    QL = None if q_lens is None else _as_index(q_lens, "q_lens")
+    """Key j visible in batch b iff ``j < kv_lens[b]``; with ``q_lens``, rows ``i >= q_lens[b]`` see nothing.
+    Lengths are ints >= 0 or (B,) tensors of them (copied)."""
+    KL = _batch_values(_as_index(kv_lens, "kv_lens", nonneg=True), "kv_lens")
+    QL = None if q_lens is None else _batch_values(_as_index(q_lens, "q_lens", nonneg=True), "q_lens")
+
+    def check(m, B, H):
+        if B is not None:
+            _check_batch("kv_lens", KL, B)
+            if QL is not None:
+                _check_batch("q_lens", QL, B)
 
     def fn(m, b, h, q, kv):
         off = m.offset
@@ -241,7 +321,7 @@ def padding(kv_lens, q_lens=None) -> MaskMod:
             any_, all_ = any_ & (qs < _view4(QL, qs)), all_ & (qe <= _view4(QL, qs))
         return any_, all_
 
-    return MaskMod("padding(kv_lens)", fn, blocks)
+    return MaskMod("padding(kv_lens)", fn, blocks, check=check)
 
 
 def chunked(chunk_size: int) -> MaskMod:
@@ -280,7 +360,10 @@ def dilated(window: int, dilation: int, causal: bool = True) -> MaskMod:
 
 def _global(g) -> MaskMod:
     """Global tokens: the first ``g`` positions (int) or the listed positions see and are seen by all."""
-    if isinstance(g, int):
+    if isinstance(g, int) and not isinstance(g, bool):
+        if g < 0:
+            raise ValueError(f"global_tokens must be >= 0 (the first g positions) or a sequence of positions, "
+                             f"got {g}")
         return MaskMod(f"global({g})", lambda m, b, h, q, kv: (kv < g) | (q + m.offset < g),
                        lambda off, qs, qe, ks, ke: ((ks < g) | (qs + off < g), (ke <= g) | (qe + off <= g)))
     pos = _as_index(torch.as_tensor(g), "global_tokens").flatten()
@@ -339,8 +422,27 @@ def not_mask(mask) -> MaskMod:
         r = mask._blocks(off, qs, qe, ks, ke)
         return ~r[1], ~r[0]
 
-    return MaskMod(f"not_mask({mask!r})", lambda m, b, h, q, kv: ~_call(mask, m, b, h, q, kv),
-                   blocks if isinstance(mask, MaskMod) and mask._blocks is not None else None)
+    def fn(m, b, h, q, kv):
+        r = _call(mask, m, b, h, q, kv)
+        if not isinstance(mask, MaskMod) or not mask._trusted:
+            r = mask_result(r, _grid_shape(b, h, q, kv), "not_mask's mask")
+        return ~r
+
+    out = MaskMod(f"not_mask({mask!r})", fn, blocks if isinstance(mask, MaskMod) and mask._blocks is not None else None,
+                  check=_children_check([mask]))
+    out._trusted = isinstance(mask, MaskMod) and mask._trusted
+    return out
+
+
+def _children_check(masks):
+    checks = [m._check for m in masks if isinstance(m, MaskMod) and m._check is not None]
+    if not checks:
+        return None
+
+    def check(m, B, H):
+        for c in checks:
+            c(m, B, H)
+    return check
 
 
 def _combine(kind: str, masks: Sequence) -> MaskMod:
@@ -351,11 +453,16 @@ def _combine(kind: str, masks: Sequence) -> MaskMod:
             raise TypeError(f"{kind}_masks takes mask_mod callables, got {type(m).__name__}")
     op = torch.logical_and if kind == "and" else torch.logical_or
 
+    def part(c, m, b, h, q, kv):
+        r = _call(c, m, b, h, q, kv)
+        if not (isinstance(c, MaskMod) and c._trusted):      # a user's mask_mod: checked like a top-level one
+            r = mask_result(r, _grid_shape(b, h, q, kv), f"{kind}_masks' mask_mod")
+        return r
+
     def fn(m, b, h, q, kv):
-        off = m.offset
-        out = _call(masks[0], m, b, h, q, kv)
+        out = part(masks[0], m, b, h, q, kv)
         for c in masks[1:]:
-            out = op(out, _call(c, m, b, h, q, kv))
+            out = op(out, part(c, m, b, h, q, kv))
         return out
 
     blocks = None
@@ -367,7 +474,9 @@ def _combine(kind: str, masks: Sequence) -> MaskMod:
                 a, l = op(a, ra), op(l, rl)
             return a, l
 
-    return MaskMod(f"{kind}_masks({', '.join(map(repr, masks))})", fn, blocks)
+    out = MaskMod(f"{kind}_masks({', '.join(map(repr, masks))})", fn, blocks, check=_children_check(masks))
+    out._trusted = all(isinstance(m, MaskMod) and m._trusted for m in masks)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ BlockMask
@@ -488,10 +597,17 @@ def mod_state(mod, B, H, Nq, Nk, bq, bk, device) -> torch.Tensor:
     return st
 
 
+#: Most index-grid elements a mask_mod is evaluated on at once when block states are computed: a mask_mod's
+#: temporaries (int64 index arithmetic: 8 bytes per element each) stay O(this), never O(Nq·Nk).
+EVAL_ELEMENTS = 2**21
+
+
 def _compute_mod_state(mod, B, H, Nq, Nk, bq, bk, device) -> torch.Tensor:
     qs, qe = _block_bounds(Nq, bq, device)
     ks, ke = _block_bounds(Nk, bk, device)
     nqb, nkb = len(qs), len(ks)
+    if nqb == 0 or nkb == 0:
+        return torch.zeros(1, 1, nqb, nkb, dtype=torch.int8, device=device)
     classes = getattr(mod, "block_classes", None)      # MaskMods (and shifted ones) may have a formula
     if classes is not None:
         r = classes(qs[:, None], qe[:, None], ks[None, :], ke[None, :])
@@ -501,23 +617,30 @@ def _compute_mod_state(mod, B, H, Nq, Nk, bq, bk, device) -> torch.Tensor:
             return _state_from(a.expand(shape), (l & a).expand(shape))
     b = torch.arange(B, device=device).view(-1, 1, 1, 1)
     h = torch.arange(H, device=device).view(1, -1, 1, 1)
-    kv = torch.arange(Nk, device=device).view(1, 1, 1, -1)
-    pad = nkb * bk - Nk
+    # kv blocks per evaluation: one block-row of bq rows times as many kv blocks as EVAL_ELEMENTS allow
+    per = max(1, EVAL_ELEMENTS // max(1, B * H * bq * bk))
     rows = []
     for q0 in range(0, Nq, bq):
         q = torch.arange(q0, min(q0 + bq, Nq), device=device).view(1, 1, -1, 1)
-        m = torch.as_tensor(mod(b, h, q, kv), device=device)
-        m = m.expand(torch.broadcast_shapes(m.shape, (1, 1, q.shape[2], Nk)))
-        a = torch.nn.functional.pad(m, (0, pad), value=False).unflatten(-1, (nkb, bk)).any(-1).any(-2, keepdim=True)
-        l = torch.nn.functional.pad(m, (0, pad), value=True).unflatten(-1, (nkb, bk)).all(-1).all(-2, keepdim=True)
-        rows.append(_state_from(a, l))
+        parts = []
+        for j0 in range(0, nkb, per):
+            k0, k1 = j0 * bk, min((j0 + per) * bk, Nk)
+            kv = torch.arange(k0, k1, device=device).view(1, 1, 1, -1)
+            grid = (B, H, q.shape[2], k1 - k0)
+            m = mask_result(mod(b, h, q, kv), grid)
+            m = m.to(device).expand(torch.broadcast_shapes(m.shape, (1, 1, q.shape[2], k1 - k0)))
+            pad = -(k1 - k0) % bk
+            a = torch.nn.functional.pad(m, (0, pad), value=False).unflatten(-1, (-1, bk)).any(-1).any(-2, keepdim=True)
+            l = torch.nn.functional.pad(m, (0, pad), value=True).unflatten(-1, (-1, bk)).all(-1).all(-2, keepdim=True)
+            parts.append(_state_from(a, l))
+        rows.append(_broadcast_cat(parts, dim=3))
     return _broadcast_cat(rows)
 
 
-def _broadcast_cat(rows):
+def _broadcast_cat(rows, dim: int = 2):
     Bm = max(r.shape[0] for r in rows)
     Hm = max(r.shape[1] for r in rows)
-    return torch.cat([r.expand(Bm, Hm, *r.shape[2:]) for r in rows], dim=2)
+    return torch.cat([r.expand(Bm, Hm, *r.shape[2:]) for r in rows], dim=dim)
 
 
 def tensor_state(mask: torch.Tensor, Nq, Nk, bq, bk) -> torch.Tensor:
@@ -532,6 +655,16 @@ def tensor_state(mask: torch.Tensor, Nq, Nk, bq, bk) -> torch.Tensor:
     a = F.pad(m, (0, pk, 0, pq), value=False).view(*m.shape[:2], nqb, bq, nkb, bk).any(-1).any(-2)
     l = F.pad(m, (0, pk, 0, pq), value=True).view(*m.shape[:2], nqb, bq, nkb, bk).all(-1).all(-2)
     return _state_from(a, l)
+
+
+def compact_copy(t: torch.Tensor, device=None) -> torch.Tensor:
+    """A contiguous copy of ``t`` with its broadcast (stride-0) dimensions kept at size 1: what a mask or bias
+    must hold, never the expanded size."""
+    for d in range(t.dim()):
+        if t.stride(d) == 0 and t.shape[d] > 1:
+            t = t.narrow(d, 0, 1)
+    return t.to(device=device if device is not None else t.device, memory_format=torch.contiguous_format,
+                copy=True)
 
 
 def block_mask(mask, B: int, H: int, Nq: int, Nk: int, *, block_size=None, device=None) -> BlockMask:
@@ -554,13 +687,18 @@ def block_mask(mask, B: int, H: int, Nq: int, Nk: int, *, block_size=None, devic
         except RuntimeError:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Nq, Nk) = "
                              f"{(B, H, Nq, Nk)}") from None
+        if mask.device.type == "meta":
+            raise ValueError("mask is a meta tensor (it holds no values)")
         device = mask.device if device is None else torch.device(device)
-        st = tensor_state(mask.to(device), Nq, Nk, bq, bk) if Nq and Nk else torch.zeros(1, 1, 0, 0, dtype=torch.int8)
-        return BlockMask(st, (B, H, Nq, Nk), (bq, bk), tensor=mask.to(device))
+        own = compact_copy(mask, device)       # the BlockMask's own copy: later edits of `mask` change nothing
+        st = tensor_state(own, Nq, Nk, bq, bk) if Nq and Nk else torch.zeros(1, 1, 0, 0, dtype=torch.int8)
+        return BlockMask(st, (B, H, Nq, Nk), (bq, bk), tensor=own)
     if not callable(mask):
         raise TypeError(f"mask must be a mask_mod callable or a bool tensor, got {type(mask).__name__}")
     device = torch.device("cpu") if device is None else torch.device(device)
     mod = mask.bind(Nq, Nk) if isinstance(mask, MaskMod) else mask
+    if isinstance(mod, MaskMod):
+        mod.check(B, H)
     if Nq == 0 or Nk == 0:
         st = torch.zeros(1, 1, -(-Nq // bq), -(-Nk // bk), dtype=torch.int8, device=device)
     else:

@@ -6,14 +6,39 @@ import torch
 import torch.nn.functional as F
 
 from ..core.call import Call, as4
+from ..core.finite import NonFiniteInputs, nonfinite_names
 from .base import Engine
 from .reference import SCORE_BUDGET_BYTES
 
-__all__ = ["ENGINE", "SdpaEngine", "sdpa_attention"]
+__all__ = ["ENGINE", "SdpaEngine", "sdpa_attention", "peak_bytes", "plausible", "MASK_CHUNK_ELEMENTS"]
+
+
+#: Most index-grid elements a mask_mod is evaluated on at once while the dense mask is built (its int64
+#: temporaries stay O(this), never O(Nq·Nk)).
+MASK_CHUNK_ELEMENTS = 2**21
+
+
+def _mask_shape(call: Call) -> tuple[int, int, int, int]:
+    """The shape of the dense additive mask SDPA is given: the broadcast of the bias and the visibility rules
+    (a mask_mod may vary along every axis: (B, Hq, Nq, Nk))."""
+    shapes = [] if call.bias is None else [tuple(call.bias.shape)]
+    for kind, r in call.rules:
+        if kind == "tensor":
+            shapes.append(tuple(r.shape))
+        elif kind == "block" and r.tensor is not None:
+            shapes.append(tuple(as4(r.tensor).shape))
+        else:
+            shapes.append((call.B, call.Hq, call.Nq, call.Nk))
+    b, h, _, _ = torch.broadcast_shapes(*shapes, (1, 1, call.Nq, call.Nk))
+    return b, h, call.Nq, call.Nk
+
+
+def _needs_mask(call: Call) -> bool:
+    return call.bias is not None or not (call.plain_causal or call.every_key_visible)
 
 
 class SdpaEngine(Engine):
-    """PyTorch's SDPA: fused kernels for no mask and plain causal, a dense ``attn_mask`` otherwise."""
+    """PyTorch's SDPA: fused kernels for no mask and plain causal, a dense additive ``attn_mask`` otherwise."""
 
     name = "sdpa"
     summary = f"torch {torch.__version__} scaled_dot_product_attention, when a call fits its semantics"
@@ -31,28 +56,76 @@ class SdpaEngine(Engine):
                        "engine shares")
         if call.return_lse:
             why.append("SDPA does not return the logsumexp")
-        if not (call.plain_causal or call.every_key_visible) or call.bias is not None:
-            need = call.B * call.Hq * call.Nq * call.Nk * (call.q.element_size() if call.bias is not None else 1)
+        if _needs_mask(call):
+            need = peak_bytes(call)
             if need > SCORE_BUDGET_BYTES:
                 why.append(f"SDPA would need a dense {need / 2**30:.1f} GiB attn_mask for this mask")
         return why
 
     def forward(self, call: Call):
-        return sdpa_attention(call), None
+        out = sdpa_attention(call)
+        if not torch.compiler.is_compiling() and not plausible(out):
+            bad = nonfinite_names(call.q, call.k, call.v, call.bias)
+            if bad:
+                raise NonFiniteInputs(
+                    f"backend='sdpa' cannot serve this call: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} "
+                    f"NaN or inf values, and SDPA's kernels turn a NaN score into a row of zeros and let hidden "
+                    f"values reach rows that cannot see them (0·NaN); use backend='tiled' (or 'auto')")
+        return out, None
+
+
+def plausible(out: torch.Tensor) -> bool:
+    """Whether SDPA's output can only have come from harmless inputs: no NaN (a hidden NaN or inf that leaked
+    through 0·NaN) and no row of exact zeros (SDPA's CPU kernels give a row of NaN scores zeros, as a row that
+    sees nothing). One pass over the output, not the inputs (a decoding step's keys are far larger); only an
+    implausible output has the inputs checked."""
+    if out.numel() == 0 or out.device.type == "meta":
+        return True
+    least = float(out.abs().amax(-1).amin())     # the smallest row maximum: NaN propagates, a zero row gives 0
+    return least > 0
+
+
+def peak_bytes(call: Call) -> int:
+    """Bytes the sdpa engine allocates beyond its inputs and output for this call: the dense additive mask
+    (q's dtype; SDPA reads it in place), while it is built a bounded chunk of mask_mod evaluations, and
+    SDPA's own O(N·D) workspace (fp32 gradient buffers; measured: benchmarks/robustness_memory.py)."""
+    if not _needs_mask(call):
+        return 0
+    b, h, nq, nk = _mask_shape(call)
+    work = 8 * (call.B * call.Hq * call.Nq + call.B * call.Hkv * call.Nk) * (call.D + call.Dv)  # fp32 grads...
+    return b * h * nq * nk * call.q.element_size() + 17 * MASK_CHUNK_ELEMENTS + work
+
+
+def _attn_mask(call: Call) -> torch.Tensor:
+    """The dense additive mask (Bm, Hm, Nq, Nk) in q's dtype: the bias (or 0) where visible, -inf elsewhere.
+    Built a chunk of query rows at a time, so a mask_mod's temporaries stay O(MASK_CHUNK_ELEMENTS)."""
+    B, Hq, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk
+    shape = _mask_shape(call)
+    mask = torch.empty(shape, dtype=call.q.dtype, device=call.q.device)
+    if call.bias is None:
+        mask.zero_()
+    else:
+        mask.copy_(call.bias.expand(shape))
+    if call.rules:
+        rows = max(1, MASK_CHUNK_ELEMENTS // max(1, B * Hq * Nk))
+        for r0 in range(0, Nq, rows):
+            r1 = min(Nq, r0 + rows)
+            vis = call.visible(r0, r1, 0, Nk)
+            mask[:, :, r0:r1].masked_fill_(~vis, float("-inf"))
+    return mask
 
 
 def sdpa_attention(call: Call) -> torch.Tensor:
     """out (B, Hq, Nq, Dv) from SDPA. Causal with Nq == Nk is SDPA's ``is_causal``; rows that see every key
-    need no mask; any other visibility rule becomes a dense bool ``attn_mask`` (or -inf in the additive bias)."""
+    need no mask; any other visibility rule becomes a dense additive ``attn_mask`` (-inf where hidden, the
+    bias elsewhere) in q's dtype, which SDPA reads as it is (a bool mask it would first convert: measured)."""
     kw = dict(scale=call.scale, enable_gqa=call.G > 1)
     bias = None if call.bias is None else call.bias.to(call.q.dtype)
     if call.plain_causal and bias is None:
         return F.scaled_dot_product_attention(call.q, call.k, call.v, is_causal=True, **kw)
     if call.every_key_visible:
         return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=bias, **kw)
-    vis = as4(call.visible(0, call.Nq, 0, call.Nk))
-    mask = vis if bias is None else bias.masked_fill(~vis, float("-inf"))
-    return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, **kw)
+    return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=_attn_mask(call), **kw)
 
 
 ENGINE = SdpaEngine()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..core.call import Call
-from ..core.merge import merge
+from ..core.finite import all_finite, finite_result, matmul_skip_zeros
 from ..core.options import get_options
 from . import cpu_kernel as _native
 from .kernel import KernelEngine
@@ -52,18 +52,21 @@ _NEG = float("-inf")
 _aten = torch.ops.aten
 
 
-def _schedule(call: Call, bq: int, bk: int, skip: range = range(0)):
+def _schedule(call: Call, bq: int, bk: int, skip: range = range(0), fused: bool | None = None):
     """Per query block, the kv runs to visit: a list of (k0, k1, partial), each run a whole number of kv
     tiles of one kind (full or partial); on the torch-ops path a run's score tile fits in TILE_BYTES.
-    Blocks in ``skip`` (the band path's) get None: planning them costs Python time the band path saves."""
+    Blocks in ``skip`` (the band path's) get None: planning them costs Python time the band path saves.
+    ``fused``: plan for the fused kernel (default: whether the call takes it)."""
     Nq, Nk = call.Nq, call.Nk
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
     row_bytes = call.B * call.Hq * bq * call.acc_dtype.itemsize
-    # kv tiles per run: the ops path materialises a run's score tile, the fused kernel tiles inside itself
-    per_run = nkb if _use_fused(call) else max(1, TILE_BYTES // (row_bytes * bk))
+    # kv tiles per run: the ops path materialises a run's score tile, the fused kernel tiles inside itself but
+    # is handed a partial run's mask (and the mask_mod evaluated over it), so partial runs stay in TILE_BYTES
+    bounded = max(1, TILE_BYTES // (row_bytes * bk))
+    per_full = nkb if (_use_fused(call) if fused is None else fused) else bounded
     state = call.block_state(bq, bk)
     if state is None:
-        step = per_run * bk
+        step = per_full * bk
         runs = [(k0, min(k0 + step, Nk), False) for k0 in range(0, Nk, step)]
         return [runs] * nqb
     st = state.reshape(-1, nqb, nkb)
@@ -94,6 +97,7 @@ def _schedule(call: Call, bq: int, bk: int, skip: range = range(0)):
                 j += 1
                 continue
             j0 = j
+            per_run = per_full if marks[j0] == "F" else bounded
             while j < nkb and marks[j] == marks[j0] and j - j0 < per_run:
                 j += 1
             runs.append((j0 * bk, min(j * bk, Nk), marks[j0] == "P"))
@@ -107,6 +111,30 @@ def _head(x: torch.Tensor, G: int, n: int, gi: int) -> torch.Tensor:
     return x if G == 1 else x.unflatten(2, (G, n))[:, :, gi].contiguous()
 
 
+def _exact_schedule(call: Call):
+    """(bq, schedule) of the exact torch-ops path: no fused kernel, no band (see _fwd)."""
+    bm = call.block_mask
+    bq, bk = bm.block_size if bm is not None else (BLOCK_Q, BLOCK_K)
+    return bq, _schedule(call, bq, bk, fused=False)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are contiguous and no dimension is broadcast (stride 0), else a contiguous
+    copy: what PyTorch's fused CPU kernel reads correctly (it assumes stride(-1) == 1)."""
+    if t.stride(-1) == 1 and all(st or n <= 1 for st, n in zip(t.stride(), t.shape)):
+        return t
+    return t.contiguous()
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor):
+    """(hi, lo) with hi = fl(a + b) and hi + lo = a + b exactly (Knuth's TwoSum); lo = 0 where hi is not
+    finite."""
+    hi = a + b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (b - bb)
+    return hi, lo.masked_fill_(~torch.isfinite(hi), 0.0)
+
+
 def _use_fused(call: Call) -> bool:
     return (get_options().tiled_fused and call.q.device.type == "cpu" and not call.has_mods and call.dropout_p == 0
             and call.D == call.Dv and call.D > 0 and hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"))
@@ -115,14 +143,15 @@ def _use_fused(call: Call) -> bool:
 class _Tile:
     """One q block (rows q0:q1) of a call, in the folded GQA layout (B, Hkv, G·n, ·)."""
 
-    def __init__(self, call: Call, q0: int, q1: int):
+    def __init__(self, call: Call, q0: int, q1: int, exact: bool = False):
         self.call, self.q0, self.q1, self.n = call, q0, q1, q1 - q0
         self.fold = (call.B, call.Hkv, call.G * self.n)
+        self.exact = exact       # the exact path: zero probabilities never meet (maybe NaN) values
 
     def rows(self, t4: torch.Tensor) -> torch.Tensor:
         """Rows q0:q1 of a (B, Hq, N, X) tensor, folded to (B, Hkv, G·n, X)."""
-        c = self.call
-        return t4.reshape(c.B, c.Hkv, c.G, -1, t4.shape[-1])[..., self.q0:self.q1, :].reshape(*self.fold, -1)
+        c, N, X = self.call, t4.shape[2], t4.shape[-1]
+        return t4.reshape(c.B, c.Hkv, c.G, N, X)[..., self.q0:self.q1, :].reshape(*self.fold, X)
 
     def mask(self, k0, k1, dtype):
         """The run's visibility for the fused kernel: (additive 0/-inf mask (Bm, Hkv|1, G·n, c), dead rows,
@@ -139,7 +168,10 @@ class _Tile:
         return add, ~vis.any(-1, keepdim=True), False
 
 
-# ---------------------------------------------------------------- forward of one run -> (lse (.., 1), o)
+# ------------------------------------------------- forward of one run -> (m (.., 1), r (.., 1), o)
+# A run's result is its output o (softmax-normalised over the run's keys) and its logsumexp as m + r: m the
+# row max of the scores (a score itself, exact), r = log Σ exp(s − m) (small). Kept apart, they merge
+# without the rounding of an fp32 lse of large magnitude (_merge).
 
 def _fused_fwd(t: _Tile, qb, k, v, k0, k1, partial):
     c = t.call
@@ -150,7 +182,7 @@ def _fused_fwd(t: _Tile, qb, k, v, k0, k1, partial):
     o = o.to(c.acc_dtype)
     if dead is not None and bool(dead.any()):
         lse = lse.masked_fill(dead.expand_as(lse), _NEG)   # the kernel reports lse 0 for an empty row
-    return lse, o
+    return lse, torch.zeros_like(lse), o
 
 
 def _ops_fwd(t: _Tile, qb, k, v, k0, k1, partial):
@@ -164,16 +196,33 @@ def _ops_fwd(t: _Tile, qb, k, v, k0, k1, partial):
         s = s.masked_fill_(~c.visible(t.q0, t.q1, k0, k1), _NEG)
     m, arg = s.max(-1, keepdim=True)
     p = torch.softmax(s, -1)
-    lse = m - torch.log(p.gather(-1, arg))
-    if partial:
-        dead = m == _NEG                                  # rows with no visible key in this run
+    r = -torch.log(p.gather(-1, arg))                    # p at the max is exp(0) / Σ exp(s − m)
+    r = r.masked_fill_(m == float("inf"), 0.0)           # a +inf score: lse +inf (the output is NaN)
+    if partial or c.has_mods or t.exact:
+        # rows whose scores here are all -inf (masked, -inf through a bias or score_mod, or infinite inputs)
+        # see no key in this run: softmax gave NaN, the run contributes nothing
+        dead = m == _NEG
         if bool(dead.any()):
             p = p.masked_fill_(dead, 0.0)
-            lse = lse.masked_fill_(dead, _NEG)
+            r = r.masked_fill_(dead, 0.0)
     if c.dropout_p:
         p = p.mul_(c.keep(t.q0, t.q1, k0, k1)).mul_(1.0 / (1.0 - c.dropout_p))
-    o = torch.matmul(p.view(*t.fold, cw), v[:, :, k0:k1])
-    return lse.reshape(*t.fold, 1), o
+    mm = matmul_skip_zeros if t.exact else torch.matmul
+    o = mm(p.view(*t.fold, cw), v[:, :, k0:k1])
+    return m.reshape(*t.fold, 1), r.reshape(*t.fold, 1), o
+
+
+def _merge(m_a, r_a, o_a, m_b, r_b, o_b):
+    """Two runs over disjoint keys -> the run over both (the online softmax). m + r is each one's lse; a run
+    with m = -inf saw no key and contributes nothing. The weights exp(m_x − m + r_x) subtract two scores of
+    like magnitude (exact), so the merge adds no error of the size of |lse| (an fp32 lse merge would)."""
+    m = torch.maximum(m_a, m_b)
+    ms = m.masked_fill(m == _NEG, 0.0)
+    wa, wb = torch.exp(m_a - ms + r_a), torch.exp(m_b - ms + r_b)
+    tot = wa + wb
+    tot = tot.masked_fill(tot == 0, 1.0)
+    r = torch.log(tot).masked_fill_(m == float("inf"), 0.0)     # a +inf score: lse +inf, the output NaN
+    return m, r, o_a * (wa / tot) + o_b * (wb / tot)
 
 
 # ------------------------------------------------------------------------------ banded (sliding window)
@@ -379,42 +428,67 @@ def _band_bwd(call: Call, band: _Band, q, k, v, dout, dlse, dq, dk, dv, kept):
             band.scatter(dkh, torch.baddbmm(kb, ds.transpose(1, 2), qc, beta=0, alpha=call.scale), b0, b1)
 
 
-def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False):
+def _fwd(call: Call, q, k, v, bq, sched, band=None, keep=False, lo=False):
     """out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) in the acc dtype, the acc-dtype copy of out that a
-    half-precision backward reads (or None) and the band's kept probabilities (flat, or None)."""
-    B, Hq, Nq, Dv = call.B, call.Hq, call.Nq, call.Dv
+    half-precision backward reads (or None), the band's kept probabilities (flat, or None) and, with ``lo``,
+    the low part of the lse (lse_hi + lse_lo is the row's logsumexp to twice the acc dtype's precision: the
+    backward's exp(s − lse) then stays exact when |lse| is large) or None.
+
+    A result that is not finite comes from NaN/inf inputs; the fast paths (fused kernel, band) may also have
+    let a hidden one in through a 0·NaN, so such a call is computed again on the exact path, where keys a row
+    cannot see never touch it. The kept band probabilities are then NaN: the backward recomputes them."""
     fused = _use_fused(call)
+    # PyTorch's fused kernel gives a row of NaN scores the result of a row that sees nothing (0, lse 0), which
+    # no check of the result can tell: q or k that are not finite go to the exact path first.
+    if not (fused and not all_finite(q, k)):
+        res = _fwd_pass(call, q, k, v, bq, sched, band, keep, exact=False)
+        if finite_result(res[0], res[1]):
+            return res if lo else res[:4] + (None,)
+    ebq, esched = _exact_schedule(call)
+    out, lse, out_acc, _, lse_lo = _fwd_pass(call, q, k, v, ebq, esched, None, False, exact=True)
+    kept = torch.full((band.kept_size(call),), float("nan"), dtype=call.acc_dtype, device=q.device) if keep else None
+    return out, lse, None if fused else out_acc, kept, lse_lo if lo else None
+
+
+def _fwd_pass(call: Call, q, k, v, bq, sched, band, keep, exact: bool):
+    B, Hq, Nq, Dv = call.B, call.Hq, call.Nq, call.Dv
+    fused = not exact and _use_fused(call)
     run_fwd = _fused_fwd if fused else _ops_fwd
-    if not fused:
+    if fused:
+        q, k, v = _dense(q), _dense(k), _dense(v)
+    else:
         k, v = k.to(call.acc_dtype), v.to(call.acc_dtype)
     out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=call.acc_dtype, device=q.device)   # fp64 for fp64: backward reads it
+    lse_lo = torch.zeros_like(lse)
     # The ops path keeps an fp32 copy of a half-precision output: backward's rowsum(dO·O) needs it unrounded.
     out_acc = None if fused or q.dtype == call.acc_dtype else torch.empty(B, Hq, Nq, Dv, dtype=call.acc_dtype,
                                                                             device=q.device)
     out5 = out.view(B, call.Hkv, call.G, Nq, Dv)
-    lse5 = lse.view(B, call.Hkv, call.G, Nq)
+    lse5, lo5 = lse.view(B, call.Hkv, call.G, Nq), lse_lo.view(B, call.Hkv, call.G, Nq)
     kept = torch.empty(band.kept_size(call), dtype=call.acc_dtype, device=q.device) if keep else None
     if band is not None:
         _band_fwd(call, band, q, k, v, out, lse, out_acc, kept)
     for i, runs in enumerate(sched):
         if band is not None and i in band.blocks:
             continue
-        t = _Tile(call, i * bq, min((i + 1) * bq, Nq))
+        t = _Tile(call, i * bq, min((i + 1) * bq, Nq), exact)
         if not runs:
             out5[..., t.q0:t.q1, :] = 0
             lse5[..., t.q0:t.q1] = _NEG
             continue
         qb = t.rows(q) if fused else t.rows(q).to(call.acc_dtype) * call.scale
-        lse_i = o = None
+        m = r = o = None
         for k0, k1, partial in runs:
-            lse_c, o_c = run_fwd(t, qb, k, v, k0, k1, partial)
-            lse_i, o = (lse_c, o_c) if o is None else merge(lse_i, o, lse_c, o_c)
+            m_c, r_c, o_c = run_fwd(t, qb, k, v, k0, k1, partial)
+            m, r, o = (m_c, r_c, o_c) if o is None else _merge(m, r, o, m_c, r_c, o_c)
         out5[..., t.q0:t.q1, :] = o.view(B, call.Hkv, call.G, t.n, Dv)
-        lse5[..., t.q0:t.q1] = lse_i.view(B, call.Hkv, call.G, t.n)
+        hi, lo = _two_sum(m, r)
+        lse5[..., t.q0:t.q1] = hi.view(B, call.Hkv, call.G, t.n)
+        lo5[..., t.q0:t.q1] = lo.view(B, call.Hkv, call.G, t.n)
         if out_acc is not None:
             out_acc.view(B, call.Hkv, call.G, Nq, Dv)[..., t.q0:t.q1, :] = o.view(B, call.Hkv, call.G, t.n, Dv)
-    return out, lse, out_acc, kept
+    return out, lse, out_acc, kept, lse_lo
 
 
 # ------------------------------------------------------------- backward of one run (accumulates grads)
@@ -446,47 +520,82 @@ def _ops_bwd(t: _Tile, g, k0, k1, partial):
     c, n, cw = t.call, t.n, k1 - k0
     qb, dob, kc, vc = g["qb"], g["dob"], g["k"][:, :, k0:k1], g["v"][:, :, k0:k1]
     s_raw = torch.matmul(qb, kc.transpose(-1, -2)).view(c.B, c.Hq, n, cw)
+    vis = c.visible(t.q0, t.q1, k0, k1) if partial else None
     s = c.scores(s_raw, t.q0, t.q1, k0, k1) if c.has_mods else s_raw
     if s is s_raw and c.has_mods:
         s = s.clone()                                      # s_raw is read again by scores_backward
-    if partial:
-        s = s.masked_fill_(~c.visible(t.q0, t.q1, k0, k1), _NEG)
-    p = s.sub_(g["lb"]).exp_()
+    if vis is not None:
+        s = s.masked_fill_(~vis, _NEG)
+    p = s.sub_(g["lb"])
+    if g["lo"] is not None:                                # the lse's low part (see _fwd)
+        p = p.sub_(g["lo"])
+    p = p.exp_()
     dp = torch.matmul(dob, vc.transpose(-1, -2)).view(c.B, c.Hq, n, cw)
     pd = p
     if c.dropout_p:
         keep = c.keep(t.q0, t.q1, k0, k1).to(p.dtype) * (1.0 / (1.0 - c.dropout_p))
         pd, dp = p * keep, dp * keep
-    g["dv"][:, :, k0:k1] += _per_head_t_matmul(pd, dob, c.G)
+    g["dv"][:, :, k0:k1] += _per_head_t_matmul(pd, dob, c.G, t.exact)
     ds = dp.sub_(g["db"]).mul_(p)
+    zero = None
+    if t.exact:                                            # p = 0 times a NaN dp (a NaN value) is 0 here
+        zero = p == 0
+        ds = ds.masked_fill_(zero, 0.0)
+        if c.has_mods:                 # nor do scores that are hidden (maybe NaN) reach the mods' derivatives
+            s_raw = s_raw.masked_fill_(zero, 0.0)
     if c.has_mods:
-        ds = c.scores_backward(s_raw, ds, t.q0, t.q1, k0, k1, g["dbias"], g["dcaps"])
+        ds = c.scores_backward(s_raw, ds, t.q0, t.q1, k0, k1, g["dbias"], g["dcaps"], zero=zero)
     ds = ds.reshape(*t.fold, cw)
-    g["dqb"] += torch.matmul(ds, kc)
-    g["dk"][:, :, k0:k1] += _per_head_t_matmul(ds, qb, c.G)
+    g["dqb"] += matmul_skip_zeros(ds, kc) if t.exact else torch.matmul(ds, kc)
+    g["dk"][:, :, k0:k1] += _per_head_t_matmul(ds, qb, c.G, t.exact)
 
 
-def _per_head_t_matmul(a, b, G):
+def _per_head_t_matmul(a, b, G, skip_zeros: bool = False):
     """sum over the G query heads of a kv head of aᵀ·b: a (B, Hkv, G·n, c) (or (B, Hq, n, c)), b (B, Hkv, G·n, X)
-    -> (B, Hkv, c, X); per-head products first, then the sum over heads (as the reference accumulates)."""
+    -> (B, Hkv, c, X); per-head products first, then the sum over heads (as the reference accumulates).
+    ``skip_zeros``: zero entries of a contribute nothing, even against NaN or inf in b."""
     B, Hkv, X = b.shape[0], b.shape[1], b.shape[-1]
-    a5 = a.reshape(B, Hkv, G, -1, a.shape[-1])
-    out = torch.matmul(a5.transpose(-1, -2), b.view(B, Hkv, G, -1, X))
+    n = b.shape[2] // G
+    a5 = a.reshape(B, Hkv, G, n, a.shape[-1])
+    out = (matmul_skip_zeros if skip_zeros else torch.matmul)(a5.transpose(-1, -2), b.view(B, Hkv, G, n, X))
     return out.sum(2) if G > 1 else out.squeeze(2)
 
 
-def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=None, kept=None, dcaps=None):
+def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=None, kept=None, dcaps=None,
+         lo=None):
+    """(dq, dk, dv, dbias), accumulating the score_mod captures' gradients into ``dcaps``. Gradients that are
+    not finite come from NaN/inf inputs or outputs; the fast paths may also have let a hidden one in through a
+    0·NaN, so such a backward is computed again on the exact path (zero probabilities and zero score
+    gradients never meet NaN/inf values). The band path leaves the lse of its rows unwritten, so after it
+    the exact path first recomputes the forward's out and lse."""
+    if not (_use_fused(call) and dlse is None and not all_finite(q, k)):      # (see _fwd)
+        grads = _bwd_pass(call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band, kept, dcaps, lo, False)
+        if all_finite(*grads, *(dcaps or ())):
+            return grads
+        for d in dcaps or ():
+            d.zero_()
+    ebq, esched = _exact_schedule(call)
+    if band is not None:
+        out, lse, out_acc, _, lo = _fwd_pass(call, q, k, v, ebq, esched, None, False, exact=True)
+        out = out if out_acc is None else out_acc
+    return _bwd_pass(call, q, k, v, out, lse, dout, dlse, ebq, esched, need_dbias, None, None, dcaps, lo, True)
+
+
+def _bwd_pass(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band, kept, dcaps, lo,
+              exact: bool):
     B, Hq, Hkv, G, Nq, D, Dv = call.B, call.Hq, call.Hkv, call.G, call.Nq, call.D, call.Dv
     acc = call.acc_dtype
-    fused = _use_fused(call) and dlse is None
+    fused = not exact and _use_fused(call) and dlse is None
     lse_safe = lse.masked_fill(lse == _NEG, float("inf")).unsqueeze(-1)   # exp(s - inf) = 0 on empty rows
     g = dict(dk=torch.zeros(B, Hkv, call.Nk, D, dtype=acc, device=q.device),
              dv=torch.zeros(B, Hkv, call.Nk, Dv, dtype=acc, device=q.device),
              dbias=torch.zeros(call.bias.shape, dtype=acc, device=q.device) if need_dbias else None,
-             dcaps=dcaps)
+             dcaps=dcaps, lo=None)
+    lo_all = None
     if fused:
+        q, k, v, out = _dense(q), _dense(k), _dense(v), _dense(out)
         g.update(k=k, v=v)
-        dout = dout.to(q.dtype)
+        dout = _dense(dout.to(q.dtype))
     else:
         g.update(k=k.to(acc), v=v.to(acc))
         # delta_i = sum_d dO·O (FlashAttention-2), minus the lse cotangent: d lse_i / d s_ij = p_ij.
@@ -494,6 +603,7 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
         if dlse is not None:
             delta = delta - dlse.to(acc).unsqueeze(-1)
         lse_safe = lse_safe.to(acc)
+        lo_all = None if lo is None else lo.to(acc).unsqueeze(-1)
     dq = torch.empty(B, Hq, Nq, D, dtype=acc, device=q.device)     # every row is written below
     dq5 = dq.view(B, Hkv, G, Nq, D)
     run_bwd = _fused_bwd if fused else _ops_bwd
@@ -505,12 +615,13 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
         if not runs:                                       # rows that see no key
             dq5[..., i * bq:(i + 1) * bq, :] = 0
             continue
-        t = _Tile(call, i * bq, min((i + 1) * bq, Nq))
+        t = _Tile(call, i * bq, min((i + 1) * bq, Nq), exact)
         if fused:
             g.update(qb=t.rows(q), dob=t.rows(dout), ob=t.rows(out), lb=t.rows(lse_safe).squeeze(-1))
         else:
             g.update(qb=t.rows(q).to(acc) * call.scale, dob=t.rows(dout).to(acc),
-                     lb=lse_safe[:, :, t.q0:t.q1], db=delta[:, :, t.q0:t.q1])
+                     lb=lse_safe[:, :, t.q0:t.q1], db=delta[:, :, t.q0:t.q1],
+                     lo=None if lo_all is None else lo_all[:, :, t.q0:t.q1])
         g["dqb"] = torch.zeros(*t.fold, D, dtype=acc, device=q.device)
         for k0, k1, partial in runs:
             run_bwd(t, g, k0, k1, partial)
@@ -521,13 +632,48 @@ def _bwd(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, band=
             None if dbias is None else dbias.to(call.bias.dtype))
 
 
+def _kernel_inputs_finite(call: Call) -> bool:
+    """Whether q and the keys some row sees (a range-only call's rows see one span of keys; a decoding step
+    with a window, only the window's) hold only finite values."""
+    left, right = call.key_range()
+    lo = max(0, call.offset - left)
+    hi = min(call.Nk, call.Nq + call.offset + right)
+    return all_finite(call.q, call.k[:, :, lo:hi] if lo < hi else None)
+
+
+def _native_fwd(call: Call):
+    """The CPU kernel's out and lse for a call it serves; a result that is not finite is computed again on
+    the exact path (the kernel multiplies the zero probabilities of keys past a row's range, within its last
+    group of keys, by their values: 0·NaN)."""
+    # The kernel takes a NaN score for a masked one (its row max skips NaN), which no check of the result can
+    # tell: q or k that are not finite go to the exact path first.
+    if _kernel_inputs_finite(call):
+        out, lse = _native.attention_fwd(call)
+        if finite_result(out, lse):
+            return out, lse
+    bq, sched = _exact_schedule(call)
+    out, lse, _, _, _ = _fwd_pass(call, call.q, call.k, call.v, bq, sched, None, False, exact=True)
+    return out, lse
+
+
+def _native_bwd(call: Call, out, lse, dout, dlse):
+    """The CPU kernel's (dq, dk, dv); gradients that are not finite are computed again on the exact path."""
+    if _kernel_inputs_finite(call):                 # (see _native_fwd)
+        grads = _native.attention_bwd(call, out, lse, dout, dlse)
+        if all_finite(*grads):
+            return grads
+    bq, sched = _exact_schedule(call)
+    return _bwd_pass(call, call.q, call.k, call.v, out, lse, dout, dlse, bq, sched, False, None, None, None, None,
+                     True)[:3]
+
+
 class _Plan:
     """What the tiled engine does for a call, decided from its static facts (no tensor data): the CPU kernel
     (``native``), the band path (``band``, with ``keep`` its probabilities for the backward), PyTorch's fused
     tile kernel (``fused``), an acc-dtype copy of a half-precision output for the backward (``out_acc``).
     The schedule (``bq``, ``bk``, ``sched``) may read a mask's data and is made when the forward runs."""
 
-    __slots__ = ("native", "band", "keep", "fused", "out_acc", "block_size", "bq", "bk", "sched")
+    __slots__ = ("native", "band", "keep", "fused", "out_acc", "lse_lo", "block_size", "bq", "bk", "sched")
 
     def __init__(self, call: Call, training: bool, block_size: tuple[int, int] | None = None):
         self.block_size = block_size
@@ -538,6 +684,8 @@ class _Plan:
         self.keep = bool(self.band is not None and training and self.band.may_keep(call))
         self.fused = not self.native and _use_fused(call)
         self.out_acc = not self.native and not self.fused and call.q.dtype != call.acc_dtype
+        # the low part of the lse (see _fwd) for the ops path's backward; fp64 needs none
+        self.lse_lo = not self.native and not self.fused and call.acc_dtype != torch.float64
         self.bq = self.bk = self.sched = None
 
     def aux_meta(self, call: Call) -> list:
@@ -546,6 +694,8 @@ class _Plan:
             meta.append(((call.B, call.Hq, call.Nq, call.Dv), call.acc_dtype))
         if self.keep:
             meta.append(((self.band.kept_size(call),), call.acc_dtype))
+        if self.lse_lo:
+            meta.append(((call.B, call.Hq, call.Nq), call.acc_dtype))
         return meta
 
     def schedule(self, call: Call) -> None:
@@ -587,24 +737,26 @@ class TiledEngine(KernelEngine):
 
     def fwd(self, call: Call, plan: _Plan):
         if plan.native:
-            out, lse = _native.attention_fwd(call)
+            out, lse = _native_fwd(call)
             return out, lse, []
         plan.schedule(call)
-        out, lse, out_acc, kept = _fwd(call, call.q, call.k, call.v, plan.bq, plan.sched, plan.band, plan.keep)
-        return out, lse, [t for t in (out_acc, kept) if t is not None]
+        out, lse, out_acc, kept, lo = _fwd(call, call.q, call.k, call.v, plan.bq, plan.sched, plan.band, plan.keep,
+                                           plan.lse_lo)
+        return out, lse, [t for t in (out_acc, kept, lo) if t is not None]
 
     def bwd(self, call: Call, plan: _Plan, out, lse, aux, dout, dlse, needs):
         if plan.native:                       # the kernel's backward, from its forward's out and lse
-            dq, dk, dv = _native.attention_bwd(call, out, lse, dout, dlse)
+            dq, dk, dv = _native_bwd(call, out, lse, dout, dlse)
             return dq, dk, dv, None, []
         plan.schedule(call)
         aux = list(aux)
         out_acc = aux.pop(0) if plan.out_acc else None
         kept = aux.pop(0) if plan.keep else None
+        lo = aux.pop(0) if plan.lse_lo else None
         need_dbias = call.bias is not None and needs[3]
         dcaps = [torch.zeros_like(c) for c in call.captures if c.requires_grad]
         dq, dk, dv, dbias = _bwd(call, call.q, call.k, call.v, out if out_acc is None else out_acc, lse, dout,
-                                 dlse, plan.bq, plan.sched, need_dbias, plan.band, kept, dcaps)
+                                 dlse, plan.bq, plan.sched, need_dbias, plan.band, kept, dcaps, lo)
         return dq, dk, dv, dbias, dcaps
 
 

@@ -1,10 +1,12 @@
 """The ``qkv`` command: ``bench``, ``check``, ``info``, ``show``, ``demo``. Thin: parsing and dispatch only.
 
-Bad arguments give one line on stderr and exit status 2 (no traceback); ``check`` exits 1 on a failure.
+Bad arguments give one line on stderr and exit status 2 (no traceback), before any work: output paths are
+checked for writing first; ``check`` exits 1 on a failure.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -31,6 +33,44 @@ def _checked(cast, ok, what):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return v
     return parse
+
+
+def _writable_file(path: str, flag: str, cmd: str) -> None:
+    """Raise UsageError unless ``path`` can be written as a file (tried now: a run is not wasted on a file it
+    cannot write at the end). Leaves no file behind that was not there."""
+    existed = os.path.lexists(path)
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError("it is a directory")
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"qkv {cmd}: error: {flag} {path!r} cannot be written: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
+
+
+def _writable_dir(path: str, flag: str, cmd: str) -> None:
+    """Raise UsageError unless ``path`` is (or can be made) a directory we may write into."""
+    try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError("it exists and is not a directory")
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError("permission denied")
+    except OSError as e:
+        raise UsageError(f"qkv {cmd}: error: {flag} {path!r} is not a writable directory: {e.strerror or e}") from None
+
+
+def _model_sizes() -> tuple[int, int] | None:
+    """(layers, heads) of the bundled encoder from its config.json (no weights loaded); None if not installed."""
+    try:
+        import json
+        from ..models.bert import minilm_path
+        c = json.loads((minilm_path() / "config.json").read_text())
+        return int(c["num_hidden_layers"]), int(c["num_attention_heads"])
+    except Exception:
+        return None
 
 
 _pos_int = _checked(int, lambda v: v >= 1, "a positive integer")
@@ -87,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="attention maps of the bundled encoder for TEXT (PNG + HTML)")
     s.add_argument("text")
-    s.add_argument("--layer", type=int, default=None)
-    s.add_argument("--head", type=int, default=None)
+    s.add_argument("--layer", type=_nonneg_int, default=None)
+    s.add_argument("--head", type=_nonneg_int, default=None)
     s.add_argument("--out", default=DEFAULT_OUT)
 
     d = sub.add_parser("demo", help="the tour: a real encoder's attention, then the quadratic cost")
@@ -117,6 +157,9 @@ def _bench(a) -> int:
                        warmup=a.warmup, budget_s=a.budget,
                        memory=a.memory, seed=a.seed, progress=not a.quiet)
     cfg.validate()  # bad requests fail here, before any output file is touched
+    for flag, path in (("--json", a.json), ("--plot", a.plot)):
+        if path:
+            _writable_file(path, flag, "bench")
     result = bench.run(cfg)
     result["command"] = shlex.join(["qkv", *a.argv])
     print(bench.format_table(result))
@@ -131,6 +174,8 @@ def _bench(a) -> int:
 
 def _check(a) -> int:
     from . import check
+    if a.json:
+        _writable_file(a.json, "--json", "check")
     return check.main(device=a.device, dtypes=a.dtype, engines=a.engines, json_path=a.json, verbose=a.verbose)
 
 
@@ -157,12 +202,22 @@ def _providers_text(machine: dict) -> str:
 
 
 def _show(a) -> int:
+    if not a.text.strip():
+        raise UsageError(f"qkv show: error: TEXT must hold a word, got {a.text!r}")
+    sizes = _model_sizes() if a.layer is not None or a.head is not None else None
+    if sizes is not None:
+        for name, x, n in (("--layer", a.layer, sizes[0]), ("--head", a.head, sizes[1])):
+            if x is not None and x >= n:
+                raise UsageError(f"qkv show: error: {name} {x} is out of range: the model has {n}, numbered "
+                                 f"0..{n - 1}")
+    _writable_dir(a.out, "--out", "show")
     from . import viz
     viz.show(a.text, layer=a.layer, head=a.head, out=a.out)
     return 0
 
 
 def _demo(a) -> int:
+    _writable_dir(a.out, "--out", "demo")
     from . import demo
     demo.run(out=a.out)
     return 0
