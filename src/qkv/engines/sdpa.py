@@ -81,7 +81,7 @@ def plausible(out: torch.Tensor) -> bool:
     implausible output has the inputs checked."""
     if out.numel() == 0 or out.device.type == "meta":
         return True
-    least = float(out.abs().amax(-1).amin())     # the smallest row maximum: NaN propagates, a zero row gives 0
+    least = float(out.detach().abs().amax(-1).amin())   # the smallest row maximum: NaN propagates, a zero row gives 0
     return least > 0
 
 
