@@ -1,6 +1,6 @@
 /* C-level tests of qkv's CPU kernel (src/qkv/csrc): every variant compiled in that this CPU runs, against a
  * plain C reference, on the awkward shapes and key-range geometries of tests/test_native.py, for fp32, bf16
- * and fp16 inputs: the forward by tiles (one and two tiles per pass), the decoding path (few query rows, keys
+ * and fp16 inputs: the forward by tiles (one and three tiles per pass), the decoding path (few query rows, keys
  * split), and the backward.
  *
  * FlashAttention's rule, as tests/_oracle.py: err = max |kernel − reference in double|, bounded by
@@ -218,15 +218,15 @@ static void case_free(case_t *t) {
     for (unsigned i = 0; i < sizeof ps / sizeof *ps; i++) free(ps[i]);
 }
 
-enum { PATH_TILES = 0, PATH_TILES2 = 1, PATH_DECODE = 2 };
-static const char *PATH_NAMES[] = {"tiles", "tiles/2", "decode"};
+enum { PATH_TILES = 0, PATH_TILES3 = 1, PATH_DECODE = 2 };  /* tiles: one or three per pass */
+static const char *PATH_NAMES[] = {"tiles", "tiles/3", "decode"};
 
 static int forward(const case_t *t, int isa, int dt, int path, float *o, float *lse, int nthreads) {
     const float scale = (float)t->c.scale;
     if (path == PATH_DECODE)
         return qkv_attn_decode(isa, dt, t->q.raw, t->k.raw, t->v.raw, o, lse, t->dims, t->strides, t->c.left,
                                t->c.right, scale, nthreads);
-    return qkv_attn_fwd(isa, dt, path == PATH_TILES2 ? 2 : 1, t->q.raw, t->k.raw, t->v.raw, o, lse, t->dims,
+    return qkv_attn_fwd(isa, dt, path == PATH_TILES3 ? 3 : 1, t->q.raw, t->k.raw, t->v.raw, o, lse, t->dims,
                         t->strides, t->c.left, t->c.right, scale, nthreads);
 }
 
@@ -343,7 +343,7 @@ int main(int argc, char **argv) {
                     if (!qkv_isa_runs(isa)) continue;
                     for (int path = PATH_TILES; path <= PATH_DECODE; path++) {
                         if (path == PATH_DECODE && s->Nq > qkv_decode_rows_max()) continue;
-                        if (path == PATH_TILES2 && quick && big) continue;
+                        if (path == PATH_TILES3 && quick && big) continue;
                         char ctx[200];
                         snprintf(ctx, sizeof ctx, "%s %s B%d Hq%d Hk%d Nq%d Nk%d D%d Dv%d %s %s", qkv_isa_name(isa),
                                  PATH_NAMES[path], s->B, s->Hq, s->Hk, s->Nq, s->Nk, s->D, s->Dv, GEOMS[gi].name,

@@ -25,6 +25,7 @@ struct job {
     int64_t left, right;            /* key j visible to row i iff i+off-left <= j <= i+off+right, off = Nk−Nq */
     float scale;
     int dt;
+    int pf;                         /* fetch values ahead into L2 during QK (long rows) */
     int64_t ntiles, tt, parts, ntasks, next;   /* tiles per (b, h); tiles per pass; backward shares */
     int64_t dvp, dp;                /* Dv, D rounded up to a column block: row strides of tile accumulators */
     int64_t nsplit, split, jlo, jhi;            /* decoding: key splits of [jlo, jhi), keys per split */
