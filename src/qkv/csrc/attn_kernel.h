@@ -634,21 +634,20 @@ static int bwd_entry(job_t *J, int nthreads) {
  * keys at a time (vsum_lanes), giving a vector of VL keys per row for the online softmax. P·V broadcasts
  * p[r][key] against value rows, RD rows × CWD vectors of columns at a time. */
 
-/* A[(r·VL + kk)·VL ..] (+)= Σ_c qr[r·dpad + (c0 + c)·VL ..] · k[kk][(c0 + c)·VL ..], c < nv, for R rows and
- * the nb keys kk of the block; the last vector has wl lanes when tail; first: store, else accumulate. */
+/* A[(r·VL + kk)·VL ..] (+)= Σ_c qr[r·dpad + c0·VL + c·VL ..] · k[kk][c·VL ..], c < nv, for R rows and the nb
+ * keys kk of the block (k: typed dt, the block's first row at column c0·VL, rows ldk bytes apart); the last
+ * vector has wl lanes when tail; first: store, else accumulate. */
 INL void dec_qk(const int nv, const int tail, const int dt, float *A, const float *qr, int64_t R, int64_t dpad,
-                const void *k, int64_t koff, int64_t ldk, int nb, int64_t c0, int wl, int first) {
+                const char *k, int64_t ldk, int nb, int64_t c0, int wl, int first) {
     for (int kk = 0; kk < nb; kk++) {
+        const char *kr = k + kk * ldk;
         V x[DCH];
 #pragma GCC unroll 8
         for (int c = 0; c < DCH; c++)
-            if (c < nv) {
-                const int64_t e = koff + kk * ldk + (c0 + c) * VL;
-                x[c] = tail && c == nv - 1 ? vld_t_n(k, e, wl, dt) : vld_t(k, e, dt);
-            }
-        for (int64_t r = 0; r < R; r++) {
-            const float *q = qr + r * dpad + c0 * VL;
-            float *a = A + (r * VL + kk) * VL;
+            if (c < nv) x[c] = tail && c == nv - 1 ? vld_t_n(kr, c * VL, wl, dt) : vld_t(kr, c * VL, dt);
+        const float *q = qr + c0 * VL;
+        float *a = A + kk * VL;
+        for (int64_t r = 0; r < R; r++, q += dpad, a += VL * VL) {
             V a0 = first ? vzero() : vld(a), a1 = vzero();
 #pragma GCC unroll 8
             for (int c = 0; c < DCH; c++)
@@ -661,12 +660,13 @@ INL void dec_qk(const int nv, const int tail, const int dt, float *A, const floa
     }
 }
 
-static void dec_scores(int dt, float *A, const float *qr, int64_t R, int64_t dpad, const void *k, int64_t koff,
-                       int64_t ldk, int nb, int64_t D) {
-    const int64_t nvec = (D + VL - 1) / VL;
+/* A for the nb keys of a block (rows of k at k, ldk bytes apart, typed dt) and R rows of q (qr, stride dpad). */
+static void dec_scores(int dt, float *A, const float *qr, int64_t R, int64_t dpad, const char *k, int64_t ldk, int nb,
+                       int64_t D) {
+    const int64_t nvec = (D + VL - 1) / VL, es = dt == QKV_F32 ? 4 : 2;
     const int wl = (int)(D - (nvec - 1) * VL), tail = wl < VL;
     int64_t c0 = 0;
-#define DQ(NVV, TAIL, DT) dec_qk(NVV, TAIL, DT, A, qr, R, dpad, k, koff, ldk, nb, c0, wl, c0 == 0)
+#define DQ(NVV, TAIL, DT) dec_qk(NVV, TAIL, DT, A, qr, R, dpad, k + c0 * VL * es, ldk, nb, c0, wl, c0 == 0)
 #define DQ_DT(DT)                                                                                            \
     for (; c0 + DCH <= nvec - tail; c0 += DCH) DQ(DCH, 0, DT);                                               \
     for (; c0 + 4 <= nvec - tail; c0 += 4) DQ(DCH >= 4 ? 4 : 1, 0, DT);                                      \
@@ -678,10 +678,11 @@ static void dec_scores(int dt, float *A, const float *qr, int64_t R, int64_t dpa
     for (int64_t r = 0; r < R; r++) memset(A + (r * VL + nb) * VL, 0, sizeof(float) * VL * (VL - nb));
 }
 
-/* acc[r0 + r][(c0 + c)·VL ..] = al[r]·acc + Σ_kk pb[(r0 + r)·VL + kk] · v[kk][(c0 + c)·VL ..], r < nr, c < nv. */
+/* acc[r0 + r][(c0 + c)·VL ..] = al[r]·acc + Σ_kk pb[(r0 + r)·VL + kk] · v[kk][c·VL ..], r < nr, c < nv (v: typed
+ * dt, the block's first row at column c0·VL, rows ldv bytes apart). */
 INL void dec_pv_kern(const int nr, const int nv, const int tail, const int dt, float *acc, int64_t dvpad,
-                     const float *pb, const float *al, int64_t r0, const void *v, int64_t voff, int64_t ldv, int nb,
-                     int64_t c0, int wl) {
+                     const float *pb, const float *al, int64_t r0, const char *v, int64_t ldv, int nb, int64_t c0,
+                     int wl) {
     V a[RD][CWD];
 #pragma GCC unroll 4
     for (int r = 0; r < RD; r++) {
@@ -689,21 +690,20 @@ INL void dec_pv_kern(const int nr, const int nv, const int tail, const int dt, f
 #pragma GCC unroll 4
         for (int c = 0; c < CWD; c++) a[r][c] = r < nr && c < nv ? vmul(vld(acc + (r0 + r) * dvpad + (c0 + c) * VL), s) : vzero();
     }
+    const float *p = pb + r0 * VL;
     for (int kk = 0; kk < nb; kk++) {
+        const char *vr = v + kk * ldv;
         V x[CWD];
 #pragma GCC unroll 4
         for (int c = 0; c < CWD; c++)
-            if (c < nv) {
-                const int64_t e = voff + kk * ldv + (c0 + c) * VL;
-                x[c] = tail && c == nv - 1 ? vld_t_n(v, e, wl, dt) : vld_t(v, e, dt);
-            }
+            if (c < nv) x[c] = tail && c == nv - 1 ? vld_t_n(vr, c * VL, wl, dt) : vld_t(vr, c * VL, dt);
 #pragma GCC unroll 4
         for (int r = 0; r < RD; r++) {
             if (r < nr) {
-                const V p = vset1(pb[(r0 + r) * VL + kk]);
+                const V pr = vset1(p[r * VL + kk]);
 #pragma GCC unroll 4
                 for (int c = 0; c < CWD; c++)
-                    if (c < nv) a[r][c] = vfma(p, x[c], a[r][c]);
+                    if (c < nv) a[r][c] = vfma(pr, x[c], a[r][c]);
             }
         }
     }
@@ -714,11 +714,11 @@ INL void dec_pv_kern(const int nr, const int nv, const int tail, const int dt, f
             if (r < nr && c < nv) vst(acc + (r0 + r) * dvpad + (c0 + c) * VL, a[r][c]);
 }
 
-static void dec_pv(int dt, float *acc, int64_t dvpad, const float *pb, const float *al, int64_t R, const void *v,
-                   int64_t voff, int64_t ldv, int nb, int64_t Dv) {
-    const int64_t nvec = (Dv + VL - 1) / VL;
+static void dec_pv(int dt, float *acc, int64_t dvpad, const float *pb, const float *al, int64_t R, const char *v,
+                   int64_t ldv, int nb, int64_t Dv) {
+    const int64_t nvec = (Dv + VL - 1) / VL, es = dt == QKV_F32 ? 4 : 2;
     const int wl = (int)(Dv - (nvec - 1) * VL), tail = wl < VL;
-#define DP(NR, NVV, TAIL, DT) dec_pv_kern(NR, NVV, TAIL, DT, acc, dvpad, pb, al, r0, v, voff, ldv, nb, c0, wl)
+#define DP(NR, NVV, TAIL, DT) dec_pv_kern(NR, NVV, TAIL, DT, acc, dvpad, pb, al, r0, v + c0 * VL * es, ldv, nb, c0, wl)
 #define DP_ROWS(NR, DT)                                                                                      \
     for (int64_t c0 = 0; c0 < nvec;) {                                                                       \
         if (c0 + CWD <= nvec - tail) DP(NR, CWD, 0, DT), c0 += CWD;                                          \
@@ -772,7 +772,8 @@ static void dec_task(const job_t *J, int64_t task, float *ws) {
         }
         for (int64_t r0 = 0; r0 < R; r0 += DEC_RG) {     /* rows by groups: their partial sums stay in L1 */
             const int64_t rg = min64(DEC_RG, R - r0);
-            dec_scores(J->dt, A, qr + r0 * dpad, rg, dpad, J->k, ko + jb * J->ks[2], J->ks[2], nb, D);
+            dec_scores(J->dt, A, qr + r0 * dpad, rg, dpad, (const char *)J->k + (ko + jb * J->ks[2]) * es,
+                       J->ks[2] * es, nb, D);
             for (int64_t r = r0; r < r0 + rg; r++) {
                 const int64_t i = r % Nq, a = max64(lo[i], jb), e = min64(hi[i], jb + nb);
                 if (a >= e) {                     /* no key of this block: nothing moves */
@@ -790,7 +791,7 @@ static void dec_task(const job_t *J, int64_t task, float *ws) {
                 mv[r] = m1, al[r] = alpha;
             }
         }
-        dec_pv(J->dt, acc, dvpad, pb, al, R, J->v, vo + jb * J->vs[2], J->vs[2], nb, Dv);
+        dec_pv(J->dt, acc, dvpad, pb, al, R, (const char *)J->v + (vo + jb * J->vs[2]) * es, J->vs[2] * es, nb, Dv);
     }
     for (int64_t r = 0; r < R; r++) {
         const int64_t g = r / Nq, i = r % Nq, row = (b * J->Hq + hk * G + g) * Nq + i;
