@@ -406,12 +406,22 @@ typedef struct {
     float *qt, *acc, *m, *l;
 } sub_t;
 
+/* Row vector s's scores for key j at p, -inf (also stored) in the lanes whose rows do not see j. */
+INL V masked_score(const rows_t *R, int s, int64_t j, float *p) {
+    V x = vld(p);
+    if (j < R->fl[s] || j >= R->fr[s]) {              /* some row of this vector does not see key j */
+        x = vsel(sees(R, s, j), vset1(-INFINITY), x);
+        vst(p, x);
+    }
+    return x;
+}
+
 /* The keys [c0, c1) (inside the sub-tile's range) of one sub-tile: scores, online softmax, P·V.
  * y: fp32 rows of k from key c0 on, stride ldy; v typed, key c0 at element voff. */
 static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const float *y, int64_t ldy, int64_t voff,
                       float *st) {
     const rows_t *R = &T->R;
-    const int64_t *hl = R->hl, *hr = R->hr, *fl = R->fl, *fr = R->fr;
+    const int64_t *hl = R->hl, *hr = R->hr;
     const int64_t Dv = J->Dv, dvp = J->dvp, ldv = J->vs[2];
     const int64_t es = J->dt == QKV_F32 ? 4 : 2;
     tile_scores(R, c0, c1, T->qt, y, ldy, J->D, st, J->pf ? (const char *)J->v + voff * es : NULL, ldv, Dv, es);
@@ -426,30 +436,28 @@ static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const fl
             vst(alpha + VL * s, vset1(1.0f));
             continue;
         }
-        V mx = ninf;
-        for (int64_t j = a; j < e; j++) {
-            float *p = st + (j - c0) * QT + VL * s;   /* key j, rows of vector s */
-            V x = vld(p);
-            if (j < fl[s] || j >= fr[s]) {            /* some row of this vector does not see key j */
-                x = vsel(sees(R, s, j), ninf, x);
-                vst(p, x);
-            }
-            mx = vmax(mx, x);
+        V mx = ninf, mx1 = ninf;                      /* two chains: a max's latency per key otherwise */
+        int64_t j = a;
+        for (; j + 1 < e; j += 2) {
+            mx = vmax(mx, masked_score(R, s, j, st + (j - c0) * QT + VL * s));
+            mx1 = vmax(mx1, masked_score(R, s, j + 1, st + (j + 1 - c0) * QT + VL * s));
         }
+        if (j < e) mx = vmax(mx, masked_score(R, s, j, st + (j - c0) * QT + VL * s));
         const V m0 = vld(T->m + VL * s);
-        mx = vmax(m0, vmul(mx, sc));                  /* max(s)·scale = max(s·scale): scale > 0 */
+        mx = vmax(m0, vmul(vmax(mx, mx1), sc));       /* max(s)·scale = max(s·scale): scale > 0 */
         /* rescale factor of what earlier chunks accumulated (0 where nothing was) */
         const V al = vmaskz(mseen(m0), vexp2(vmul(vsub(m0, mx), l2e)));
         const M any = mseen(mx);
-        V sum = vzero();
-        for (int64_t j = a; j < e; j++) {
+        V sum = vzero(), sum1 = vzero();
+        for (j = a; j < e; j++) {
             float *p = st + (j - c0) * QT + VL * s;
             const V x = vld(p);
             const V y = vmaskz(mand(any, mseen(x)), vexp2(vmul(vfms(x, sc, mx), l2e)));
             vst(p, y);
-            sum = vadd(sum, y);
+            if ((j - a) & 1) sum1 = vadd(sum1, y);
+            else sum = vadd(sum, y);
         }
-        vst(T->l + VL * s, vfma(vld(T->l + VL * s), al, sum));
+        vst(T->l + VL * s, vfma(vld(T->l + VL * s), al, vadd(sum, sum1)));
         vst(T->m + VL * s, mx);
         vst(alpha + VL * s, al);
     }

@@ -14,8 +14,8 @@
 #define NV 2        /* vectors of query rows per tile: 16 rows */
 #define KG 6        /* keys per QK micro-kernel: 12 accumulators + 2 query vectors + 1 broadcast */
 #define RB 4        /* rows per PV micro-kernel */
-#define PW 2        /* value vectors per PV / outer-product block: 16 columns */
-#define OG 6        /* outputs per outer-product micro-kernel: 12 accumulators */
+#define PW 3        /* value vectors per PV / outer-product block: 24 columns, 12 accumulators */
+#define OG 4        /* outputs per outer-product micro-kernel: 12 accumulators */
 #define DCH 8       /* decoding: key vectors held in registers */
 #define RD 4        /* decoding: rows per PV block */
 #define CWD 2       /* decoding: value vectors per PV block */
