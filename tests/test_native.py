@@ -1,39 +1,60 @@
-"""qkv's CPU kernel (src/qkv/csrc/attn_cpu.c via qkv._native): against the fp64 oracle by FlashAttention's rule,
-through the tiled engine (which runs its forward on the kernel) and directly; the calls it must decline."""
+"""qkv's CPU kernel (src/qkv/csrc via qkv._native): against the fp64 oracle by FlashAttention's rule, through
+the tiled engine (which runs its forward on the kernel) and directly, for every instruction-set variant this
+CPU runs (qkv.options(cpu_isa=...) forces each); the decoding path; the calls it must decline. The kernel's C tests
+(tests/csrc, `make test-c` / `make test-arm`) cover the same shapes per variant, ARM64 NEON under qemu."""
+import platform
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import qkv
-from qkv.testing import compare, make_qkv
 from qkv.core import call as _call
 from qkv.engines import cpu_kernel as _native
+from qkv.testing import check_fa, compare, make_qkv, naive_attention
 from qkv.tools.info import cpuinfo as _cpuinfo
 
+# What /proc/cpuinfo says (qkv info's reading), independent of the kernel's own probe: the variants it must run.
+_FLAGS = _cpuinfo()[1]
+EXPECTED = ([n for n, need in (("avx512", {"avx512f", "avx512dq", "avx512vl", "avx512bw", "fma", "f16c"}),
+                               ("avx2", {"avx2", "fma", "f16c"})) if need <= _FLAGS]
+            if platform.machine() in ("x86_64", "AMD64") else ["neon"] if platform.machine() in ("aarch64", "arm64")
+            else [])
+RUNNABLE = [n for n, runs in _native.variants() if runs]
+needs_kernel = pytest.mark.skipif(not EXPECTED, reason="no variant of the kernel is built for this CPU")
 
-# What /proc/cpuinfo says (qkv info's reading), independent of the kernel's own probe.
-_AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= _cpuinfo()[1]
-needs_kernel = pytest.mark.skipif(not _AVX512, reason="this CPU lacks AVX-512: the kernel cannot run")
+
+@pytest.fixture(params=EXPECTED or [None])
+def isa(request, set_options):
+    """Each variant this CPU runs, forced through qkv.options(cpu_isa=...)."""
+    if request.param is None:
+        pytest.skip("no variant of the kernel is built for this CPU")
+    set_options(cpu_isa=request.param)
+    return request.param
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the kernel's forwards, so that a test knows the kernel (not the torch-ops path) computed it."""
+    """Records the kernel's forwards (call, path), so that a test knows the kernel (not the torch-ops path)
+    computed it, and which path."""
     seen = []
     real = _native.attention_fwd
 
-    def wrapped(call):
-        seen.append(call)
-        return real(call)
+    def wrapped(call, path=None):
+        seen.append((call, path or ("decode" if call.Nq <= _native.DECODE_ROWS else "tiles")))
+        return real(call, path)
     monkeypatch.setattr(_native, "attention_fwd", wrapped)
     return seen
 
 
 @needs_kernel
 def test_kernel_is_built_and_runs_here():
-    # On an AVX-512 machine a fresh install must have built the kernel: a failed build is a failure here.
+    # A fresh install must have built the kernel, and it must run every variant /proc/cpuinfo says it can.
     ok, why = _native.available()
     assert ok, why
+    assert RUNNABLE == EXPECTED, (RUNNABLE, EXPECTED)
+    with qkv.options(cpu_isa=None):
+        assert _native.isa() == EXPECTED[0]
 
 
 SHAPES = [  # B, Hq, Hkv, Nq, Nk, D, Dv
@@ -57,10 +78,9 @@ GEOMETRIES = {
 }
 
 
-@needs_kernel
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_oracle(spy, shape, geometry):
+def test_matches_oracle(isa, spy, shape, geometry):
     # out, lse and the gradients of q, k, v (the kernel's backward)
     B, Hq, Hkv, Nq, Nk, D, Dv = shape
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, seed=sum(shape))
@@ -68,13 +88,43 @@ def test_matches_oracle(spy, shape, geometry):
     assert spy, "the tiled engine did not run the kernel"
 
 
-@needs_kernel
+DECODE_SHAPES = [  # B, Hq, Hkv, Nq, Nk, D, Dv
+    (1, 32, 8, 1, 700, 128, 128),   # GQA decoding over two key splits
+    (2, 6, 2, 16, 300, 40, 24),     # the most rows the decoding path takes
+    (1, 4, 4, 3, 1, 59, 59),
+    (1, 3, 1, 5, 2100, 111, 16),    # MQA, five key splits
+]
+
+
+@pytest.mark.parametrize("geometry", ["none", "causal", "window255", "window_two_sided", "diagonal"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decoding_matches_oracle(isa, spy, shape, geometry):
+    # Few query rows: the decoding path (a kv head's query heads together, keys split, merged by lse).
+    B, Hq, Hkv, Nq, Nk, D, Dv = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, seed=sum(shape))
+    compare("tiled", q, k, v, **GEOMETRIES[geometry])
+    assert [p for _, p in spy] == ["decode"]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs(spy, dtype):
+def test_half_inputs(isa, spy, dtype):
     q, k, v = make_qkv(1, 4, 2, 300, 300, 64, 40, dtype=dtype, seed=3)
     compare("tiled", q, k, v, causal=True, window=(100, 0))
     compare("tiled", q, k, v, causal=True)
-    assert len(spy) == 2
+    compare("tiled", q[:, :, :5], k, v, causal=True)          # decoding
+    assert [p for _, p in spy] == ["tiles", "tiles", "decode"]
+
+
+@pytest.mark.parametrize("path", ["tiles", "decode"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_are_read_exactly(isa, dtype, path):
+    # Half inputs are converted as they are loaded, and computed in fp32: the very bits of fp32 inputs of the
+    # same values (no rounding on the way in, the same arithmetic).
+    q, k, v = make_qkv(1, 8, 2, 9 if path == "decode" else 100, 700, 40, 33, dtype=dtype, seed=13)
+    kw = dict(causal=True, window=(300, 0))
+    half = _native.attention_fwd(_call.prepare(q, k, v, **kw), path)
+    full = _native.attention_fwd(_call.prepare(q.float(), k.float(), v.float(), **kw), path)
+    assert half[0].dtype == dtype and torch.equal(half[1], full[1]) and torch.equal(half[0], full[0].to(dtype))
 
 
 @needs_kernel
@@ -93,7 +143,8 @@ def test_training_runs_both_passes_on_the_kernel(spy, monkeypatch, set_options):
     seen = []
     for name in ("_band_bwd", "_bwd"):
         real = getattr(qkv.engines.tiled, name)
-        monkeypatch.setattr(qkv.engines.tiled, name, lambda *a, _real=real, _n=name: seen.append((_n, a[-1])) or _real(*a))
+        monkeypatch.setattr(qkv.engines.tiled, name,
+                            lambda *a, _real=real, _n=name: seen.append((_n, a[-1])) or _real(*a))
     real_bwd = _native.attention_bwd
     monkeypatch.setattr(_native, "attention_bwd", lambda *a: seen.append(("kernel", None)) or real_bwd(*a))
     q, k, v = make_qkv(1, 2, 2, 600, 600, 16, seed=5)
@@ -108,7 +159,6 @@ def test_training_runs_both_passes_on_the_kernel(spy, monkeypatch, set_options):
 @pytest.mark.parametrize("geometry", ["window255", "causal", "window_two_sided"])
 def test_lse_gradient(spy, geometry):
     # A loss on out and lse: d lse / d s = p enters the kernel's backward through its row term.
-    from qkv.testing import check_fa, naive_attention
     kw = GEOMETRIES[geometry]
     q, k, v = make_qkv(1, 4, 2, 300, 280, 24, 40, seed=12)
     grads = {}
@@ -145,17 +195,18 @@ def test_fully_masked_rows_are_zero(spy):
     assert torch.isfinite(lse[:, :, 30:]).all()
 
 
-@needs_kernel
-def test_result_does_not_depend_on_threads():
-    # Each tile is one thread's: the same bits whatever the thread count.
-    q, k, v = make_qkv(2, 3, 3, 200, 200, 40, seed=8)
-    call = _call.prepare(q, k, v, causal=True, window=(64, 0))
+@pytest.mark.parametrize("path", ["tiles", "decode"])
+def test_result_does_not_depend_on_threads(isa, path):
+    # Each tile and each key split is one thread's, and the splits follow from the shape alone: the same bits
+    # whatever the thread count.
+    q, k, v = make_qkv(2, 6, 3, 200 if path == "tiles" else 7, 1500, 40, seed=8)
+    call = _call.prepare(q, k, v, causal=True, window=(1100, 0))
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a = _native.attention_fwd(call)
-        torch.set_num_threads(max(2, n))
-        b = _native.attention_fwd(call)
+        a = _native.attention_fwd(call, path)
+        torch.set_num_threads(max(3, n))
+        b = _native.attention_fwd(call, path)
     finally:
         torch.set_num_threads(n)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -171,17 +222,52 @@ def test_declines_what_it_cannot_compute_exactly():
     for kw in (dict(bias=torch.zeros(10, 10)), dict(softcap=5.0), dict(alibi_slopes=torch.ones(2)),
                dict(score_mod=lambda s, b, h, i, j: s), dict(dropout_p=0.1),
                dict(mask=torch.ones(10, 10, dtype=torch.bool)), dict(mask=qkv.masks.causal()),
-               dict(q=q.double(), k=k.double(), v=v.double()), dict(v=v[..., :0])):
+               dict(q=q.double(), k=k.double(), v=v.double()), dict(v=v[..., :0]), dict(scale=-0.5),
+               dict(scale=0.0)):
         assert not serves(causal=True, **kw), kw
     # mask=sliding_window(...) is window=(...): the same call, served alike
     assert serves(mask=qkv.masks.sliding_window(3, 0)) == base
 
 
-def test_disabled_means_torch_ops(spy, set_options):
-    set_options(cpu_kernel=False)
+@pytest.mark.parametrize("how", [{"cpu_kernel": False}, {"cpu_isa": "none"}], ids=["cpu_kernel", "cpu_isa"])
+def test_disabled_means_torch_ops(spy, set_options, how):
+    set_options(**how)
+    assert _native.isa() is None and not _native.available()[0]
     q, k, v = make_qkv(1, 2, 2, 40, 40, 8, seed=10)
     compare("tiled", q, k, v, causal=True)
     assert not spy
+
+
+def test_forcing_a_variant_this_machine_cannot_run_is_an_error(monkeypatch, set_options):
+    # Never silently another variant: an unknown name, or one this CPU cannot run, raises ValueError on use.
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 8, seed=10)
+    call = _call.prepare(q, k, v, causal=True)
+    set_options(cpu_isa="sse9")
+    if _native.variants():
+        with pytest.raises(ValueError, match="cpu_isa='sse9' .* is not a variant"):
+            qkv.attention(q, k, v, causal=True, backend="tiled")
+    assert not _native.available()[0]
+    if not _native.variants():
+        return
+    name = _native.variants()[0][0]
+    monkeypatch.setattr(_native, "_variants", [(n, n != name and r) for n, r in _native.variants()])
+    set_options(cpu_isa=name)
+    with pytest.raises(ValueError, match=f"cpu_isa='{name}' .*: this CPU cannot run it"):
+        _native.serves(call)
+    set_options(cpu_isa=name.upper())      # case-insensitive
+    with pytest.raises(ValueError, match="cannot run it"):
+        _native.isa()
+
+
+def test_the_environment_sets_the_default_variant():
+    # QKV_CPU_ISA is the cpu_isa option's default, read when qkv is imported.
+    import subprocess
+    import sys
+    for name in RUNNABLE + ["none"]:
+        code = "from qkv.engines import cpu_kernel as k; print(k.isa())"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**__import__("os").environ, "QKV_CPU_ISA": name})
+        assert r.returncode == 0 and r.stdout.strip() == (name if name != "none" else "None"), r.stderr
 
 
 @st.composite
@@ -210,6 +296,52 @@ def test_hypothesis_range_calls(case):
     (B, Hq, Hkv, Nq, Nk, D, Dv), dtype, grad, kw, seed = case
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype, seed=seed)
     compare("tiled", q, k, v, grad=grad, **kw)
+
+
+def test_info_names_the_variant(set_options):
+    from qkv.tools import info
+    set_options(cpu_isa=None)
+    assert info.machine_info()["cpu"]["qkv_kernel"] == info.cpu_kernel()
+    if RUNNABLE:
+        assert info.cpu_kernel().startswith(f"{RUNNABLE[0]} (the best this CPU runs)")
+    for name in RUNNABLE:
+        with qkv.options(cpu_isa=name):
+            assert info.cpu_kernel().startswith(f"{name} (forced: cpu_isa='{name}')")
+            assert f"qkv's C kernel ({name})" in next(b.reason for b in qkv.backends() if b.name == "tiled")
+    set_options(cpu_isa="bogus")
+    assert info.cpu_kernel().startswith("none: cpu_isa='bogus' (qkv.options or QKV_CPU_ISA) is not a variant")
+
+
+@needs_kernel
+def test_auto_decodes_on_the_kernel(set_options):
+    # Decoding (few rows, inference): the kernel's decoding path for half inputs, and for fp32 once the keys
+    # times the query heads per kv head reach AUTO_DECODE_KEYS; SDPA for short fp32 caches and many rows.
+    from qkv.dispatch import AUTO_DECODE_KEYS, AUTO_DECODE_ROWS
+    q, k, v = make_qkv(1, 8, 2, 1, AUTO_DECODE_KEYS // 4, 16, seed=14)
+    pick = lambda q=q, k=k, v=v, **kw: qkv.select_backend(q, k, v, causal=True, **kw).name   # noqa: E731
+    assert pick() == "tiled" and pick(window=(100, 0)) == "tiled"
+    assert pick(k=k[:, :, :-1], v=v[:, :, :-1]) == "sdpa"                            # fewer keys
+    assert pick(q=q.bfloat16(), k=k[:, :, :9].bfloat16(), v=v[:, :, :9].bfloat16()) == "tiled"   # half
+    rows = AUTO_DECODE_ROWS // 4 + 1                                                 # G·Nq > AUTO_DECODE_ROWS
+    assert pick(q=torch.randn(1, 8, rows, 16)) == "sdpa"
+    assert pick(q=q.clone().requires_grad_()) == "sdpa"                              # training
+    set_options(cpu_isa="none")
+    assert pick() == "sdpa"
+
+
+@needs_kernel
+def test_kv_cache_decoding_runs_the_decoding_path(spy):
+    # SelfAttention decoding with a KVCache (bf16 cache, GQA): each step reads the cache views in place on the
+    # decoding path, and one token at a time gives what one causal call gives.
+    torch.manual_seed(0)
+    layer = qkv.SelfAttention(64, 8, n_kv_heads=2, causal=True).to(torch.bfloat16).eval()
+    x = torch.randn(1, 12, 64, dtype=torch.bfloat16)
+    cache = layer.new_cache(1, 16)
+    with torch.no_grad():
+        full = layer(x)
+        steps = torch.cat([layer(x[:, i:i + 1], kv_cache=cache) for i in range(12)], 1)
+    assert [p for _, p in spy].count("decode") == 12
+    torch.testing.assert_close(steps.float(), full.float(), atol=2e-2, rtol=2e-2)
 
 
 @needs_kernel

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 from .core.call import Call
 from .engines import cpu_kernel
 from .engines.base import Engine
@@ -18,7 +20,7 @@ from .engines.sdpa import ENGINE as _SDPA
 from .engines.tiled import ENGINE as _TILED
 
 __all__ = ["ENGINES", "Selection", "register", "engine", "names", "choose", "auto",
-           "AUTO_TILED_DENSITY", "AUTO_KERNEL_ROWS"]
+           "AUTO_TILED_DENSITY", "AUTO_KERNEL_ROWS", "AUTO_DECODE_ROWS", "AUTO_DECODE_KEYS"]
 
 #: The engines, in order: what ``backend=`` may name (besides "auto").
 ENGINES: list[Engine] = [_REFERENCE, _TILED, _SDPA]
@@ -34,6 +36,15 @@ AUTO_TILED_DENSITY = 0.85
 #: attention at N=8192 D=128, 0.87x); forward+backward causal 1.15-1.63x, but unmasked 0.78-1.29x (so
 #: unmasked training stays on SDPA); below 256 rows the fixed cost of a call dominates (64 rows: 0.4-0.8x).
 AUTO_KERNEL_ROWS = 256
+
+#: auto sends decoding calls (at most ``cpu_kernel.DECODE_ROWS`` query rows, inference) that the CPU kernel
+#: serves to its decoding path when the rows of a kv head's query heads (G·Nq) are at most this many, and for
+#: fp32 when the keys times G reach AUTO_DECODE_KEYS: it reads K and V once for all G heads where SDPA reads
+#: them per query head. Measured (benchmarks/NOTES.md step 21, one thread, D = 64/128): bf16 4-12x SDPA at one
+#: query row from 64 keys on; fp32 GQA (G = 4) 1.3-2.1x from 1024 keys, MHA 1.1-1.25x from 4096 keys, below
+#: that 0.6-0.9x; 64 rows (G = 4, Nq = 16) 0.7-1.2x.
+AUTO_DECODE_ROWS = 16
+AUTO_DECODE_KEYS = 4096
 
 
 class Selection(NamedTuple):
@@ -83,6 +94,10 @@ def auto(call: Call) -> Selection:
     sdpa_ok = not _SDPA.supports(call)
     if not sdpa_ok:
         return Selection("tiled", "SDPA cannot serve it (" + "; ".join(_SDPA.supports(call)) + ")")
+    if (call.G * call.Nq <= AUTO_DECODE_ROWS and call.Nq <= cpu_kernel.DECODE_ROWS and not call.training
+            and (call.q.dtype != torch.float32 or call.G * call.Nk >= AUTO_DECODE_KEYS) and cpu_kernel.serves(call)):
+        return Selection("tiled", f"decoding ({call.Nq} query rows x {call.G} heads per kv head, {call.Nk} keys): "
+                                  f"qkv's CPU kernel reads K and V once for the {call.G} heads (benchmarks/NOTES.md)")
     if call.Nq >= AUTO_KERNEL_ROWS and (call.has_mask or not call.training) and cpu_kernel.serves(call):
         return Selection("tiled", f"{'training' if call.training else 'inference'} with {call.Nq} >= "
                                   f"{AUTO_KERNEL_ROWS} query rows: qkv's CPU kernel is faster than SDPA here "

@@ -1,12 +1,20 @@
-"""qkv's CPU attention kernel (``src/qkv/csrc/attn_cpu.c``), loaded with ctypes.
+"""qkv's CPU attention kernel (``src/qkv/csrc``), loaded with ctypes.
 
-It computes the exact forward, out and lse, of calls whose visibility is a key *range* per query row — no
-mask, causal, sliding windows (bottom-right aligned) — with no score mods and no dropout, on CPUs with
-AVX-512, in fp32 (fp16/bf16 inputs are computed in fp32, as every engine accumulates them). The tiled engine
-runs its forward and backward on it when it serves the call (``serves``). It is built at
+It computes the exact forward, out and lse, and the backward of calls whose visibility is a key *range* per
+query row — no mask, causal, sliding windows (bottom-right aligned) — with no score mods and no dropout, in
+fp32 from fp32, bf16 or fp16 inputs (half inputs are converted as they are loaded, never copied to fp32).
+The tiled engine runs its forward and backward on it when it serves the call (``serves``). It is built at
 install time (``setup.py``, optional) and runs on torch's OpenMP pool, ``torch.get_num_threads()`` threads.
 
-``with qkv.options(cpu_kernel=False)`` turns it off (the tiled engine then computes those calls in torch ops).
+One C source, compiled once per instruction set: ``avx512`` and ``avx2`` (AVX2 + FMA + F16C) on x86-64,
+``neon`` on ARM64. The best variant this CPU runs is used; ``with qkv.options(cpu_isa="avx2")`` (default: the
+environment variable ``QKV_CPU_ISA``) runs a lower one, and ``cpu_isa="none"`` or
+``qkv.options(cpu_kernel=False)`` turns the kernel off (the tiled engine then computes those calls in torch
+ops). ``isa()`` tells which variant runs.
+
+Calls with few query rows (``Nq <= DECODE_ROWS``: decoding) take the kernel's decoding path: the query heads
+of each kv head form one tile, each key and value is read once for all of them, and the keys are split across
+threads (partial results merged by their lse).
 """
 from __future__ import annotations
 
@@ -18,15 +26,20 @@ import torch
 from ..core.call import Call
 from ..core.options import get_options
 
-__all__ = ["available", "serves", "attention_fwd", "attention_bwd"]
+__all__ = ["DECODE_ROWS", "available", "variants", "isa", "serves", "attention_fwd", "attention_bwd"]
 
-_VERSION = 2                 # qkv_native_version() of the C source this wrapper speaks to
+#: Calls with at most this many query rows run on the decoding path (the C library's qkv_decode_rows_max()).
+DECODE_ROWS = 16
+_VERSION = 3                 # qkv_native_version() of the C source this wrapper speaks to
 _lib = None
 _why = None                  # why the kernel cannot run here (None: not probed yet, or loaded)
+_variants: list[tuple[str, bool]] = []   # compiled-in variants, best first, and whether this CPU runs them
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_NEEDS = {"avx512": "AVX-512 F/DQ/VL/BW", "avx2": "AVX2 + FMA + F16C", "neon": "ARM64 NEON"}
 
 
 def _load():
-    global _lib, _why
+    global _lib, _why, _variants
     if _lib is not None or _why is not None:
         return _lib
     spec = importlib.util.find_spec("qkv._attn_cpu")
@@ -40,34 +53,97 @@ def _load():
         return None
     if lib.qkv_native_version() != _VERSION:
         _why = f"the CPU kernel is a stale build (version {lib.qkv_native_version()}, want {_VERSION}): reinstall"
-    elif not lib.qkv_native_supported():
-        _why = "this CPU lacks AVX-512 (F, DQ, VL, BW), which the CPU kernel needs"
-    else:
-        lib.qkv_attn_fwd_f32.restype = ctypes.c_int
-        tail = [ctypes.POINTER(ctypes.c_int64)] * 2 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
-        lib.qkv_attn_fwd_f32.argtypes = [ctypes.c_void_p] * 5 + tail
-        lib.qkv_attn_bwd_f32.restype = ctypes.c_int
-        lib.qkv_attn_bwd_f32.argtypes = [ctypes.c_void_p] * 9 + tail
-        _lib = lib
+        return None
+    lib.qkv_isa_name.restype = ctypes.c_char_p
+    _variants = [(lib.qkv_isa_name(i).decode(), bool(lib.qkv_isa_runs(i))) for i in range(lib.qkv_isa_count())]
+    if not any(runs for _, runs in _variants):
+        _why = ("this CPU runs none of the CPU kernel's variants ("
+                + (", ".join(f"{n}: {_NEEDS.get(n, n)}" for n, _ in _variants) or "none built for this architecture")
+                + ")")
+        return None
+    i64p, i64, f32, i32, ptr = (ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+                                ctypes.c_void_p)
+    tail = [i64p, i64p, i64, i64, f32, i32]
+    lib.qkv_attn_fwd.argtypes = [i32, i32, i32] + [ptr] * 5 + tail
+    lib.qkv_attn_decode.argtypes = [i32, i32] + [ptr] * 5 + tail
+    lib.qkv_attn_bwd.argtypes = [i32, i32] + [ptr] * 9 + tail
+    for f in (lib.qkv_attn_fwd, lib.qkv_attn_decode, lib.qkv_attn_bwd):
+        f.restype = ctypes.c_int
+    assert lib.qkv_decode_rows_max() == DECODE_ROWS
+    _lib = lib
     return _lib
 
 
+def variants() -> list[tuple[str, bool]]:
+    """The kernel's variants built for this architecture, best first, as ``(name, runs on this CPU)``;
+    empty when the kernel is not built or cannot be loaded."""
+    _load()
+    return list(_variants)
+
+
+def isa() -> str | None:
+    """The variant the kernel runs now: ``qkv.options(cpu_isa=...)`` when set (``"none"``: off), else the best
+    this CPU runs; None when the kernel is off or cannot run here. Raises ValueError when ``cpu_isa`` names a
+    variant that is not built or that this CPU cannot run."""
+    i = _choice()
+    return None if i is None else _variants[i][0]
+
+
+_chosen: dict = {}           # (cpu_isa, variants) -> the variant's index, or why none (a str)
+
+
+def _choice() -> int | None:
+    """Index of the variant to run (see ``isa``), resolved once per value of the cpu_isa option."""
+    opts = get_options()
+    if not opts.cpu_kernel or not _ready():
+        return None
+    key = (opts.cpu_isa, tuple(_variants))
+    got = _chosen.get(key)
+    if got is None:
+        got = _chosen[key] = _resolve((opts.cpu_isa or "").strip().lower())
+    if isinstance(got, str):
+        raise ValueError(got)
+    return got if got >= 0 else None
+
+
+def _resolve(want: str):
+    if want == "none":
+        return -1
+    if not want:
+        return next(i for i, (_, runs) in enumerate(_variants) if runs)
+    for i, (name, runs) in enumerate(_variants):
+        if name == want:
+            if not runs:
+                return (f"cpu_isa={want!r} (qkv.options or QKV_CPU_ISA): this CPU cannot run it (needs "
+                        f"{_NEEDS.get(name, name)}); it runs " + ", ".join(n for n, r in _variants if r))
+            return i
+    return (f"cpu_isa={want!r} (qkv.options or QKV_CPU_ISA) is not a variant of the CPU kernel here; choose one "
+            "of " + ", ".join([n for n, _ in _variants] + ["none"]))
+
+
 def available() -> tuple[bool, str]:
-    """Whether the kernel can run on this machine, and if not, why."""
+    """Whether the kernel can run on this machine, and if not, why (and which variant it runs)."""
     if _load() is None:
         return False, _why
-    return True, "AVX-512 CPU kernel (causal / sliding-window / unmasked, forward and backward, fp32)"
-
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    try:
+        name = isa()
+    except ValueError as e:
+        return False, str(e)
+    if name is None:
+        return False, ("turned off (qkv.options(cpu_kernel=False))" if not get_options().cpu_kernel
+                       else "turned off (cpu_isa='none')")
+    others = [n for n, runs in _variants if runs and n != name]
+    return True, (f"{name} CPU kernel (causal / sliding-window / unmasked, forward and backward, decoding; fp32 "
+                  f"compute from fp32/bf16/fp16)" + (f"; also runs here: {', '.join(others)}" if others else ""))
 
 
 def serves(call: Call) -> bool:
     """Whether the kernel computes this call exactly: CPU, fp32/fp16/bf16, visibility given by ``causal``
-    and ``window`` alone, no score mods, no dropout, D and Dv > 0."""
-    return (get_options().cpu_kernel and call.q.device.type == "cpu" and call.q.dtype in _DTYPES and not call.has_mods
-            and not call.dropout_p and call.mask is None and min(call.D, call.Dv) > 0
-            and max(call.Nq, call.Nk) < 2**30 and _ready())
+    and ``window`` alone, no score mods, no dropout, D and Dv > 0, scale > 0. Raises ValueError when the
+    cpu_isa option asks for a variant this machine cannot run."""
+    return (call.q.device.type == "cpu" and call.q.dtype in _DT and not call.has_mods
+            and not call.dropout_p and call.mask is None and min(call.D, call.Dv) > 0 and call.scale > 0
+            and max(call.Nq, call.Nk) < 2**30 and _choice() is not None)
 
 
 @torch.compiler.assume_constant_result
@@ -93,25 +169,45 @@ def _geometry(call: Call, q, k, v, x, lse, *more):
     return (dims, strides, *_range(call), call.scale)
 
 
-def _rows(*ts):
-    """fp32 views whose rows are contiguous (what the kernel reads; other strides are free)."""
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in (t.to(torch.float32) for t in ts)]
+def _rows(*ts, dtype=None):
+    """Views whose rows are contiguous (what the kernel reads; other strides are free), in ``dtype`` if given."""
+    ts = (t if dtype is None else t.to(dtype) for t in ts)
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
 def _check(rc: int):
+    if rc == -2:
+        raise RuntimeError("qkv's CPU kernel refused the call: the variant or element type does not run here")
     if rc != 0:
         raise MemoryError("qkv's CPU attention kernel could not allocate its workspace or start its threads")
 
 
-def attention_fwd(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+def _tiles_per_pass(call: Call) -> int:
+    """Tiles a task takes through each chunk of keys together: 4 when rows are long (K and V then come from
+    memory once per four tiles; benchmarks/NOTES.md), else 1 (finer tasks)."""
+    left, right = _range(call)
+    return 4 if min(call.Nk, left + right + 1) > 1024 else 1
+
+
+def attention_fwd(call: Call, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32 of a call the kernel ``serves``.
-    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides."""
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides. path: "decode" or "tiles";
+    default "decode" for at most DECODE_ROWS query rows."""
     lib = _load()
+    if path is None:
+        path = "decode" if call.Nq <= DECODE_ROWS else "tiles"
+    if path not in ("decode", "tiles") or (path == "decode" and call.Nq > DECODE_ROWS):
+        raise ValueError(f"path must be 'tiles', or 'decode' for at most {DECODE_ROWS} query rows, got {path!r} "
+                         f"for {call.Nq} rows")
     q, k, v = _rows(call.q, call.k, call.v)
     out = torch.empty(call.B, call.Hq, call.Nq, call.Dv, dtype=torch.float32)
     lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32)
-    _check(lib.qkv_attn_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                *_geometry(call, q, k, v, out, lse), torch.get_num_threads()))
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            *_geometry(call, q, k, v, out, lse), torch.get_num_threads())
+    if path == "decode":
+        _check(lib.qkv_attn_decode(_choice(), _DT[q.dtype], *args))
+    else:
+        _check(lib.qkv_attn_fwd(_choice(), _DT[q.dtype], _tiles_per_pass(call), *args))
     return out.to(call.q.dtype), lse
 
 
@@ -120,8 +216,10 @@ def attention_bwd(call: Call, out, lse, dout, dlse=None):
     (B, Hq, Nq, Dv) and lse (B, Hq, Nq) float32, the output gradient dout (B, Hq, Nq, Dv) and, when the lse
     was used, its gradient dlse (B, Hq, Nq). Probabilities are recomputed from lse (nothing kept)."""
     lib = _load()
-    q, k, v, g = _rows(call.q, call.k, call.v, dout)
-    delta = (g * out.to(torch.float32)).sum(-1)          # rowsum(dO·O): the softmax backward's row term
+    # q, k, v and dout are read in one element type: the inputs', unless dout comes in another (then fp32)
+    dtype = None if dout.dtype == call.q.dtype else torch.float32
+    q, k, v, g = _rows(call.q, call.k, call.v, dout, dtype=dtype)
+    delta = (g.to(torch.float32) * out.to(torch.float32)).sum(-1)   # rowsum(dO·O): the softmax backward's row term
     if dlse is not None:
         delta = delta - dlse.to(torch.float32)           # d lse / d s = p: folds into the same term
     lse, delta = lse.to(torch.float32).contiguous(), delta.contiguous()
@@ -133,8 +231,8 @@ def attention_bwd(call: Call, out, lse, dout, dlse=None):
     dq = torch.empty(B, Hq, Nq, call.D, dtype=torch.float32)
     dk = torch.zeros(parts, B, Hkv, Nk, call.D, dtype=torch.float32)
     dv = torch.zeros(parts, B, Hkv, Nk, call.Dv, dtype=torch.float32)
-    _check(lib.qkv_attn_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), lse.data_ptr(),
-                                delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                                *_geometry(call, q, k, v, g, lse, parts), nthreads))
+    _check(lib.qkv_attn_bwd(_choice(), _DT[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(),
+                            lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                            *_geometry(call, q, k, v, g, lse, parts), nthreads))
     dk, dv = (x[0] if parts == 1 else x.sum(0) for x in (dk, dv))
     return dq.to(call.q.dtype), dk.to(call.k.dtype), dv.to(call.v.dtype)

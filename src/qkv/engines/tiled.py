@@ -724,7 +724,8 @@ class TiledEngine(KernelEngine):
     def summary(self) -> str:
         ok, why = _native.available()
         return ("FlashAttention's algorithm in torch ops; any device, every feature; "
-                + ("on CPU, causal/window calls run on qkv's C kernel" if ok else f"no CPU kernel ({why})"))
+                + (f"on CPU, unmasked/causal/window calls and decoding run on qkv's C kernel ({_native.isa()})"
+                   if ok else f"no CPU kernel ({why})"))
 
     def supports(self, call: Call) -> list[str]:
         return []

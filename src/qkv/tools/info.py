@@ -78,7 +78,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "cpu": {"model": model, "cores": os.cpu_count(), "usable_cores": affinity,
                 "torch_threads": torch.get_num_threads(), "torch_cpu_capability": cap,
-                "features": [f for f in CPU_FEATURES if f in flags],
+                "features": [f for f in CPU_FEATURES if f in flags], "qkv_kernel": cpu_kernel(),
                 "memory_bytes": _mem_total()},
         "gpus": gpus,
         "versions": {"torch": torch.__version__, "triton": _version("triton"), "numpy": _version("numpy"),
@@ -92,6 +92,23 @@ def engines(device: str | None = None) -> list[tuple[str, bool, str]]:
     """qkv's engines as ``(name, available, reason)``, from the registry (``qkv.backends()``)."""
     import qkv
     return [(b.name, b.available, b.reason) for b in qkv.backends(device)]
+
+
+def cpu_kernel() -> str:
+    """Which variant of qkv's CPU kernel runs here (``qkv.options(cpu_isa=...)`` / QKV_CPU_ISA force one), and
+    the others built."""
+    try:
+        from ..core.options import get_options
+        from ..engines import cpu_kernel as kernel
+        ok, why = kernel.available()
+        built = kernel.variants()
+        forced = get_options().cpu_isa
+    except Exception as e:  # never let info fail for want of the kernel
+        return f"unavailable ({type(e).__name__}: {e})"
+    name = kernel.isa() if ok else None
+    others = ", ".join(f"{n}{'' if runs else ' (not on this CPU)'}" for n, runs in built if n != name)
+    return ((f"{name}" + (f" (forced: cpu_isa={forced!r})" if forced else " (the best this CPU runs)")
+             if ok else f"none: {why}") + (f"; also built: {others}" if others else ""))
 
 
 def format_info() -> str:
@@ -112,6 +129,7 @@ def format_info() -> str:
     amx = any(f.startswith("amx") for f in c["features"])
     avx512 = "avx512f" in c["features"]
     lines.append(f"        AVX-512: {'yes' if avx512 else 'no'}   AMX: {'yes' if amx else 'no'}")
+    lines.append(f"        qkv CPU kernel: {cpu_kernel()}")
     if m["gpus"]:
         for g in m["gpus"]:
             lines.append(f"  cuda:{g['index']} {g['name']} (sm {g['capability']}, {g['memory_bytes'] / 2**30:.1f} GiB, "
