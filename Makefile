@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= all
 
-.PHONY: setup demo test test-c test-arm bench clean
+.PHONY: setup demo test lint test-c test-arm bench clean
 
 # setup.py builds the CPU kernel (src/qkv/csrc) into src/qkv at install: a changed source reinstalls.
 $(BIN)/qkv: pyproject.toml setup.py $(wildcard src/qkv/csrc/*.c src/qkv/csrc/*.h)
@@ -22,8 +22,12 @@ setup: $(BIN)/qkv
 demo: setup
 	$(BIN)/qkv demo
 
-test: setup test-c
+test: setup lint test-c
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Lint (rules in pyproject.toml); formatting is by hand, not enforced.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
 
 # The CPU kernel's C tests (tests/csrc): every variant this CPU runs against a plain C reference. Natively with
 # OpenMP (thread counts compared); for ARM64, cross-compiled without OpenMP and run under qemu-aarch64.

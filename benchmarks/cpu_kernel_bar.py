@@ -58,7 +58,8 @@ def _tag(isa: str | None, torch_isa: str | None) -> str:
 
 def command(name: str, out: str, tag: str) -> list[str]:
     rel = os.path.relpath(out)
-    return ["qkv", "bench", *shlex.split(FIGURES[name][1]), "--json", os.path.join(rel, f"cpu_kernel_{tag}_{name}.json"),
+    return ["qkv", "bench", *shlex.split(FIGURES[name][1]),
+            "--json", os.path.join(rel, f"cpu_kernel_{tag}_{name}.json"),
             "--plot", os.path.join(rel, f"cpu_kernel_{tag}_{name}.png")]
 
 

@@ -21,7 +21,8 @@ CASES = {
     "tiled causal N=2048 fwd (CPU kernel)": "dict(causal=True, backend='tiled')",
     "tiled causal N=2048 fwd+bwd (CPU kernel)": "dict(causal=True, backend='tiled', grad=True)",
     "tiled decode Nq=1 Nk=8192 causal (CPU kernel)": "dict(causal=True, backend='tiled', decode=True)",
-    "tiled window 256 N=4096 fwd+bwd, no kernel (band)": "dict(window=(255, 0), backend='tiled', grad=True, nokernel=True)",
+    "tiled window 256 N=4096 fwd+bwd, no kernel (band)":
+        "dict(window=(255, 0), backend='tiled', grad=True, nokernel=True)",
     "tiled mask tensor N=2048 fwd+bwd (fused tiles)": "dict(mask=M, backend='tiled', grad=True)",
     "tiled score_mod N=1024 fwd+bwd (ops path)": "dict(score_mod=REL, backend='tiled', grad=True)",
 }

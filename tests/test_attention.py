@@ -580,7 +580,7 @@ def test_attention_weights(dtype):
 def test_attention_weights_mask_mod_and_block_mask():
     N = 40
     q, k, _ = make_qkv(1, 2, 2, N, N, 8, dtype=torch.float64, seed=36)
-    mm = lambda b, h, i, j: (i // 8) == (j // 8)  # noqa: E731
+    mm = lambda b, h, i, j: (i // 8) == (j // 8)
     bm = qkv.block_mask(mm, 1, 2, N, N, block_size=8)
     v = torch.zeros(1, 2, N, 1, dtype=torch.float64)
     _, _, P = naive_attention(q, k, v, mask=mm, return_probs=True)

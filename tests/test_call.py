@@ -48,7 +48,8 @@ def test_minus_inf_scores_through_bias_give_fully_masked_rows(backend):
         if lse is not None:
             assert lse[0, 0, 5] == float("-inf")
     ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
-    qkv.attention(ql, kl, vl, bias=bias, softcap=30.0, backend=backend if backend != "sdpa" else "auto").sum().backward()
+    be = backend if backend != "sdpa" else "auto"
+    qkv.attention(ql, kl, vl, bias=bias, softcap=30.0, backend=be).sum().backward()
     assert torch.equal(ql.grad[0, 0, 5], torch.zeros(8)) and all(torch.isfinite(t.grad).all() for t in (ql, kl, vl))
 
 

@@ -103,6 +103,7 @@ def test_show_and_demo_are_wired(monkeypatch, tmp_path):
 def test_issue2_bar_commands_parse_and_validate():
     """benchmarks/issue2_bar.py's commands stay valid `qkv bench` invocations (parsed and validated, not run)."""
     import importlib.util
+
     from qkv.tools import bench
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "issue2_bar.py")
     spec = importlib.util.spec_from_file_location("issue2_bar", path)

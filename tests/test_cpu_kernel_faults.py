@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 import qkv
 from qkv.engines import cpu_kernel

@@ -274,8 +274,9 @@ def test_cached_fast_path_follows_the_signature():
 
 def test_transformers_llama_compiles_as_one_graph():
     pytest.importorskip("transformers")
-    import qkv.integrations.transformers  # noqa: F401  (registers "qkv")
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qkv.integrations.transformers  # noqa: F401  (registers "qkv")
     torch._dynamo.reset()
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2, vocab_size=100, attn_implementation="qkv")

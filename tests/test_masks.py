@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.testing import eval_mask_mod, index_grids, make_qkv, compare
+from qkv.testing import compare, eval_mask_mod, index_grids, make_qkv
 
 SIZES = [(7, 7), (5, 12), (12, 5), (1, 9)]
 
@@ -232,7 +232,7 @@ def test_combinators():
     assert torch.equal(evaluate(qkv.masks.or_masks(c, wnd), 1, 1, Nq, Nk), C | W)
     assert torch.equal(evaluate(qkv.masks.not_mask(c), 1, 1, Nq, Nk), ~C)
     # plain callables mix in (they see raw indices)
-    even = lambda b, h, q, kv: kv % 2 == 0  # noqa: E731
+    even = lambda b, h, q, kv: kv % 2 == 0
     _, _, _, j, _ = grid(1, 1, Nq, Nk)
     assert torch.equal(evaluate(qkv.masks.and_masks(c, even), 1, 1, Nq, Nk), C & full(j % 2 == 0, 1, 1, Nq, Nk))
     assert torch.equal(evaluate(qkv.masks.not_mask(qkv.masks.or_masks(c, even)), 1, 1, Nq, Nk),
@@ -258,7 +258,8 @@ def block_states(dense, bq, bk):
     for a in range(nqb):
         for c in range(nkb):
             t = dense[:, :, a * bq:(a + 1) * bq, c * bk:(c + 1) * bk]
-            st[:, :, a, c] = torch.where(t.flatten(2).all(-1), 2, torch.where(t.flatten(2).any(-1), 1, 0)).to(torch.int8)
+            flat = t.flatten(2)
+            st[:, :, a, c] = torch.where(flat.all(-1), 2, torch.where(flat.any(-1), 1, 0)).to(torch.int8)
     return st
 
 
@@ -332,7 +333,8 @@ def test_block_mask_from_bool_tensor_broadcast():
                                           ("dilated", lambda: qkv.masks.dilated(3, 2), None),
                                           ("bigbird", lambda: qkv.masks.bigbird(3, 1, 1, block_size=8, seed=1), None),
                                           ("not_causal", lambda: qkv.masks.not_mask(qkv.masks.causal()), None),
-                                          ("or", lambda: qkv.masks.or_masks(qkv.masks.causal(), qkv.masks.chunked(5)), None)])
+                                          ("or", lambda: qkv.masks.or_masks(qkv.masks.causal(),
+                                                                            qkv.masks.chunked(5)), None)])
 def test_block_mask_sound_for_composites(name, make, _d):
     m = make()
     dense = evaluate(m, 1, 1, 40, 40)
@@ -346,7 +348,8 @@ def test_causal_density():
     assert math.isclose(bm.density, (nb * (nb + 1) / 2) / nb**2, rel_tol=1e-9)
     assert 0.5 < bm.density <= 0.5 + 1.0 / nb + 1e-9
     d = bm.to_dense()[0, 0]
-    assert torch.all(torch.diagonal(d) == 1) and torch.all(torch.tril(d, -1)[torch.tril(torch.ones(8, 8, dtype=torch.bool), -1)] == 2)
+    below = torch.tril(torch.ones(8, 8, dtype=torch.bool), -1)
+    assert torch.all(torch.diagonal(d) == 1) and torch.all(torch.tril(d, -1)[below] == 2)
     assert bm.to_dense().shape == (1, 1, 8, 8)
 
 

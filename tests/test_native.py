@@ -6,7 +6,8 @@ import platform
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import qkv
 from qkv.core import call as _call
@@ -318,7 +319,7 @@ def test_auto_decodes_on_the_kernel(set_options):
     # times the query heads per kv head reach AUTO_DECODE_KEYS; SDPA for short fp32 caches and many rows.
     from qkv.dispatch import AUTO_DECODE_KEYS, AUTO_DECODE_ROWS
     q, k, v = make_qkv(1, 8, 2, 1, AUTO_DECODE_KEYS // 4, 16, seed=14)
-    pick = lambda q=q, k=k, v=v, **kw: qkv.select_backend(q, k, v, causal=True, **kw).name   # noqa: E731
+    pick = lambda q=q, k=k, v=v, **kw: qkv.select_backend(q, k, v, causal=True, **kw).name
     assert pick() == "tiled" and pick(window=(100, 0)) == "tiled"
     assert pick(k=k[:, :, :-1], v=v[:, :, :-1]) == "sdpa"                            # fewer keys
     assert pick(q=q.bfloat16(), k=k[:, :, :9].bfloat16(), v=v[:, :, :9].bfloat16()) == "tiled"   # half
@@ -347,7 +348,7 @@ def test_kv_cache_decoding_runs_the_decoding_path(spy):
 @needs_kernel
 def test_auto_runs_the_kernel_from_enough_rows(set_options):
     q, k, v = make_qkv(1, 2, 2, 256, 256, 16, seed=11)            # 256 rows: AUTO_KERNEL_ROWS
-    pick = lambda q=q, **kw: qkv.select_backend(q, k, v, **kw).name   # noqa: E731
+    pick = lambda q=q, **kw: qkv.select_backend(q, k, v, **kw).name
     assert pick(causal=True) == pick() == pick(window=(30, 0)) == "tiled"
     assert qkv.select_backend(*(t[:, :, :255] for t in (q, k, v)), causal=True).name == "sdpa"   # fewer
     assert pick(q=q.clone().requires_grad_(), causal=True) == "tiled"        # masked training: the kernel

@@ -78,7 +78,8 @@ def test_gqa_bias_softcap_alibi_score_mod_against_sdpa_with_float_mask():
 
 def test_fully_masked_rows_zero_and_grad_finite():
     q, k, v = make_qkv(1, 1, 1, 4, 4, 8, dtype=torch.float64)
-    q.requires_grad_(); k.requires_grad_(); v.requires_grad_()
+    for t in (q, k, v):
+        t.requires_grad_()
     m = torch.ones(4, 4, dtype=torch.bool)
     m[1] = False
     out, lse = naive_attention(q, k, v, mask=m)

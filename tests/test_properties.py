@@ -8,11 +8,11 @@ change nothing: the expected values are the oracle's on the inputs with them zer
 
 ``QKV_HYPOTHESIS_EXAMPLES=500`` runs 500 drawn calls (each through every engine); CI's profile runs a few.
 """
-import math
 
 import pytest
 import torch
-from hypothesis import event, given, note, strategies as st
+from hypothesis import event, given, note
+from hypothesis import strategies as st
 
 import qkv
 from qkv.testing import check_fa, naive_attention
@@ -275,7 +275,6 @@ def test_every_engine_matches_the_oracle(c):
                   else "short"):
         event(label)
     grad = c["grad"] and placement in ("none", "hidden")
-    Nq = logical["q"].shape[2]
     g = torch.Generator().manual_seed(c["seed"] + 2)
     grad_out = torch.randn(*logical["q"].shape[:3], logical["v"].shape[-1], generator=g, dtype=torch.float64)
     # Expected: for hidden poison, the oracle on the values with the poison zeroed (it must change nothing)

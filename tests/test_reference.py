@@ -113,5 +113,6 @@ def test_attention_weights_without_keys():
     # Nk = 0 raised IndexError (amax over an empty dimension)
     w = qkv.attention_weights(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 0, 4))
     assert w.shape == (1, 2, 3, 0)
-    w = qkv.attention_weights(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), mask=torch.zeros(3, 5, dtype=torch.bool))
+    w = qkv.attention_weights(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4),
+                              mask=torch.zeros(3, 5, dtype=torch.bool))
     assert torch.equal(w, torch.zeros(1, 2, 3, 5))

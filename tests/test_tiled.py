@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import qkv
 from qkv.testing import compare, make_qkv
@@ -135,7 +136,7 @@ def test_tiled_skips_empty_tiles():
     for mask in (qkv.masks.document(ids), qkv.block_mask(qkv.masks.document(ids), 1, 1, N, N)):
         touched[0] = 0
         q, k, v = make_qkv(1, 1, 1, N, N, 8, seed=3)
-        out = qkv.attention(q, k, v, mask=mask, score_mod=sm, backend="tiled")
+        qkv.attention(q, k, v, mask=mask, score_mod=sm, backend="tiled")
         assert touched[0] <= 2 * N * N / 8, f"score_mod saw {touched[0]} elements, visible {N * N // 8}"
         compare("tiled", q, k, v, mask=mask, oracle_mask=lambda b, h, i, j: ids[i] == ids[j])
 
@@ -173,7 +174,7 @@ def test_head_dependent_mask_mod_over_several_tiles(engine):
     # head 0 sees the first 128 keys, head 1 the rest: tile skipping must be per (b, h), or the union
     # over heads/batches, never another q-block's tiles
     q, k, v = make_qkv(2, 2, 2, 256, 256, 8, seed=7)
-    mm = lambda b, h, i, j: ((j < 128) == (h == 0)) | (b == 1) & (j % 7 == 0)  # noqa: E731
+    mm = lambda b, h, i, j: ((j < 128) == (h == 0)) | (b == 1) & (j % 7 == 0)
     compare(engine, q, k, v, mask=mm, grad=(engine == "tiled"))
     compare(engine, q, k, v, mask=mm, causal=True)
 

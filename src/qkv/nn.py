@@ -11,7 +11,6 @@ Shapes: ``B`` batch, ``N`` new tokens, ``Hq`` query heads, ``Hkv`` key/value hea
 """
 from __future__ import annotations
 
-import math
 from numbers import Integral, Real
 
 import torch
@@ -105,7 +104,8 @@ class RotaryEmbedding(nn.Module):
         if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point \
                 or positions.dtype == torch.bool:
             raise TypeError(f"positions must be an integer tensor (N,) or (B, N), got "
-                            f"{type(positions).__name__}{'' if not isinstance(positions, torch.Tensor) else ' ' + str(positions.dtype)}")
+                            f"{type(positions).__name__}"
+                            f"{'' if not isinstance(positions, torch.Tensor) else ' ' + str(positions.dtype)}")
         if positions.shape[-1] != N or positions.ndim not in (1, 2) or \
                 (positions.ndim == 2 and positions.shape[0] not in (1, B)):
             raise ValueError(f"positions must have shape ({N},) or ({B}, {N}) for x of shape {tuple(x.shape)}, "
@@ -194,11 +194,11 @@ class KVCache:
         return (f"KVCache(batch={self.batch}, n_kv_heads={self.n_kv_heads}, length={self.length}/{self.max_len}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device})")
 
-    def reset(self) -> "KVCache":
+    def reset(self) -> KVCache:
         self.length = 0
         return self
 
-    def truncate(self, length: int) -> "KVCache":
+    def truncate(self, length: int) -> KVCache:
         if not _is_int(length) or not 0 <= length <= self.length:
             raise ValueError(f"length must be an int in [0, {self.length}], got {length!r}")
         self.length = int(length)

@@ -16,7 +16,7 @@ Index conventions (FlexAttention's): a mask_mod / score_mod receives broadcast i
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -100,7 +100,7 @@ def naive_attention(
     window=None,
     mask=None,
     bias=None,
-    score_mod: Optional[Callable] = None,
+    score_mod: Callable | None = None,
     alibi_slopes=None,
     softcap=None,
     scale=None,

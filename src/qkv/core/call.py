@@ -17,8 +17,8 @@ indices and the global bottom-right offset.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -112,7 +112,7 @@ class Call:
         """(q, k, v, bias, alibi, mask tensor, *captures): every tensor the call reads (None where absent)."""
         return (self.q, self.k, self.v, self.bias, self.alibi, self.mask_tensor, *self.captures)
 
-    def with_inputs(self, q, k, v, bias, alibi, mask_tensor, captures) -> "Call":
+    def with_inputs(self, q, k, v, bias, alibi, mask_tensor, captures) -> Call:
         """The same call reading other tensors (same shapes): the score_mod rebuilt on ``captures``."""
         rules = [("tensor", mask_tensor) if kind == "tensor" else (kind, r) for kind, r in self.rules]
         mask = mask_tensor if isinstance(self.mask, torch.Tensor) else self.mask

@@ -12,7 +12,7 @@ forward, grad-requiring leaves in the backward).
 from __future__ import annotations
 
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 _TOKENS = itertools.count(1)
-_LIVE: "weakref.WeakValueDictionary[int, BlockMask]" = weakref.WeakValueDictionary()
+_LIVE: weakref.WeakValueDictionary[int, BlockMask] = weakref.WeakValueDictionary()
 
 # Block states, ordered so that AND of two masks is the elementwise minimum.
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -38,7 +38,8 @@ DEFAULT_BLOCK = 128
 class MaskMod:
     """A mask_mod ``f(b, h, q_idx, kv_idx) -> bool`` with alignment and optional block analytics.
 
-    ``fn(m, b, h, q, kv)`` gets the bound mask ``m`` (``m.offset = Nk - Nq``, ``m.sizes = (Nq, Nk)``); ``blocks(off, qs, qe, ks, ke)``,
+    ``fn(m, b, h, q, kv)`` gets the bound mask ``m`` (``m.offset = Nk - Nq``, ``m.sizes = (Nq, Nk)``);
+    ``blocks(off, qs, qe, ks, ke)``,
     given block start/end (exclusive) index tensors ``qs, qe: (nqb, 1)`` and ``ks, ke: (1, nkb)``, returns
     ``(any, all)`` bool tensors broadcastable to ``(B, H, nqb, nkb)`` that over- and under-estimate the
     visible set (``any`` may say True for an empty block, ``all`` may say False for a full one: still exact,
@@ -68,7 +69,7 @@ class MaskMod:
         """Whether whole blocks are classified from a formula (no evaluation of the mask per element)."""
         return self._blocks is not None
 
-    def bind(self, nq: int, nk: int) -> "MaskMod":
+    def bind(self, nq: int, nk: int) -> MaskMod:
         """A copy aligned for ``Nq`` queries and ``Nk`` keys (offset ``Nk - Nq``)."""
         m = MaskMod(self.name, self._fn, self._blocks, offset=nk - nq, sizes=(nq, nk), check=self._check)
         m._cacheable, m._window, m._trusted = self._cacheable, self._window, self._trusted
@@ -311,7 +312,6 @@ def padding(kv_lens, q_lens=None) -> MaskMod:
                 _check_batch("q_lens", QL, B)
 
     def fn(m, b, h, q, kv):
-        off = m.offset
         ok = kv < _per_batch(KL, b)
         return ok if QL is None else ok & (q < _per_batch(QL, b))
 
@@ -386,7 +386,8 @@ def bigbird(window: int, global_tokens, random_blocks: int, block_size: int = 64
     """BigBird: window + global tokens + ``random_blocks`` random key blocks per query block (fixed by
     ``seed``, in units of ``block_size`` positions)."""
     if not isinstance(random_blocks, int) or random_blocks < 0 or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"random_blocks must be an int >= 0 and block_size >= 1, got {random_blocks!r}, {block_size!r}")
+        raise ValueError(f"random_blocks must be an int >= 0 and block_size >= 1, "
+                         f"got {random_blocks!r}, {block_size!r}")
 
     def rand(m, b, h, q, kv):
         if m.sizes is None:
@@ -501,7 +502,7 @@ class BlockMask:
         _LIVE[self.token] = self
 
     @staticmethod
-    def lookup(token: int) -> "BlockMask":
+    def lookup(token: int) -> BlockMask:
         """The live BlockMask with this ``token`` (how compiled graphs refer to one)."""
         bm = _LIVE.get(token)
         if bm is None:

@@ -10,7 +10,7 @@ import contextvars
 import dataclasses
 import itertools
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -47,8 +47,8 @@ class Options:
 _TYPES = {"cpu_kernel": bool, "cpu_isa": (str, type(None)), "tiled_fused": bool, "band_keep_bytes": int,
           "band_keep_ratio": int}
 
-_current: contextvars.ContextVar[Options] = contextvars.ContextVar(
-    "qkv_options", default=Options(cpu_isa=os.environ.get("QKV_CPU_ISA") or None))
+_current: contextvars.ContextVar[Options] = contextvars.ContextVar(  # Options is frozen: an immutable default
+    "qkv_options", default=Options(cpu_isa=os.environ.get("QKV_CPU_ISA") or None))  # noqa: B039
 # torch.compile cannot trace ContextVar.get: while tracing, the options come from this mirror of the most
 # recent value set (a global, so the compiled graph is guarded on it and retraced when it changes).
 _traced = [_current.get()]

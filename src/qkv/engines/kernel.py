@@ -30,13 +30,13 @@ from .base import Engine
 
 __all__ = ["KernelEngine"]
 
-_KERNELS: dict[str, "KernelEngine"] = {}
+_KERNELS: dict[str, KernelEngine] = {}
 
 
 class KernelEngine(Engine):
     """An engine whose forward and backward are its own (see the module docstring)."""
 
-    def register_kernel(self) -> "KernelEngine":
+    def register_kernel(self) -> KernelEngine:
         """Make this engine reachable by name from the custom ops (done once, by the engine's module)."""
         _KERNELS[self.name] = self
         return self

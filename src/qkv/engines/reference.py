@@ -68,7 +68,7 @@ def _rows_of(fn, q0: int, q1: int, per_row: int):
     rows = max(1, EVAL_ELEMENTS // max(1, per_row))
     if q1 - q0 <= rows:
         return fn(q0, q1)
-    parts, out = [], None
+    out = None
     for r0 in range(q0, q1, rows):
         r1 = min(q1, r0 + rows)
         m = fn(r0, r1)

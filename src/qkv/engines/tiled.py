@@ -506,7 +506,8 @@ def _fused_bwd(t: _Tile, g, k0, k1, partial):
 
     for gi in range(G):
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            head(g["dob"], gi), head(g["qb"], gi), kc, vc, head(g["ob"], gi), head(g["lb"].unsqueeze(-1), gi).squeeze(-1),
+            head(g["dob"], gi), head(g["qb"], gi), kc, vc, head(g["ob"], gi),
+            head(g["lb"].unsqueeze(-1), gi).squeeze(-1),
             0.0, tri, attn_mask=None if add is None else head(add, gi), scale=c.scale)
         if G == 1:
             g["dqb"] += dq

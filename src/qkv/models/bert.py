@@ -46,7 +46,7 @@ class BertConfig:
     position_embedding_type: str = "absolute"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
+    def from_dict(cls, d: dict) -> BertConfig:
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         if cfg.position_embedding_type != "absolute":
@@ -142,7 +142,8 @@ class BertEncoder(nn.Module):
     ``forward(input_ids, attention_mask=None, need_weights=False, token_type_ids=None)``:
     ``input_ids`` ``(B, N)`` int; ``attention_mask`` ``(B, N)`` (1/True = real token, 0 = padding);
     returns ``(hidden, weights)``: ``hidden`` ``(B, N, d)`` the last hidden states, ``weights`` a list of ``L``
-    per-layer attention probabilities ``(B, H, N, N)`` (fp32; fp64 for a fp64 model) when ``need_weights`` else ``None``.
+    per-layer attention probabilities ``(B, H, N, N)``
+    (fp32; fp64 for a fp64 model) when ``need_weights`` else ``None``.
 
     ``from_pretrained(path)`` loads a Hugging Face BERT directory (``config.json``, ``model.safetensors`` or
     ``pytorch_model.bin``, ``tokenizer.json`` or ``vocab.txt``; sentence-transformers' ``1_Pooling`` and
@@ -163,7 +164,7 @@ class BertEncoder(nn.Module):
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device=None,
-                        dtype: torch.dtype = torch.float32) -> "BertEncoder":
+                        dtype: torch.dtype = torch.float32) -> BertEncoder:
         """Load config, weights and tokenizer from the directory ``path``; returns the model in eval mode."""
         if path is None:
             raise ValueError("path is required for BertEncoder.from_pretrained (MiniLM has a default)")
@@ -272,7 +273,7 @@ class BertEncoder(nn.Module):
                 token_type_ids: torch.Tensor | None = None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.ndim != 2:
             raise TypeError(f"input_ids must be an integer tensor (B, N), got "
-                            f"{type(input_ids).__name__ if not isinstance(input_ids, torch.Tensor) else (input_ids.dtype, tuple(input_ids.shape))}")
+                            f"{_seen(input_ids)}")
         B, N = input_ids.shape
         if N > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {N} tokens, more than max_position_embeddings="
@@ -280,7 +281,7 @@ class BertEncoder(nn.Module):
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                            or tuple(attention_mask.shape) != (B, N)):
             raise ValueError(f"attention_mask must be a tensor of shape {(B, N)} like input_ids, got "
-                             f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+                             f"{_seen(attention_mask, shape_only=True)}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids)                         # (B, N, d)
@@ -303,7 +304,7 @@ class MiniLM(BertEncoder):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device=None,
-                        dtype: torch.dtype = torch.float32) -> "MiniLM":
+                        dtype: torch.dtype = torch.float32) -> MiniLM:
         return super().from_pretrained(minilm_path() if path is None else path, device=device, dtype=dtype)
 
 
@@ -328,3 +329,10 @@ def _load_tokenizer(path: Path, max_length: int):
     tok.no_truncation()
     tok.enable_truncation(max_length=max_length)
     return tok
+
+
+def _seen(x, shape_only: bool = False) -> str:
+    """What an error message says was given: a tensor's (dtype, shape) (or shape only), else the type's name."""
+    if not isinstance(x, torch.Tensor):
+        return type(x).__name__
+    return str(tuple(x.shape)) if shape_only else str((x.dtype, tuple(x.shape)))

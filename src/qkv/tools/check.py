@@ -12,7 +12,6 @@ wrong oracle, not only a wrong engine.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -187,8 +186,9 @@ def run_checks(device: str = "cpu", dtypes=None, engines=None, shapes=None, mask
                         if progress:
                             progress()
                         continue
-                    except Exception as e:  # noqa: BLE001 - a crash is a failure, reported, not raised
-                        r.update(status="FAIL", message=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+                    except Exception as e:
+                        first = str(e).splitlines()[0] if str(e) else ""
+                        r.update(status="FAIL", message=f"{type(e).__name__}: {first}"[:200])
                         results.append(r)
                         if progress:
                             progress()

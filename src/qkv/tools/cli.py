@@ -66,6 +66,7 @@ def _model_sizes() -> tuple[int, int] | None:
     """(layers, heads) of the bundled encoder from its config.json (no weights loaded); None if not installed."""
     try:
         import json
+
         from ..models.bert import minilm_path
         c = json.loads((minilm_path() / "config.json").read_text())
         return int(c["num_hidden_layers"]), int(c["num_attention_heads"])
@@ -137,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(a) -> int:
-    from . import bench
     import torch
+
+    from . import bench
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = {}
     if a.shapes is not None:

@@ -27,8 +27,9 @@ import html as _html
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -518,7 +519,7 @@ def _encoder():
     return _ENCODER
 
 
-def attention_of(text: str) -> tuple[list[str], "Any"]:
+def attention_of(text: str) -> tuple[list[str], Any]:
     """Run the bundled encoder on ``text``: its tokens (with [CLS]/[SEP]) and weights, a (L, H, N, N) tensor."""
     import torch
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -16,7 +16,7 @@ __all__ = ["Provider", "PROVIDERS", "ALIASES", "LINEAR_DEFAULT", "default_provid
 
 # --------------------------------------------------------------------------------------------- providers
 def _qkv():
-    import qkv  # noqa: PLC0415  (the tools import the library, never the other way round)
+    import qkv
     return qkv
 
 
@@ -45,7 +45,7 @@ class Provider:
     family: str                                  # qkv | sdpa | flex | naive | linear
     doc: str
     _available: Callable[[str], tuple[bool, str]]
-    _build: Callable[["Case", dict], Callable]   # (case, state) -> fn(q, k, v) -> out
+    _build: Callable[[Case, dict], Callable]   # (case, state) -> fn(q, k, v) -> out
     compiles: bool = False
 
     def available(self, device: str) -> tuple[bool, str]:
@@ -288,7 +288,8 @@ def _registry() -> dict[str, Provider]:
 
 
 PROVIDERS = _registry()
-ALIASES = {"qkv": [p.name for p in PROVIDERS.values() if p.family == "qkv"], "sdpa-all": ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+ALIASES = {"qkv": [p.name for p in PROVIDERS.values() if p.family == "qkv"],
+           "sdpa-all": ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
                                                             "sdpa-math"],
            "torch": ["sdpa", "flex"], "flex_attention": ["flex"], "math": ["naive"],
            "linear-all": ["linear", "linear-decay", "deltanet"]}

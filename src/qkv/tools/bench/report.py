@@ -101,7 +101,8 @@ def _bars(ax, sub, provs, style, labels, key, scale):
         if r.get(key):
             y = r[key] * scale
             ax.bar(i, y, color=style[p]["color"], width=0.6)
-            txt = (f"{y:,.0f}" if y >= 100 else f"{y:.3g}") + (f"\n{r['speedup_vs_sdpa']:.2f}x SDPA" if key == "median_ms"
+            txt = (f"{y:,.0f}" if y >= 100 else f"{y:.3g}") + (
+                f"\n{r['speedup_vs_sdpa']:.2f}x SDPA" if key == "median_ms"
                                   and r.get("speedup_vs_sdpa") and r["family"] != "sdpa" else "")
             ax.annotate(txt, (i, y), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                         textcoords="offset points")
@@ -123,7 +124,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401
+    import matplotlib.ticker
     cfg = result["config"]
     rs = result["results"]
     configs = list(dict.fromkeys((r["dtype"], r["mask"], r["mode"]) for r in rs))

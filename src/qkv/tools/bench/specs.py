@@ -1,8 +1,8 @@
 """Benchmark cases: dtype names, ``--mask`` specs (each provider's natural mask form) and the points of a sweep."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

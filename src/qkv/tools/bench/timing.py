@@ -10,8 +10,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -40,7 +40,7 @@ class Config:
     min_sample_s: float = 0.05     # a sample repeats a fast call until it lasts about this long
     progress: bool = True
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         dev = str(self.device).lower()
         if dev.startswith("cuda"):
             if not torch.cuda.is_available():
@@ -175,7 +175,7 @@ def memory_worker() -> None:
         res.update(status="ok", setup_bytes=max(0, after_setup - base), call_peak_bytes=call_peak,
                    peak_bytes=max(0, after_setup - base) + call_peak, baseline_rss_bytes=base,
                    maxrss_growth_bytes=max(0, _maxrss() - base), setup_s=info.get("setup_s"))
-    except BaseException as e:  # noqa: BLE001 - every failure is a result
+    except BaseException as e:
         res["status"], res["message"] = _classify(e)
     sys.stdout.write("\n" + json.dumps(res) + "\n")
     sys.stdout.flush()
@@ -424,7 +424,7 @@ def _time_group(cfg: Config, case: Case, live: list[Provider], rows: dict, bar) 
             fns[p.name] = fn
             inner[p.name] = max(1, min(100, int(cfg.min_sample_s / max(est, 1e-6))))
             row["_est"] = est
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
             row["status"], row["message"] = _classify(e)
@@ -454,7 +454,7 @@ def _time_group(cfg: Config, case: Case, live: list[Provider], rows: dict, bar) 
                     continue
                 try:
                     times[name].append(_time_sample(fns[name], args, inner[name], case.device))
-                except BaseException as e:  # noqa: BLE001
+                except BaseException as e:
                     if isinstance(e, KeyboardInterrupt):
                         raise
                     rows[name]["status"], rows[name]["message"] = _classify(e)
@@ -499,7 +499,7 @@ def _cuda_memory(fn, args) -> dict:
         if do is not None:
             q.grad = k.grad = v.grad = None
         return {"status": "ok", "peak_bytes": int(peak), "method": "torch.cuda.max_memory_allocated"}
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
         s, m = _classify(e)
