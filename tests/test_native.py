@@ -357,3 +357,28 @@ def test_auto_runs_the_kernel_from_enough_rows(set_options):
         assert pick(q=q.clone().requires_grad_()) == "tiled"
     set_options(cpu_kernel=False)
     assert pick(causal=True) == "sdpa"
+
+
+@pytest.mark.parametrize("Nq,Nk", [(1, 50), (3, 2000), (20, 20), (300, 300)],
+                         ids=["decode1", "decode3", "tile", "tiles"])
+@pytest.mark.parametrize("where", ["q", "k seen", "k hidden", "k inf", "v seen"])
+def test_non_finite_inputs_give_the_oracles_nan_rows(isa, spy, Nq, Nk, where):
+    # The kernel's inputs are never scanned: a NaN score must make its row NaN inside the kernel (then the
+    # exact path computes it), on the tiles' path and the decoding path of every variant.
+    g = torch.Generator().manual_seed(Nq + Nk)
+    for kw in (dict(), dict(causal=True), dict(window=(16, 0))):
+        for dt in (torch.float32, torch.bfloat16):
+            q = torch.randn(1, 4, Nq, 32, generator=g).to(dt)
+            k, v = (torch.randn(1, 2, Nk, 32, generator=g).to(dt) for _ in range(2))
+            {"q": lambda: q[0, 1, Nq // 2].__setitem__(3, float("nan")),
+             "k seen": lambda: k[0, 0, Nk - 1].__setitem__(5, float("nan")),
+             "k hidden": lambda: k[0, 1, 0].__setitem__(5, float("nan")),
+             "k inf": lambda: k[0, 1, Nk - 2].__setitem__(5, float("inf")),
+             "v seen": lambda: v[0, 0, Nk - 1].__setitem__(2, float("nan"))}[where]()
+            want = qkv.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+            got = qkv.attention(q, k, v, backend="tiled", **kw).double()
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), (kw, dt)
+            ok = ~torch.isnan(want)
+            tol = 3e-2 if dt == torch.bfloat16 else 1e-4
+            assert torch.allclose(got[ok], want[ok], atol=tol, rtol=0), (kw, dt)
+    assert spy, "the kernel did not run"

@@ -447,12 +447,13 @@ static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const fl
         mx = vmax(m0, vmul(vmax(mx, mx1), sc));       /* max(s)·scale = max(s·scale): scale > 0 */
         /* rescale factor of what earlier chunks accumulated (0 where nothing was) */
         const V al = vmaskz(mseen(m0), vexp2(vmul(vsub(m0, mx), l2e)));
-        const M any = mseen(mx);
+        /* A masked score (−inf) gives 0. A NaN score gives NaN, which the caller sees in the result, even where
+         * the max above lost it (x86's max returns its second operand when one is NaN). */
         V sum = vzero(), sum1 = vzero();
         for (j = a; j < e; j++) {
             float *p = st + (j - c0) * QT + VL * s;
             const V x = vld(p);
-            const V y = vmaskz(mand(any, mseen(x)), vexp2(vmul(vfms(x, sc, mx), l2e)));
+            const V y = vmaskz(mseen(x), vexp2(vmul(vfms(x, sc, mx), l2e)));
             vst(p, y);
             if ((j - a) & 1) sum1 = vadd(sum1, y);
             else sum = vadd(sum, y);

@@ -84,7 +84,7 @@ INL float vhsum(V x) {
 
 /* 2^x for x <= 0, as on AVX-512: the polynomial times 2^n built in the exponent field (n >= −126). */
 INL V vexp2(V x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);     /* max(c, NaN) is NaN: a NaN score stays NaN */
     V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V g = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));
     V p = _mm256_set1_ps(1.0f / 5040);

@@ -68,9 +68,10 @@ INL float vhmax(V x) { return _mm512_reduce_max_ps(x); }
 INL float vhsum(V x) { return _mm512_reduce_add_ps(x); }
 
 /* 2^x for x <= 0: 2^n · e^(f·ln2), |f| <= 1/2, Taylor to degree 7 (error < 6e-9 relative). x is clamped at
- * −126 so results stay normal numbers (2^−126 is below any weight that matters). */
+ * −126 so results stay normal numbers (2^−126 is below any weight that matters). A NaN stays NaN, so a NaN
+ * score makes its row's result NaN, which the caller sees (it never passes for a masked key). */
 INL V vexp2(V x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);     /* max(c, NaN) is NaN: a NaN score stays NaN */
     V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V g = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
     V p = _mm512_set1_ps(1.0f / 5040);

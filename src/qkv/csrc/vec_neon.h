@@ -56,7 +56,7 @@ INL float vhsum(V x) { return vaddvq_f32(x); }
 
 /* 2^x for x <= 0, as on x86: the polynomial times 2^n built in the exponent field (n >= −126). */
 INL V vexp2(V x) {
-    x = vmaxq_f32(x, vdupq_n_f32(-126.0f));
+    x = vmaxq_f32(x, vdupq_n_f32(-126.0f));            /* FMAX: a NaN score stays NaN */
     V n = vrndnq_f32(x);
     V g = vmulq_f32(vsubq_f32(x, n), vdupq_n_f32(0.6931471805599453f));
     V p = vdupq_n_f32(1.0f / 5040);

@@ -633,25 +633,15 @@ def _bwd_pass(call: Call, q, k, v, out, lse, dout, dlse, bq, sched, need_dbias, 
             None if dbias is None else dbias.to(call.bias.dtype))
 
 
-def _kernel_inputs_finite(call: Call) -> bool:
-    """Whether q and the keys some row sees (a range-only call's rows see one span of keys; a decoding step
-    with a window, only the window's) hold only finite values."""
-    left, right = call.key_range()
-    lo = max(0, call.offset - left)
-    hi = min(call.Nk, call.Nq + call.offset + right)
-    return all_finite(call.q, call.k[:, :, lo:hi] if lo < hi else None)
-
-
 def _native_fwd(call: Call):
     """The CPU kernel's out and lse for a call it serves; a result that is not finite is computed again on
-    the exact path (the kernel multiplies the zero probabilities of keys past a row's range, within its last
-    group of keys, by their values: 0·NaN)."""
-    # The kernel takes a NaN score for a masked one (its row max skips NaN), which no check of the result can
-    # tell: q or k that are not finite go to the exact path first.
-    if _kernel_inputs_finite(call):
-        out, lse = _native.attention_fwd(call)
-        if finite_result(out, lse):
-            return out, lse
+    the exact path. Finite inputs give a finite result; a NaN score makes its row NaN in the kernel (its exp
+    propagates NaN), and so does a hidden non-finite value within the last group of keys past a row's range
+    (0·NaN): the result check sees every case, so the inputs are never scanned (a decoding step would read
+    its keys twice)."""
+    out, lse = _native.attention_fwd(call)
+    if finite_result(out, lse):
+        return out, lse
     bq, sched = _exact_schedule(call)
     out, lse, _, _, _ = _fwd_pass(call, call.q, call.k, call.v, bq, sched, None, False, exact=True)
     return out, lse
@@ -659,10 +649,9 @@ def _native_fwd(call: Call):
 
 def _native_bwd(call: Call, out, lse, dout, dlse):
     """The CPU kernel's (dq, dk, dv); gradients that are not finite are computed again on the exact path."""
-    if _kernel_inputs_finite(call):                 # (see _native_fwd)
-        grads = _native.attention_bwd(call, out, lse, dout, dlse)
-        if all_finite(*grads):
-            return grads
+    grads = _native.attention_bwd(call, out, lse, dout, dlse)     # NaN scores give NaN gradients (see above)
+    if all_finite(*grads):
+        return grads
     bq, sched = _exact_schedule(call)
     return _bwd_pass(call, call.q, call.k, call.v, out, lse, dout, dlse, bq, sched, False, None, None, None, None,
                      True)[:3]
