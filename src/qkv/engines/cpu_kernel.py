@@ -26,11 +26,12 @@ import torch
 from ..core.call import Call
 from ..core.options import get_options
 
-__all__ = ["DECODE_ROWS", "available", "variants", "isa", "serves", "attention_fwd", "attention_bwd"]
+__all__ = ["DECODE_ROWS", "available", "variants", "isa", "serves", "attention_fwd", "attention_bwd",
+           "rows_plausible"]
 
 #: Calls with at most this many query rows run on the decoding path (the C library's qkv_decode_rows_max()).
 DECODE_ROWS = 16
-_VERSION = 3                 # qkv_native_version() of the C source this wrapper speaks to
+_VERSION = 4                 # qkv_native_version() of the C source this wrapper speaks to
 _lib = None
 _why = None                  # why the kernel cannot run here (None: not probed yet, or loaded)
 _variants: list[tuple[str, bool]] = []   # compiled-in variants, best first, and whether this CPU runs them
@@ -67,7 +68,8 @@ def _load():
     lib.qkv_attn_fwd.argtypes = [i32, i32, i32] + [ptr] * 5 + tail
     lib.qkv_attn_decode.argtypes = [i32, i32] + [ptr] * 5 + tail
     lib.qkv_attn_bwd.argtypes = [i32, i32] + [ptr] * 9 + tail
-    for f in (lib.qkv_attn_fwd, lib.qkv_attn_decode, lib.qkv_attn_bwd):
+    lib.qkv_rows_plausible.argtypes = [i32, ptr] + [i64] * 8
+    for f in (lib.qkv_attn_fwd, lib.qkv_attn_decode, lib.qkv_attn_bwd, lib.qkv_rows_plausible):
         f.restype = ctypes.c_int
     assert lib.qkv_decode_rows_max() == DECODE_ROWS
     _lib = lib
@@ -236,3 +238,13 @@ def attention_bwd(call: Call, out, lse, dout, dlse=None):
                             *_geometry(call, q, k, v, g, lse, parts), nthreads))
     dk, dv = (x[0] if parts == 1 else x.sum(0) for x in (dk, dv))
     return dq.to(call.q.dtype), dk.to(call.k.dtype), dv.to(call.v.dtype)
+
+
+def rows_plausible(out: torch.Tensor) -> bool | None:
+    """Whether every row of an attention output out (B, H, N, Dv) is finite and not all zeros, read in one C
+    pass (a microsecond on a small output, where three torch reductions cost ~13 µs); None when the library is
+    not loaded or out is not a CPU fp32/bf16/fp16 tensor of 4 dims (the caller then checks in torch)."""
+    lib = _lib if _lib is not None else _load()
+    if lib is None or out.device.type != "cpu" or out.dtype not in _DT or out.dim() != 4:
+        return None
+    return bool(lib.qkv_rows_plausible(_DT[out.dtype], out.data_ptr(), *out.shape, *out.stride()))
