@@ -426,6 +426,153 @@ def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
     return dSs[0]
 
 
+def _block_chunks(BH: int, C: int, D: int, Dv: int) -> int:
+    """Chunks per block of the inference path: each of its ~12 buffers holds ~_BLOCK_ELEMS elements (512 KiB in
+    fp32), so that a block's working set stays near the core's L2 and the buffers, reused from block to block, are
+    paged in once per call."""
+    return max(1, _BLOCK_ELEMS // (BH * C * max(C, D, Dv)))
+
+
+_BLOCK_ELEMS = 1 << 17
+
+
+def _chunk_scalars(x: torch.Tensor, C: int, nc: int) -> torch.Tensor:
+    """(B, H, N) -> (nc, B, H, C, 1), contiguous, zero-padded at the end."""
+    N = x.shape[-1]
+    if nc * C != N:
+        x = torch.nn.functional.pad(x, (0, nc * C - N))
+    return x.unflatten(-1, (nc, C)).permute(2, 0, 1, 3).contiguous()[..., None]
+
+
+def _chunk_rows(x: torch.Tensor, C: int) -> torch.Tensor:
+    """(B, Hs, n·C, E) -> a (n, B, Hs, 1, C, E) view (the 1 broadcasts a key head over its value heads)."""
+    return x.unflatten(2, (x.shape[2] // C, C)).permute(2, 0, 1, 3, 4).unsqueeze(3)
+
+
+def _delta_infer(c, C: int):
+    """The delta rule's forward without autograd (nothing to save for a backward): ``(o (B, H, N, Dv), S (B, H, D,
+    Dv))`` in the compute dtype, from the validated call ``c``.
+
+    The chunks run in blocks of a few (``_block_chunks``): per block, every chunk-parallel quantity (features, decay
+    factors, ``A``, ``T``, ``W``, ``U0``, ``(Q·Kᵀ)∘E``) is computed for the block's chunks at once into buffers
+    allocated once per call, then the scan corrects ``u`` and carries the state chunk by chunk, then the block's
+    outputs are two batched products. Nothing full-length is made besides the output and per-token scalars; the
+    inputs are read in place (any strides) and the l2 normalisation, ``scale``, ``β`` and the decays enter as
+    per-row factors of the single pass that copies q, k, v into a block."""
+    B, H, N, Dv = c.v.shape
+    Hk, D = c.q.shape[1], c.q.shape[-1]
+    rep, BH, cd, dev = H // Hk, B * H, c.cd, c.v.device
+    nc, full = -(-N // C), N // C
+    q, k, v = c.q.to(cd), c.k.to(cd), c.v.to(cd)
+    gated = c.g is not None
+    # per-token scalars (nc, B, H, C, 1) for the whole call; q/k's per key head (nc, B, Hk, 1, C, 1)
+    beta = _chunk_scalars(c.beta.to(cd), C, nc)
+    if gated:
+        b = _chunk_scalars(c.g.to(cd), C, nc).cumsum(-2)              # b_r: log-decay from the chunk start
+        bl = b[..., -1:, :]
+        eb, ekd = b.exp(), (bl - b).exp_()
+        a = bl.exp().view(nc, BH, 1, 1)
+        bcol = b.view(nc, BH, C, 1)
+    nb = min(nc, _block_chunks(BH, C, D, Dv))
+    def emp(*shape):
+        return torch.empty(*shape, dtype=cd, device=dev)
+
+    out = emp(B, H, N, Dv)
+    qb, kb, kbb = (emp(nb, B, Hk, rep, C, D) for _ in range(3))
+    qdb, xb, kdb = (emp(nb, B, Hk, rep, C, D) for _ in range(3)) if gated else (None, None, None)
+    yb, ub = emp(nb, B, H, 1, C, Dv), emp(nb * BH, C, Dv)
+    Ab, QKb = emp(nb * BH, C, C), emp(nb * BH, C, C)
+    Eb = emp(nb * BH, C, C) if gated else None
+    Wb = emp(nb * BH, C, D)
+    Ob = emp(nb * BH, C, Dv)
+    Ss = emp(nb + 1, BH, D, Dv)
+    if c.state is None:
+        Ss[0].zero_()
+    else:
+        Ss[0].copy_(c.state.reshape(BH, D, Dv))
+    eye = torch.eye(C, dtype=cd, device=dev).expand(nb * BH, C, C)
+    tmp = emp(nb, B, Hk, 1, C, D) if c.qk_l2norm else None
+    rqb, rkb = (emp(nb, B, Hk, 1, C, 1) for _ in range(2)) if c.qk_l2norm else (None, None)
+
+    def rows(x, t0, n):
+        """the rows of x (B, Hs, N, E) for chunks [t0 / C, t0 / C + n) as (n, B, Hs, 1, C, E): a view of x, or a
+        zero-padded copy for the last, partial chunk."""
+        if t0 + n * C <= N:
+            return _chunk_rows(x[:, :, t0:t0 + n * C], C)
+        return _chunk_rows(torch.nn.functional.pad(x[:, :, t0:], (0, 0, 0, t0 + n * C - N)), C)
+
+    def inv_norm(x, n, scale, r):
+        """scale / sqrt(Σx² + eps) per row of x (n, B, Hk, 1, C, D), into r (n, B, Hk, 1, C, 1)."""
+        torch.mul(x, x, out=tmp[:n])
+        torch.sum(tmp[:n], -1, keepdim=True, out=r)
+        r.add_(1e-6).rsqrt_()
+        return r.mul_(scale) if scale != 1.0 else r
+
+    # blocks: the full chunks in groups of nb, then the last, partial chunk (if any) alone
+    starts = [(c0, min(full, c0 + nb) - c0) for c0 in range(0, full, nb)] + ([(full, 1)] if full < nc else [])
+    for c0, n in starts:
+        M, t0 = n * BH, c0 * C
+        def hv(x, c0=c0, n=n):              # per-token scalars of the block's chunks, value heads grouped by key head
+            return x[c0:c0 + n].view(n, B, Hk, rep, C, 1)
+
+        def f(x, n=n):                      # the first n chunks of a buffer as a batch of matrices
+            return x[:n].view(n * BH, C, x.shape[-1])
+
+        qs, ks, vs = rows(q, t0, n), rows(k, t0, n), rows(v, t0, n)
+        bt = hv(beta)
+        if c.qk_l2norm:
+            rq = inv_norm(qs, n, c.scale, rqb[:n])
+            rk = inv_norm(ks, n, 1.0, rkb[:n])
+        else:
+            rq, rk = c.scale, None
+        qs, ks = (x.expand(n, B, Hk, rep, C, D) for x in (qs, ks))    # a key head read by its value heads
+        torch.mul(qs, rq, out=qb[:n])
+        if rk is None:
+            kb[:n].copy_(ks)
+        else:
+            torch.mul(ks, rk, out=kb[:n])
+        kbeta = bt if rk is None else rk * bt
+        torch.mul(ks, kbeta, out=kbb[:n])                            # β∘K (A's rows)
+        torch.mul(vs, beta[c0:c0 + n].unsqueeze(3), out=yb[:n])      # Y = β∘V
+        if gated:
+            e_b = hv(eb)
+            torch.mul(qs, e_b * rq, out=qdb[:n])                     # Q∘e^b
+            torch.mul(ks, kbeta * e_b, out=xb[:n])                   # X = β∘e^b∘K
+            torch.mul(ks, hv(ekd) if rk is None else hv(ekd) * rk, out=kdb[:n])   # K∘e^{b_last − b}
+            bc_ = bcol[c0:c0 + n].reshape(M, C, 1)
+            E = torch.sub(bc_, _t(bc_), out=Eb[:M])
+            E.tril_().exp_().tril_()                                 # 0 above the diagonal; no exp(+large)
+        A = torch.bmm(f(kbb), _t(f(kb)), out=Ab[:M])
+        QK = torch.bmm(f(qb), _t(f(kb)), out=QKb[:M])
+        if gated:
+            A.mul_(E)
+            QK.mul_(E)
+        else:
+            QK.tril_()
+        T = torch.linalg.solve_triangular(A, eye[:M], upper=False, unitriangular=True)
+        W = torch.bmm(T, f(xb if gated else kbb), out=Wb[:M])
+        U = torch.bmm(T, f(yb), out=ub[:M])                          # U0 = T·Y, corrected in place by the scan
+        U4, W4 = U.view(n, BH, C, Dv), W.view(n, BH, C, D)
+        kdT = _t(f(kdb if gated else kb).view(n, BH, C, D))
+        for i in range(n):
+            U4[i].baddbmm_(W4[i], Ss[i], alpha=-1.0)                 # u = U0 − W·S
+            if gated:
+                torch.mul(Ss[i], a[c0 + i], out=Ss[i + 1])
+            else:
+                Ss[i + 1].copy_(Ss[i])
+            Ss[i + 1].baddbmm_(kdT[i], U4[i])                        # S' = a·S + Kdᵀ·u
+        O = torch.bmm(QK, U, out=Ob[:M])
+        O.baddbmm_(f(qdb if gated else qb), Ss[:n].view(M, D, Dv))  # o = ((Q·Kᵀ)∘E)·u + (Q∘e^b)·S
+        m = min(n * C, N - t0)
+        ov = O.view(n, B, H, C, Dv)
+        if m == n * C:
+            out[:, :, t0:t0 + m].unflatten(2, (n, C)).copy_(ov.permute(1, 2, 0, 3, 4))
+        else:
+            out[:, :, t0:].copy_(ov[0, :, :, :m])
+        Ss[0].copy_(Ss[n])
+    return out, Ss[0].reshape(B, H, D, Dv).clone()
+
+
 class _GatedDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, C):
@@ -498,8 +645,13 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     else:
         # a chain of segments joined by the state (see _segment_len); each runs chunk by chunk
         C = min(c.chunk_size, N)
+        out = _Output(N, (q, k, v, beta, g, initial_state))
+        if not out.grad:
+            o, S = _delta_infer(c, C)
+            o = o.to(c.out_dtype)
+            return (o, S) if return_state else o
         L = _segment_len(B * H, C, D, Dv)
-        S, out = c.state, _Output(N, (q, k, v, beta, g, initial_state))
+        S = c.state
         for t0 in range(0, N, L):
             t1 = min(N, t0 + L)
             qq, kk, vv, bb, gg = c.features(t0, t1)
