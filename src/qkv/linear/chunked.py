@@ -481,7 +481,7 @@ def _delta_infer(c, C: int):
     qb, kb, kbb = (emp(nb, B, Hk, rep, C, D) for _ in range(3))
     qdb, xb, kdb = (emp(nb, B, Hk, rep, C, D) for _ in range(3)) if gated else (None, None, None)
     yb, ub = emp(nb, B, H, 1, C, Dv), emp(nb * BH, C, Dv)
-    Ab, QKb = emp(nb * BH, C, C), emp(nb * BH, C, C)
+    Ab, QKb, Tb = emp(nb * BH, C, C), emp(nb * BH, C, C), emp(nb * BH, C, C)   # (out=: 2.5× faster than without)
     Eb = emp(nb * BH, C, C) if gated else None
     Wb = emp(nb * BH, C, D)
     Ob = emp(nb * BH, C, Dv)
@@ -549,7 +549,7 @@ def _delta_infer(c, C: int):
             QK.mul_(E)
         else:
             QK.tril_()
-        T = torch.linalg.solve_triangular(A, eye[:M], upper=False, unitriangular=True)
+        T = torch.linalg.solve_triangular(A, eye[:M], upper=False, unitriangular=True, out=Tb[:M])
         W = torch.bmm(T, f(xb if gated else kbb), out=Wb[:M])
         U = torch.bmm(T, f(yb), out=ub[:M])                          # U0 = T·Y, corrected in place by the scan
         U4, W4 = U.view(n, BH, C, Dv), W.view(n, BH, C, D)
