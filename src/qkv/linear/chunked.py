@@ -434,6 +434,9 @@ def _block_chunks(BH: int, C: int, D: int, Dv: int) -> int:
 
 
 _BLOCK_ELEMS = 1 << 16
+# Chunk size cap of the inference path: with C = 32 instead of 64 the chunk-quadratic work (A, T, W, U0, Q·Kᵀ)
+# halves while the state work stays; measured ~12% faster at D = 64 on a 2-core AVX-512 Xeon, equal at D = 128.
+_INFER_CHUNK = 32
 
 
 def _chunk_scalars(x: torch.Tensor, C: int, nc: int) -> torch.Tensor:
@@ -636,7 +639,8 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         beta: ``(B, H, N)`` writing strengths in [0, 2].
         g: ``(B, H, N)`` per-token log-decays ≤ 0 (Gated DeltaNet), or None (DeltaNet).
         scale: multiplies q (after the l2 normalisation); default ``1/sqrt(D)``.
-        chunk_size: tokens per chunk (≥ 1).
+        chunk_size: tokens per chunk (≥ 1). Without autograd at most 32 are used (faster on CPU; the results do not
+            depend on the chunk size beyond rounding).
         initial_state: ``(B, H, D, Dv)``, fp32 (fp64 for fp64 inputs).
         return_state: also return the final state ``(B, H, D, Dv)``.
         qk_l2norm: l2-normalise q and k over D first (``x/sqrt(Σx² + 1e-6)``).
@@ -658,7 +662,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         C = min(c.chunk_size, N)
         out = _Output(N, (q, k, v, beta, g, initial_state))
         if not out.grad:
-            o, S = _delta_infer(c, C)
+            o, S = _delta_infer(c, min(C, _INFER_CHUNK))
             o = o.to(c.out_dtype)
             return (o, S) if return_state else o
         L = _segment_len(B * H, C, D, Dv)
