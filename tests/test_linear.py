@@ -167,6 +167,33 @@ def test_segments_of_one_chunk(monkeypatch, engine):
     assert (o - got["o"]).abs().max() < 1e-12 and (S - got["state"]).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("N,chunk", SHAPES + [(300, 16), (250, 64)])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("l2", [True, False])
+@pytest.mark.parametrize("blocks", ["one chunk", "default"])
+def test_delta_inference_equals_recurrent(monkeypatch, N, chunk, gated, l2, blocks):
+    # without autograd the delta rule runs its own forward (blocks of chunks, features applied while copying):
+    # against the oracle, with GQA heads, an initial state, strided inputs, a last partial chunk, several blocks;
+    # its chunk cap lifted in the one-chunk case (chunks of 64 and 100 run there)
+    import qkv.linear.chunked as chunked
+    if blocks == "one chunk":
+        monkeypatch.setattr(chunked, "_BLOCK_ELEMS", 1)
+        monkeypatch.setattr(chunked, "_INFER_CHUNK", 1000)
+    B, Hk, H, D, Dv, s = 2, 2, 4, 6, 5, N + chunk + 7 * gated
+    kscale = 1.0 if l2 else 0.3
+    q = _randn(B, N, Hk, D, seed=s).transpose(1, 2)
+    k = _randn(B, N, Hk, D, seed=s + 1, scale=kscale).transpose(1, 2)
+    v = _randn(B, H, N, Dv, seed=s + 2)
+    beta = 2 * torch.rand(B, H, N, generator=_gen(s + 3), dtype=F64)
+    s0 = _randn(B, H, D, Dv, seed=s + 4)
+    g = -torch.rand(B, H, N, generator=_gen(s + 5), dtype=F64) if gated else None
+    kw = dict(g=g, chunk_size=chunk, qk_l2norm=l2, initial_state=s0, return_state=True)
+    with torch.no_grad():
+        o, S = delta_rule(q, k, v, beta, **kw)
+    ro, rS = recurrent_delta_rule(q, k, v, beta, **kw)
+    _assert_close({"o": o, "state": S}, {"o": ro, "state": rS}, what=f"N={N} C={chunk} gated={gated} l2={l2}")
+
+
 def test_gradients_of_state_only_and_output_only():
     t = _lin_inputs(N=50, decay="tokens")
     for fn_c, fn_r, tt, kw in ((linear_attention, recurrent_linear_attention, t, dict(chunk_size=16)),
