@@ -16,6 +16,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -553,10 +554,107 @@ class BlockMask:
     def full_q_indices(self):
         return self._lists((self.state == FULL).transpose(-1, -2))[1]
 
+    def tile_masks(self, block_size, device=None) -> "TileMasks":
+        """The mask at another tile size, for kernels that test elements only in *partial* tiles.
+
+        block_size: (TM, TN), the kernel's tiles (any sizes; they need not divide this mask's blocks). Returns
+        :class:`TileMasks` ``(state, slot, bits)``: ``state: (Bm, Hm, ceil(Nq/TM), ceil(Nk/TN)) int8`` (0 empty,
+        1 partial, 2 full: exact, from the elements); ``slot`` (same shape, int32): the partial tile's index
+        into ``bits``, -1 elsewhere; ``bits: (P, TM, ceil(TN/32)) int32``, bit ``c % 32`` of word ``c // 32`` of
+        row ``r`` set when element (r, c) of the tile is visible. Memory is O(partial tiles), never O(Nq·Nk).
+        Built once per (block_size, device) on first use and cached on this BlockMask; the mask is evaluated
+        only inside tiles that overlap partial blocks (on the device this BlockMask was built on).
+        """
+        bs = _normalize_block_size(block_size)
+        dev = torch.device(device) if device is not None else self.state.device
+        cache = self.__dict__.setdefault("_tile_cache", {})
+        key = (bs, str(dev))
+        if key not in cache:
+            cache[key] = TileMasks(*(t.to(dev) for t in _tile_masks(self, *bs)))
+        return cache[key]
+
     def __repr__(self):
         B, H, Nq, Nk = self.shape
         return (f"BlockMask(shape=({B}, {H}, {Nq}, {Nk}), block_size={self.block_size}, "
                 f"density={self.density:.3f})")
+
+
+class TileMasks(NamedTuple):
+    """A mask at a kernel's tile size (see :meth:`BlockMask.tile_masks`)."""
+    state: torch.Tensor
+    slot: torch.Tensor
+    bits: torch.Tensor
+
+
+_TILE_ELEMENTS = 1 << 22     # elements evaluated at once while classifying tiles (bounds the temporary memory)
+
+
+def _tile_masks(bm: BlockMask, tm: int, tn: int):
+    """(state, slot, bits) of ``bm`` at (tm, tn) tiles; see BlockMask.tile_masks."""
+    B, H, Nq, Nk = bm.shape
+    bq, bk = bm.block_size
+    st = bm.state
+    dev = st.device
+    nqt, nkt = -(-Nq // tm), -(-Nk // tn)
+    Bm, Hm = st.shape[:2]
+    w = -(-tn // 32)
+    if nqt == 0 or nkt == 0:
+        z = torch.zeros(Bm, Hm, nqt, nkt, dtype=torch.int8, device=dev)
+        return z, z.to(torch.int32) - 1, torch.zeros(0, tm, w, dtype=torch.int32, device=dev)
+    qs = torch.arange(nqt, device=dev) * tm
+    ks = torch.arange(nkt, device=dev) * tn
+    r0, r1 = qs // bq, (torch.clamp(qs + tm, max=Nq) - 1) // bq
+    c0, c1 = ks // bk, (torch.clamp(ks + tn, max=Nk) - 1) // bk
+    lo = torch.full((Bm, Hm, nqt, nkt), FULL, dtype=torch.int8, device=dev)
+    hi = torch.full((Bm, Hm, nqt, nkt), EMPTY, dtype=torch.int8, device=dev)
+    for dr in range(int((r1 - r0).max()) + 1):          # the blocks each tile overlaps (one when they nest)
+        r = torch.minimum(r0 + dr, r1)
+        for dc in range(int((c1 - c0).max()) + 1):
+            s = st[:, :, r][:, :, :, torch.minimum(c0 + dc, c1)]
+            lo, hi = torch.minimum(lo, s), torch.maximum(hi, s)
+    state = torch.where(lo == FULL, FULL, torch.where(hi == EMPTY, EMPTY, PARTIAL)).to(torch.int8)
+    slot = torch.full(state.shape, -1, dtype=torch.int32, device=dev)
+    cand = (state == PARTIAL).nonzero()
+    bits, n = [], 0
+    ar_m, ar_n = torch.arange(tm, device=dev), torch.arange(tn, device=dev)
+    weights = torch.ones(1, dtype=torch.int64, device=dev) << torch.arange(32, device=dev)
+    t4 = None if bm.tensor is None else _as4d(bm.tensor.to(dev))
+    step = max(1, _TILE_ELEMENTS // (tm * tn))
+    for c in range(0, cand.shape[0], step):
+        bi, hi_, ti, tj = cand[c:c + step].unbind(1)
+        qi = ti[:, None] * tm + ar_m                                       # (C, tm)
+        kj = tj[:, None] * tn + ar_n                                       # (C, tn)
+        inq, ink = qi < Nq, kj < Nk
+        qc, kc = qi.clamp(max=Nq - 1), kj.clamp(max=Nk - 1)
+        es = st[bi[:, None, None], hi_[:, None, None], (qc // bq)[:, :, None], (kc // bk)[:, None, :]]
+        if t4 is not None:
+            m = t4[bi[:, None, None] if t4.shape[0] > 1 else 0, hi_[:, None, None] if t4.shape[1] > 1 else 0,
+                   qc[:, :, None] if t4.shape[2] > 1 else 0, kc[:, None, :] if t4.shape[3] > 1 else 0]
+        else:
+            m = torch.as_tensor(bm.mask_mod(bi[:, None, None], hi_[:, None, None], qc[:, :, None], kc[:, None, :]),
+                                device=dev)
+        vis = (es == FULL) | ((es == PARTIAL) & m)
+        vis = vis & inq[:, :, None] & ink[:, None, :]
+        cnt = vis.sum((1, 2))
+        n_in = inq.sum(1) * ink.sum(1)
+        cls = torch.where(cnt == 0, EMPTY, torch.where(cnt == n_in, FULL, PARTIAL)).to(torch.int8)
+        state[bi, hi_, ti, tj] = cls
+        part = cls == PARTIAL
+        k = int(part.sum())
+        if k:
+            slot[bi[part], hi_[part], ti[part], tj[part]] = torch.arange(n, n + k, dtype=torch.int32, device=dev)
+            v = torch.nn.functional.pad(vis[part], (0, w * 32 - tn)).view(k, tm, w, 32).to(torch.int64)
+            word = (v * weights).sum(-1)
+            bits.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32))
+            n += k
+    bits = torch.cat(bits) if bits else torch.zeros(0, tm, w, dtype=torch.int32, device=dev)
+    return state, slot, bits
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
 
 
 def _block_bounds(n: int, bs: int, device):

@@ -1,0 +1,111 @@
+"""Launch configurations per GPU architecture: tile sizes, warps and pipeline stages of every kernel.
+
+Keyed by (arch, kernel, padded head dim, element bytes). The tables follow what the public Triton/FlashAttention
+kernels use on these GPUs, trimmed until ``qkv kernels`` reports no register spills and shared memory within the
+target's limit; their speed is unmeasured until a GPU run (benchmarks/gpu_bar.py). ``TILE`` is the tile of the
+block lists (every BLOCK size divides it). Under Triton's interpreter small tiles keep the tests' shapes multi-tile.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Config(NamedTuple):
+    block_m: int       # query rows per program (fwd, dq) / per step (dkdv)
+    block_n: int       # keys per step (fwd, dq) / per program (dkdv)
+    num_warps: int
+    num_stages: int
+
+
+#: Shared memory per block (bytes, opt-in maximum) of each target.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+#: Tile of the block lists (query tile, key tile); 128 matches BlockMask's default blocks.
+TILE = (128, 128)
+INTERPRET_TILE = (32, 32)
+
+_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+# (kernel, block_d) -> Config, for 16-bit inputs
+_HALF = {
+    90: {
+        ("fwd", 64): Config(128, 64, 4, 3),
+        ("fwd", 128): Config(128, 64, 8, 3),
+        ("fwd", 256): Config(64, 64, 8, 2),
+        ("bwd_dq", 64): Config(128, 64, 8, 2),
+        ("bwd_dq", 128): Config(128, 32, 8, 2),
+        ("bwd_dq", 256): Config(64, 32, 8, 2),
+        ("bwd_dkdv", 64): Config(64, 128, 8, 2),
+        ("bwd_dkdv", 128): Config(32, 128, 8, 2),
+        ("bwd_dkdv", 256): Config(32, 64, 8, 2),
+    },
+    80: {
+        ("fwd", 64): Config(128, 64, 4, 3),
+        ("fwd", 128): Config(128, 64, 8, 2),
+        ("fwd", 256): Config(64, 64, 8, 2),
+        ("bwd_dq", 64): Config(128, 64, 8, 2),
+        ("bwd_dq", 128): Config(128, 32, 8, 2),
+        ("bwd_dq", 256): Config(64, 32, 8, 1),
+        ("bwd_dkdv", 64): Config(64, 128, 8, 2),
+        ("bwd_dkdv", 128): Config(32, 128, 8, 2),
+        ("bwd_dkdv", 256): Config(32, 64, 8, 1),
+    },
+}
+
+# fp32 inputs: exact fp32 products ("ieee", no tensor cores), so smaller tiles
+_SINGLE = {
+    ("fwd", 64): Config(64, 32, 4, 2),
+    ("fwd", 128): Config(32, 32, 4, 2),
+    ("fwd", 256): Config(16, 32, 4, 1),
+    ("bwd_dq", 64): Config(64, 32, 4, 2),
+    ("bwd_dq", 128): Config(32, 32, 4, 2),
+    ("bwd_dq", 256): Config(16, 32, 4, 1),
+    ("bwd_dkdv", 64): Config(32, 64, 4, 2),
+    ("bwd_dkdv", 128): Config(32, 32, 4, 2),
+    ("bwd_dkdv", 256): Config(16, 32, 4, 1),
+}
+
+_INTERPRET = Config(16, 16, 4, 1)
+
+#: Decoding: keys per step, and the most G·Nq rows (query heads of a group × queries) one program takes.
+DECODE_BLOCK_N = {64: 64, 128: 64, 256: 32}
+DECODE_MAX_ROWS = 64
+
+
+def arch_of(capability: tuple[int, int]) -> int:
+    """The table a device of this compute capability uses: 90 from Hopper on, else 80."""
+    return 90 if capability[0] >= 9 else 80
+
+
+def head_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
+
+
+def config(kernel: str, block_d: int, elem_bytes: int, arch: int | None) -> Config:
+    """The launch configuration of ``kernel`` for a padded head dim, input element size and arch (None = the
+    interpreter)."""
+    if arch is None:
+        return _INTERPRET
+    key = (kernel, head_bucket(block_d))
+    return _SINGLE[key] if elem_bytes == 4 else _HALF[arch][key]
+
+
+def decode_config(block_d: int, rows: int, elem_bytes: int, arch: int | None) -> Config:
+    """(rows per program, keys per step, warps, stages) of the split-KV decoding kernel."""
+    bm = max(16, 1 << max(0, (rows - 1).bit_length()))
+    if arch is None:
+        return Config(bm, 16, 4, 1)
+    bn = DECODE_BLOCK_N[head_bucket(block_d)] // (2 if elem_bytes == 4 else 1)
+    return Config(bm, bn, 4, 3 if arch >= 90 else 2)
+
+
+def default_configs(arch: int):
+    """Every (kernel, block_d, elem_bytes) -> Config the engine can launch on ``arch`` (for ``qkv kernels``)."""
+    out = {}
+    for elem in (2, 4):
+        for bd in (16, 32, 64, 128, 256):
+            for k in _KERNELS:
+                out[(k, bd, elem)] = config(k, bd, elem, arch)
+            for rows in (1, 16, DECODE_MAX_ROWS):
+                out[("decode", bd, elem, rows)] = decode_config(bd, rows, elem, arch)
+    return out

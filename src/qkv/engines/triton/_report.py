@@ -1,0 +1,205 @@
+"""Compile the engine's kernels for GPU targets without a GPU, and report their resources (``qkv kernels``).
+
+Each launch configuration is compiled exactly as the engine would launch it: the launchers run on small CPU
+tensors with the kernels replaced by a recorder, and the recorded arguments are specialised (types, 16-byte
+divisibility, constants) by Triton's own binder for the target, then ``triton.compile``\\ d to PTX and cubin.
+``ptxas -v`` (shipped in Triton's wheel) gives registers and spill bytes; Triton's metadata gives shared memory;
+the PTX says whether tensor-core instructions are used (``wgmma`` on Hopper, ``mma.sync`` on Ampere).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import _configs, _launch
+from ._load import kernels
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+_DTYPES = {2: torch.bfloat16, 4: torch.float32}
+
+
+@dataclass
+class Row:
+    kernel: str
+    arch: int
+    head_dim: int          # padded head dim (BLOCK_D)
+    dtype: str
+    variant: str
+    config: str
+    registers: int
+    spill_bytes: int       # spill stores + spill loads, bytes per thread
+    shared: int            # bytes of shared memory per block
+    smem_limit: int
+    mma: str               # "wgmma", "mma" or "none"
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_bytes == 0 and self.shared <= self.smem_limit
+
+
+class _Recorder:
+    """Stands in for the kernel module: ``K.name[grid](*args, **kw)`` records instead of launching."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        fn = getattr(kernels(interpret=False), name)
+        rec = self
+
+        class _Launch:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: rec.calls.append((name, fn, a, kw))
+        return _Launch()
+
+
+@contextlib.contextmanager
+def _recording(arch: int):
+    rec = _Recorder()
+    saved = _launch._k, _launch._arch, _launch.tile_size, _launch._opts
+    _launch._k = lambda t: rec
+    _launch._arch = lambda t: arch
+    _launch.tile_size = lambda t: _configs.TILE
+    _launch._opts = lambda t: {"enable_fp_fusion": True}
+    try:
+        yield rec
+    finally:
+        _launch._k, _launch._arch, _launch.tile_size, _launch._opts = saved
+
+
+def _variant_kwargs(variant: str, B, Hq, Nq, Nk, D):
+    """Launcher keywords of a variant: "plain" (no mask), "causal", "masked" (document ids + bitmaps + lengths),
+    "all" (every feature at once: the most registers)."""
+    if variant == "plain":
+        return {}
+    if variant == "causal":
+        return {"hi_off": Nk - Nq}
+    ids = torch.arange(Nk, dtype=torch.int32).view(1, -1) // 64
+    from ...core.masks import TileMasks
+    tm, tn = _configs.TILE
+    nqt, nkt = -(-Nq // tm), -(-Nk // tn)
+    st = torch.full((1, 1, nqt, nkt), 1, dtype=torch.int8)
+    slot = torch.arange(nqt * nkt, dtype=torch.int32).view(1, 1, nqt, nkt)
+    bits = torch.zeros(nqt * nkt, tm, -(-tn // 32), dtype=torch.int32)
+    kw = {"q_ids": ids[:, Nk - Nq:].contiguous(), "k_ids": ids, "masks": TileMasks(st, slot, bits),
+          "kv_lens": torch.full((B,), Nk, dtype=torch.int32), "hi_off": Nk - Nq}
+    if variant == "masked":
+        return kw
+    kw.update(lo_off=-256, softcap=30.0, alibi=torch.ones(1, Hq), bias=torch.zeros(B, Hq, Nq, Nk),
+              dropout_p=0.1, seed=1, q_lens=torch.full((B,), Nq, dtype=torch.int32))
+    return kw
+
+
+def _launches(kernel: str, arch: int, block_d: int, elem: int, variant: str):
+    """Record the launches of one (kernel, head dim, dtype, variant) on ``arch``: [(name, fn, args, kwargs)]."""
+    dt = _DTYPES[elem]
+    B, Hq, Hkv, N, D = 1, 2, 1, 256, block_d
+    q = torch.zeros(B, Hq, N, D, dtype=dt)
+    k = torch.zeros(B, Hkv, N, D, dtype=dt)
+    v = torch.zeros(B, Hkv, N, D, dtype=dt)
+    with _recording(arch) as rec:
+        if kernel == "decode":
+            qd = torch.zeros(B, Hq, 1, D, dtype=dt)
+            kw = {} if variant == "plain" else {"hi_off": N - 1}
+            _launch.decode(qd, k, v, scale=0.1, num_splits=4, **kw)
+            return [c for c in rec.calls if c[0] == "_decode_kernel"] if kernel == "decode" else rec.calls
+        if kernel == "merge":
+            qd = torch.zeros(B, Hq, 1, D, dtype=dt)
+            _launch.decode(qd, k, v, scale=0.1, num_splits=4)
+            return [c for c in rec.calls if c[0] == "_merge_kernel"]
+        kw = _variant_kwargs(variant, B, Hq, N, N, D)
+        need_dbias = "bias" in kw
+        if kernel == "fwd":
+            _launch.forward(q, k, v, scale=0.1, **kw)
+        else:
+            out, lse = torch.zeros(B, Hq, N, D, dtype=dt), torch.zeros(B, Hq, N)
+            _launch.backward(q, k, v, out, lse, out, scale=0.1, need_dbias=need_dbias, **kw)
+    name = {"fwd": "_fwd_kernel", "bwd_dq": "_bwd_dq_kernel", "bwd_dkdv": "_bwd_dkdv_kernel"}[kernel]
+    return [c for c in rec.calls if c[0] == name]
+
+
+def _compile(fn, args, kwargs, arch: int):
+    """triton.compile one recorded launch for ``cuda:arch`` (specialised by Triton's binder, as a launch is)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("debug", False)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) from ``ptxas -v`` on the PTX (the flags Triton compiles with)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", "-lineinfo",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, check=True)
+    log = res.stderr + res.stdout
+    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills
+
+
+def _mma(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return "none"
+
+
+def plan(archs=("sm_80", "sm_90"), *, head_dims=(16, 32, 64, 128, 256), dtypes=(2, 4),
+         variants=("plain", "all"), kernels_=("fwd", "bwd_dq", "bwd_dkdv", "decode", "merge")):
+    """The (kernel, arch, head dim, element bytes, variant) configurations to compile."""
+    out = []
+    for a in archs:
+        if a not in ARCHS:
+            raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {a!r}")
+        for kern in kernels_:
+            for bd in head_dims:
+                for elem in dtypes:
+                    for var in (("plain",) if kern == "merge" else ("plain", "causal") if kern == "decode"
+                                else variants):
+                        out.append((kern, ARCHS[a], bd, elem, var))
+    return out
+
+
+def compile_one(kernel: str, arch: int, block_d: int, elem: int, variant: str) -> Row:
+    t = time.perf_counter()
+    (name, fn, args, kw), = _launches(kernel, arch, block_d, elem, variant)
+    ck = _compile(fn, args, kw, arch)
+    regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
+    md = ck.metadata
+    cfg = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{kw['num_warps']} s{kw['num_stages']}" if "BLOCK_N" in kw
+           else f"S{kw['BLOCK_S']} w{kw['num_warps']}")
+    return Row(kernel, arch, block_d, str(_DTYPES[elem]).replace("torch.", ""), variant, cfg, regs, spills,
+               int(md.shared), _configs.SMEM_LIMIT[arch], _mma(ck.asm["ptx"]), time.perf_counter() - t)
+
+
+def format_table(rows) -> str:
+    head = ("kernel", "arch", "D", "dtype", "variant", "config", "regs", "spill B", "smem B", "limit", "mma", "ok")
+    lines = [head] + [(r.kernel, f"sm_{r.arch}", str(r.head_dim), r.dtype, r.variant, r.config, str(r.registers),
+                       str(r.spill_bytes), str(r.shared), str(r.smem_limit), r.mma, "yes" if r.ok else "NO")
+                      for r in rows]
+    w = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(line)).rstrip() for line in lines)
