@@ -18,12 +18,13 @@ from .engines.base import Engine
 from .engines.reference import ENGINE as _REFERENCE
 from .engines.sdpa import ENGINE as _SDPA
 from .engines.tiled import ENGINE as _TILED
+from .engines.triton import ENGINE as _TRITON
 
 __all__ = ["ENGINES", "Selection", "register", "engine", "names", "choose", "auto",
            "AUTO_TILED_DENSITY", "AUTO_KERNEL_ROWS", "AUTO_DECODE_ROWS", "AUTO_DECODE_KEYS"]
 
 #: The engines, in order: what ``backend=`` may name (besides "auto").
-ENGINES: list[Engine] = [_REFERENCE, _TILED, _SDPA]
+ENGINES: list[Engine] = [_REFERENCE, _TILED, _SDPA, _TRITON]
 
 #: auto sends a masked call to the tiled engine when the mask leaves at most this fraction of score tiles.
 #: Measured (benchmarks/NOTES.md, 2-core AMD EPYC, fp32, B=1 H=8 N=4096 D=64, document masks): tiled costs

@@ -58,12 +58,21 @@ class MaskMod:
     _cacheable = False
     _trusted = True          # built by qkv from its own parts: returns bool tensors of the right shape
     _window = None           # (left, right) when this mask is exactly a sliding window (see sliding_window)
+    _spec = None             # what the mask is, for engines that compute it from indices (see spec)
 
     @property
     def window(self) -> tuple | None:
         """(left, right) when this mask is exactly ``sliding_window(left, right)`` (attention then treats it as
         ``window=``), else None."""
         return self._window
+
+    @property
+    def spec(self) -> tuple | None:
+        """What this mask is, when it is one of the index rules engines may compute in a kernel instead of
+        evaluating it: ``("causal", bottom_right: bool)``, ``("document", ids, q_ids)``, ``("padding", kv_lens,
+        q_lens)`` (tensors as given, ``q_lens``/``q_ids`` may be None) or ``("and", masks)``; else None. The
+        positions are those of the bound mask (``offset``), as in ``__call__``."""
+        return self._spec
 
     @property
     def analytic(self) -> bool:
@@ -73,7 +82,7 @@ class MaskMod:
     def bind(self, nq: int, nk: int) -> MaskMod:
         """A copy aligned for ``Nq`` queries and ``Nk`` keys (offset ``Nk - Nq``)."""
         m = MaskMod(self.name, self._fn, self._blocks, offset=nk - nq, sizes=(nq, nk), check=self._check)
-        m._cacheable, m._window, m._trusted = self._cacheable, self._window, self._trusted
+        m._cacheable, m._window, m._trusted, m._spec = self._cacheable, self._window, self._trusted, self._spec
         if m._check is not None:
             m._check(m, None, None)              # sizes now; the batch when a call or block_mask binds it
         return m
@@ -172,6 +181,7 @@ def causal(align: str = "bottom_right") -> MaskMod:
         return ks <= qe - 1 + o, ke - 1 <= qs + o
 
     m = MaskMod(f"causal(align={align!r})", fn, blocks)
+    m._spec = ("causal", br)
     m._cacheable = True      # the name says everything: block states may be cached by (name, sizes)
     return m
 
@@ -281,7 +291,9 @@ def document(ids: torch.Tensor, q_ids: torch.Tensor | None = None) -> MaskMod:
 
     if kid.numel() == 0:
         blocks = None
-    return MaskMod("document(ids)", fn, blocks, check=check)
+    m = MaskMod("document(ids)", fn, blocks, check=check)
+    m._spec = ("document", kid, qid)
+    return m
 
 
 def prefix_lm(prefix_len) -> MaskMod:
@@ -322,7 +334,9 @@ def padding(kv_lens, q_lens=None) -> MaskMod:
             any_, all_ = any_ & (qs < _view4(QL, qs)), all_ & (qe <= _view4(QL, qs))
         return any_, all_
 
-    return MaskMod("padding(kv_lens)", fn, blocks, check=check)
+    m = MaskMod("padding(kv_lens)", fn, blocks, check=check)
+    m._spec = ("padding", KL, QL)
+    return m
 
 
 def chunked(chunk_size: int) -> MaskMod:
@@ -478,6 +492,8 @@ def _combine(kind: str, masks: Sequence) -> MaskMod:
 
     out = MaskMod(f"{kind}_masks({', '.join(map(repr, masks))})", fn, blocks, check=_children_check(masks))
     out._trusted = all(isinstance(m, MaskMod) and m._trusted for m in masks)
+    if kind == "and":
+        out._spec = ("and", tuple(masks))
     return out
 
 

@@ -23,9 +23,32 @@ import triton.language as tl
 # triton.jit would hand back interpreted kernels, and the compiled copy must stay compilable for `qkv kernels`.
 _INTERPRET = globals().get("_INTERPRET", False)
 if _INTERPRET:
-    from triton.runtime.interpreter import InterpretedFunction as _jit
+    from triton.runtime.interpreter import InterpretedFunction
+
+    class _jit(InterpretedFunction):
+        """An interpreted kernel or helper. A helper runs inside a kernel's launch, which has already switched
+        triton.language to the interpreter (and switches it back when the launch ends); the base class would
+        switch it again on every helper call, at a large cost, and never switch those changes back, leaving
+        triton.language unusable for compiling kernels later in the process."""
+
+        def __call__(self, *args, **kwargs):
+            return self.rewrite()(*args, **kwargs)
 else:
     from triton.runtime.jit import JITFunction as _jit
+# Reductions through tl.reduce (what tl.max / tl.sum do) and no @triton.jit function of Triton's library: those
+# are compiled or interpreted depending on TRITON_INTERPRET when triton was imported, and either kind breaks the
+# other mode. The interpreter recognises Triton's own combine functions and reduces with numpy.
+if _INTERPRET:
+    _MAX = tl.standard._elementwise_max
+    _SUM = tl.standard._sum_combine
+else:                           # the same combines, as this module's own JITFunctions (Triton's may be interpreted)
+    @_jit
+    def _MAX(a, b):
+        return tl.maximum(a, b)
+
+    @_jit
+    def _SUM(a, b):
+        return a + b
 # The interpreter holds bfloat16 as raw uint16 in numpy and its dot would multiply those: products are taken in
 # fp32 there (exact for fp16/bf16 inputs, as the tensor cores' fp32 accumulation is).
 _UPCAST = tl.constexpr(_INTERPRET)
@@ -114,7 +137,9 @@ def _visible(qi, kj, kv_end, lo_off, hi_off, qid, KIdb, Bits, slot, m0, n0,
         ok = ok & (qid == kid)
     if BITS:
         c = kj - n0
-        word = tl.load(Bits + (qi - m0) * W + (c >> 5), mask=slot >= 0, other=-1)
+        r = qi - m0
+        # (the interpreter wants a mask of the pointers' shape: slot broadcast through the indices)
+        word = tl.load(Bits + r * W + (c >> 5), mask=(r * 0 + c * 0 + slot) >= 0, other=-1)
         ok = ok & (((word >> (c & 31)) & 1) != 0)
     return ok
 
@@ -124,7 +149,7 @@ def _visible(qi, kj, kv_end, lo_off, hi_off, qid, KIdb, Bits, slot, m0, n0,
 @_jit
 def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
               Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off, hi_off, qid, KIdb,
-              Bitsb, slot, m0t, n0t, hh, dropout_p,
+              Bitsb, slot, m0t, n0t, hh, dropout_p, qb, kb,
               MASKED: tl.constexpr, W: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr, DOC: tl.constexpr,
               BITS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
@@ -146,13 +171,13 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn
         vis = _visible(qi, kk, kv_end, lo_off, hi_off, qid[:, None], KIdb, Bitsb, slot, m0t, n0t,
                        W, HAS_LO, HAS_HI, DOC, BITS)
         s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
     if DROPOUT:
-        keep = _keep(hh, qi, kk, dropout_p)
+        keep = _keep(hh, qi + qb, kk + kb, dropout_p)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     if MASKED:
         v = tl.load(v_ptrs, mask=(kj[:, None] < Nk) & (offs_dv[None, :] < Dv), other=0.0)
@@ -171,7 +196,7 @@ def _fwd_kernel(Q, K, V, O, L,
                 Bias, sbb, sbh, sbm, sbn, Alibi, sab, sah,
                 QId, KId, sqib, skib, KvLen, QLen,
                 FullNum, FullIdx, PartNum, PartIdx, PartSlot, Order, Bits, lst_b, lst_h, lst_cols,
-                Hq, G, Nq, Nk, D, Dv, off, num_m, scale, softcap, lo_off, hi_off, dropout_p, seed,
+                Hq, G, Nq, Nk, D, Dv, off, num_m, scale, softcap, lo_off, hi_off, dropout_p, seed, q_base, k_base,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 TILE_M: tl.constexpr, TILE_N: tl.constexpr, W: tl.constexpr,
                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -214,8 +239,8 @@ def _fwd_kernel(Q, K, V, O, L,
     if DROPOUT:
         hh = _seed_hash(seed, b, h)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    l_i = tl.full([BLOCK_M], 0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0, tl.float32)
     if LISTS:
         row = b * lst_b + h * lst_h + m0 // TILE_M
         m0t = (m0 // TILE_M) * TILE_M
@@ -226,7 +251,7 @@ def _fwd_kernel(Q, K, V, O, L,
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, skn, skd,
                     svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off,
-                    hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p,
+                    hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
                     False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D,
                     EVEN_DV)
         npart = tl.load(PartNum + row)
@@ -238,7 +263,7 @@ def _fwd_kernel(Q, K, V, O, L,
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, skn, skd,
                     svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off,
-                    hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh, dropout_p,
+                    hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh, dropout_p, q_base, k_base,
                     True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D,
                     EVEN_DV)
     else:
@@ -263,21 +288,21 @@ def _fwd_kernel(Q, K, V, O, L,
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
                 Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off, hi_off, qid, KIdb,
-                Bits, -1, m0, n0, hh, dropout_p,
+                Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                 True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT, DOT_PREC, EVEN_D,
                 EVEN_DV)
         for n0 in tl.range(c1, c2, BLOCK_N, num_stages=STAGES):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
                 Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off, hi_off, qid, KIdb,
-                Bits, -1, m0, n0, hh, dropout_p,
+                Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                 False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT, DOT_PREC, EVEN_D,
                 EVEN_DV)
         for n0 in tl.range(c2, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
                 Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off, hi_off, qid, KIdb,
-                Bits, -1, m0, n0, hh, dropout_p,
+                Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                 True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT, DOT_PREC, EVEN_D,
                 EVEN_DV)
     empty = l_i == 0.0
@@ -302,11 +327,11 @@ def _dbias_add(ds, qi, kj, DBb, sdbm, sdbn, Nq, Nk,
     within the tile here, across programs by atomics). qi: (BM,) rows, kj: (BN,) keys."""
     if SUM_M:
         if SUM_N:
-            tl.atomic_add(DBb, tl.sum(tl.sum(ds, 1), 0))
+            tl.atomic_add(DBb, tl.reduce(tl.reduce(ds, 1, _SUM), 0, _SUM))
         else:
-            tl.atomic_add(DBb + kj * sdbn, tl.sum(ds, 0), mask=kj < Nk)
+            tl.atomic_add(DBb + kj * sdbn, tl.reduce(ds, 0, _SUM), mask=kj < Nk)
     elif SUM_N:
-        tl.atomic_add(DBb + qi * sdbm, tl.sum(ds, 1), mask=qi < Nq)
+        tl.atomic_add(DBb + qi * sdbm, tl.reduce(ds, 1, _SUM), mask=qi < Nq)
     else:
         ptrs = DBb + qi[:, None] * sdbm + kj[None, :] * sdbn
         ok = (qi[:, None] < Nq) & (kj[None, :] < Nk)
@@ -319,7 +344,7 @@ def _dbias_add(ds, qi, kj, DBb, sdbm, sdbn, Nq, Nk,
 @_jit
 def _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
              Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid,
-             KIdb, Bitsb, slot, m0t, n0t, hh, dropout_p,
+             KIdb, Bitsb, slot, m0t, n0t, hh, dropout_p, qb, kb,
              MASKED: tl.constexpr, W: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr, DBIAS: tl.constexpr,
              DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr, DB_ATOMIC: tl.constexpr, DOC: tl.constexpr,
@@ -351,7 +376,7 @@ def _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv
     p = tl.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), None, DOT_PREC)
     if DROPOUT:
-        keep = _keep(hh, qi, kk, dropout_p)
+        keep = _keep(hh, qi + qb, kk + kb, dropout_p)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     if DBIAS:
@@ -369,7 +394,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
                    Bias, sbb, sbh, sbm, sbn, DBias, sdbb, sdbh, sdbm, sdbn, Alibi, sab, sah,
                    QId, KId, sqib, skib, KvLen,
                    FullNum, FullIdx, PartNum, PartIdx, PartSlot, Order, Bits, lst_b, lst_h, lst_cols,
-                   Hq, G, Nq, Nk, D, Dv, off, num_m, scale, softcap, lo_off, hi_off, dropout_p, seed,
+                   Hq, G, Nq, Nk, D, Dv, off, num_m, scale, softcap, lo_off, hi_off, dropout_p, seed, q_base, k_base,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    TILE_M: tl.constexpr, TILE_N: tl.constexpr, W: tl.constexpr,
                    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -418,7 +443,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
     hh = 0
     if DROPOUT:
         hh = _seed_hash(seed, b, h)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0, tl.float32)
     if LISTS:
         row = b * lst_b + h * lst_h + m0 // TILE_M
         m0t = (m0 // TILE_M) * TILE_M
@@ -428,7 +453,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
             for sub in tl.static_range(TILE_N // BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
                               skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
-                              sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p,
+                              sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
                               False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
                               DB_ATOMIC, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
         npart = tl.load(PartNum + row)
@@ -440,7 +465,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
                 dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
                               skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
                               sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh,
-                              dropout_p,
+                              dropout_p, q_base, k_base,
                               True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
                               DB_ATOMIC, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
     else:
@@ -462,19 +487,19 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
         for n0 in tl.range(lo, c1, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
                           svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
-                          sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p,
+                          sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                           True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
                           False, False, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
         for n0 in tl.range(c1, c2, BLOCK_N, num_stages=STAGES):
             dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
                           svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
-                          sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p,
+                          sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                           False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
                           False, False, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
         for n0 in tl.range(c2, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
                           svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
-                          sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p,
+                          sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                           True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
                           False, False, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
     dq = dq * scale
@@ -485,7 +510,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
 @_jit
 def _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd, sdom, sdod, D, Dv,
                Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bitsb,
-               slot, m0t, n0t, hh, dropout_p,
+               slot, m0t, n0t, hh, dropout_p, qb, kb,
                MASKED: tl.constexpr, W: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr, DOC: tl.constexpr,
                BITS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
@@ -524,7 +549,7 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_
     p = tl.exp2(s - lse2[None, :])
     dp = _dot(v, tl.trans(do), None, DOT_PREC)
     if DROPOUT:
-        keep = _keep(hh, qq, kk, dropout_p)
+        keep = _keep(hh, qq + qb, kk + kb, dropout_p)
         pd = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     else:
@@ -544,7 +569,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
                      Bias, sbb, sbh, sbm, sbn, Alibi, sab, sah,
                      QId, KId, sqib, skib, KvLen,
                      FullNum, FullIdx, PartNum, PartIdx, PartSlot, Order, Bits, lst_b, lst_h, lst_cols,
-                     Hq, Hkv, G, Nq, Nk, D, Dv, off, num_n, scale, softcap, lo_off, hi_off, dropout_p, seed,
+                     Hq, Hkv, G, Nq, Nk, D, Dv, off, num_n, scale, softcap, lo_off, hi_off, dropout_p, seed, q_base, k_base,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, W: tl.constexpr,
                      HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -576,8 +601,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
         kv_end = tl.minimum(tl.load(KvLen + b), Nk)
     QIdb = QId + b * sqib
     KIdb = KId + b * skib
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0, tl.float32)
     for g in range(0, G):
         h = hk * G + g
         bh = b * Hq + h
@@ -602,7 +627,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
                     dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0t + sub * BLOCK_M, offs_m, kj, offs_d,
                                         offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
                                         slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bits, -1, m0t, n0t,
-                                        hh, dropout_p,
+                                        hh, dropout_p, q_base, k_base,
                                         False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT,
                                         DOT_PREC, EVEN_D, EVEN_DV)
             npart = tl.load(PartNum + row)
@@ -614,7 +639,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
                     dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0t + sub * BLOCK_M, offs_m, kj, offs_d,
                                         offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
                                         slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bitsb, slot, m0t,
-                                        n0t, hh, dropout_p,
+                                        n0t, hh, dropout_p, q_base, k_base,
                                         True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT,
                                         DOT_PREC, EVEN_D, EVEN_DV)
         else:
@@ -640,19 +665,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
             for m0 in tl.range(qlo, c1, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
                                     sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
-                                    lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p,
+                                    lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                                     True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT,
                                     DOT_PREC, EVEN_D, EVEN_DV)
             for m0 in tl.range(c1, c2, BLOCK_M, num_stages=STAGES):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
                                     sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
-                                    lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p,
+                                    lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                                     False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT,
                                     DOT_PREC, EVEN_D, EVEN_DV)
             for m0 in tl.range(c2, qhi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
                                     sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
-                                    lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p,
+                                    lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                                     True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT,
                                     DOT_PREC, EVEN_D, EVEN_DV)
     dk = dk * scale
@@ -695,7 +720,7 @@ def _decode_kernel(Q, K, V, OP, LP,
     kv_end = Nk
     if KVLEN:
         kv_end = tl.minimum(tl.load(KvLen + b), Nk)
-    slope = tl.zeros([BLOCK_M, 1], tl.float32)
+    slope = tl.full([BLOCK_M, 1], 0, tl.float32)
     if ALIBI:
         slope = tl.load(Alibi + b * sab + h * sah, mask=valid, other=0.0)[:, None]
     start = pid_s * split_len
@@ -715,22 +740,22 @@ def _decode_kernel(Q, K, V, OP, LP,
     c1 = tl.minimum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, hi)
     c2 = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi), c1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    l_i = tl.full([BLOCK_M], 0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0, tl.float32)
     for n0 in tl.range(lo, c1, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, Kb, Vb, n0, i, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
-            Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0,
+            Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0, 0, 0,
             True, 1, HAS_LO, HAS_HI, SOFTCAP, ALIBI, False, False, False, False, DOT_PREC, EVEN_D, EVEN_DV)
     for n0 in tl.range(c1, c2, BLOCK_N, num_stages=STAGES):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, Kb, Vb, n0, i, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
-            Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0,
+            Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0, 0, 0,
             False, 1, HAS_LO, HAS_HI, SOFTCAP, ALIBI, False, False, False, False, DOT_PREC, EVEN_D, EVEN_DV)
     for n0 in tl.range(c2, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, Kb, Vb, n0, i, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
-            Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0,
+            Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0, 0, 0,
             True, 1, HAS_LO, HAS_HI, SOFTCAP, ALIBI, False, False, False, False, DOT_PREC, EVEN_D, EVEN_DV)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -753,14 +778,14 @@ def _merge_kernel(OP, LP, O, L, sob, soh, som, sod, Hq, Nq, Dv, num_splits,
     s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     l2 = tl.load(LP + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
-    m = tl.max(l2, 0)
+    m = tl.reduce(l2, 0, _MAX)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(l2 - m_use)
-    tot = tl.sum(w, 0)
+    tot = tl.reduce(w, 0, _SUM)
     o = tl.load(OP + (row * num_splits + s[:, None]) * Dv + offs_dv[None, :],
                 mask=(s[:, None] < num_splits) & (offs_dv[None, :] < Dv), other=0.0)
     empty = tot == 0.0
-    out = tl.sum(o * w[:, None], 0) / tl.where(empty, 1.0, tot)
+    out = tl.reduce(o * w[:, None], 0, _SUM) / tl.where(empty, 1.0, tot)
     lse = tl.where(empty, float("-inf"), (m_use + tl.log2(tl.where(empty, 1.0, tot))) * 0.6931471805599453)
     tl.store(O + b * sob + h * soh + i * som + offs_dv * sod, out.to(O.dtype.element_ty), mask=offs_dv < Dv)
     tl.store(L + row, lse)

@@ -14,6 +14,9 @@ Score mods: ``softcap`` (float), ``alibi`` (B|1, Hq) fp32 slopes, ``bias`` (4-D,
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import math
 
 import torch
@@ -54,6 +57,35 @@ def _k(t: torch.Tensor):
     if problem:
         raise ValueError(problem)
     return kernels(interpret=interpreting())
+
+
+def _quick_interpreter(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _fast_interpreter():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def _fast_interpreter():
+    """Under the interpreter, skip its integer-overflow checks while our kernels run (they double its cost;
+    the dropout hash overflows uint32 on purpose)."""
+    if not interpreting():
+        yield
+        return
+    try:
+        from triton.runtime import interpreter as _interp
+        builder = _interp.interpreter_builder
+        saved = builder.options
+        builder.options = dataclasses.replace(saved, sanitize_overflow=False)
+    except (ImportError, AttributeError, TypeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        builder.options = saved
 
 
 def _prec(t: torch.Tensor) -> str:
@@ -104,18 +136,20 @@ def make_plan(q, k, *, lo_off=None, hi_off=None, q_ids=None, k_ids=None, kv_lens
                        q_ids=q_ids, k_ids=k_ids, kv_lens=kv_lens, q_lens=q_lens, masks=masks)
 
 
-def _common(q, k, v, bias, alibi, q_ids, k_ids, kv_lens, q_lens, plan):
+def _sizes(q, k, v):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bd, bdv = _pow2(D), _pow2(Dv)
     return B, Hq, Hkv, Nq, Nk, D, Dv, bd, bdv
 
 
+@_quick_interpreter
 def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None, bias=None, dropout_p=0.0,
-            seed=0, q_ids=None, k_ids=None, kv_lens=None, q_lens=None, masks=None, plan=None, config=None):
+            seed=0, q_ids=None, k_ids=None, kv_lens=None, q_lens=None, masks=None, plan=None, offset=None, q_base=0,
+            k_base=0, config=None):
     """The fused forward: (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32)."""
     K = _k(q)
-    B, Hq, Hkv, Nq, Nk, D, Dv, bd, bdv = _common(q, k, v, bias, alibi, q_ids, k_ids, kv_lens, q_lens, plan)
+    B, Hq, Hkv, Nq, Nk, D, Dv, bd, bdv = _sizes(q, k, v)
     if plan is None and needs_lists(q_ids, masks):
         plan = make_plan(q, k, lo_off=lo_off, hi_off=hi_off, q_ids=q_ids, k_ids=k_ids, kv_lens=kv_lens,
                          q_lens=q_lens, masks=masks)
@@ -135,8 +169,8 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         bias if bias is not None else q, *_strides4(bias), *ab, *di,
         kv_lens if kv_lens is not None else z, q_lens if q_lens is not None else z, *lst,
-        Hq, Hq // Hkv, Nq, Nk, D, Dv, Nk - Nq, num_m, float(scale), float(softcap or 1.0),
-        int(lo_off or 0), int(hi_off or 0), float(dropout_p), int(seed),
+        Hq, Hq // Hkv, Nq, Nk, D, Dv, Nk - Nq if offset is None else offset, num_m, float(scale),
+        float(softcap or 1.0), int(lo_off or 0), int(hi_off or 0), float(dropout_p), int(seed), q_base, k_base,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bdv, TILE_M=tile[0], TILE_N=tile[1],
         W=-(-tile[1] // 32), HAS_LO=lo_off is not None, HAS_HI=hi_off is not None, SOFTCAP=softcap is not None,
         ALIBI=alibi is not None, BIAS=bias is not None, DOC=q_ids is not None, KVLEN=kv_lens is not None,
@@ -151,13 +185,14 @@ def _opts(t):
     return {} if interpreting() else {"enable_fp_fusion": True}
 
 
+@_quick_interpreter
 def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None,
              bias=None, need_dbias=False, dropout_p=0.0, seed=0, q_ids=None, k_ids=None, kv_lens=None, q_lens=None,
-             masks=None, plan=None, config_dq=None, config_dkdv=None):
+             masks=None, plan=None, offset=None, q_base=0, k_base=0, config_dq=None, config_dkdv=None):
     """Gradients (dq, dk, dv, dbias) of the forward above given dout (B, Hq, Nq, Dv) and optionally dlse (B, Hq, Nq).
     dbias (bias's shape, bias's dtype) only with ``need_dbias``. Rows with lse = -inf get zero gradients."""
     K = _k(q)
-    B, Hq, Hkv, Nq, Nk, D, Dv, bd, bdv = _common(q, k, v, bias, alibi, q_ids, k_ids, kv_lens, q_lens, plan)
+    B, Hq, Hkv, Nq, Nk, D, Dv, bd, bdv = _sizes(q, k, v)
     G = Hq // Hkv
     if plan is None and needs_lists(q_ids, masks):
         plan = make_plan(q, k, lo_off=lo_off, hi_off=hi_off, q_ids=q_ids, k_ids=k_ids, kv_lens=kv_lens,
@@ -180,7 +215,9 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
                  ALIBI=alibi is not None, BIAS=bias is not None, DOC=q_ids is not None, KVLEN=kv_lens is not None,
                  LISTS=plan is not None, BITS=plan is not None and plan.bits is not None, DROPOUT=dropout_p > 0,
                  DOT_PREC=_prec(q), EVEN_D=D == bd, EVEN_DV=Dv == bdv, BLOCK_D=bd, BLOCK_DV=bdv)
-    scal = (float(scale), float(softcap or 1.0), int(lo_off or 0), int(hi_off or 0), float(dropout_p), int(seed))
+    off = Nk - Nq if offset is None else offset
+    scal = (float(scale), float(softcap or 1.0), int(lo_off or 0), int(hi_off or 0), float(dropout_p), int(seed),
+            q_base, k_base)
     bias_arg = bias if bias is not None else q
 
     # dQ (and dBias): one program per query block, like the forward
@@ -199,7 +236,7 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
     K._bwd_dq_kernel[(num_m, B * Hq)](
         q, k, v, dout, dq, lse2, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         bias_arg, *_strides4(bias), dbias32 if dbias32 is not None else q, *_strides4(dbias32), *ab, *di, kvl, *lst,
-        Hq, G, Nq, Nk, D, Dv, Nk - Nq, num_m, *scal,
+        Hq, G, Nq, Nk, D, Dv, off, num_m, *scal,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILE_M=tile[0], TILE_N=tile[1], W=-(-tile[1] // 32),
         REVERSE=hi_off is not None and lo_off is None, STAGES=cfg.num_stages, **flags, **db_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_opts(q))
@@ -213,15 +250,16 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
     K._bwd_dkdv_kernel[(num_n, B * Hkv)](
         q, k, v, dout, dk, dv, lse2, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
         *dv.stride(), bias_arg, *_strides4(bias), *ab, *di, kvl, *lst,
-        Hq, Hkv, G, Nq, Nk, D, Dv, Nk - Nq, num_n, *scal,
+        Hq, Hkv, G, Nq, Nk, D, Dv, off, num_n, *scal,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILE_M=tile[0], TILE_N=tile[1], W=-(-tile[1] // 32),
         STAGES=cfg.num_stages, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_opts(q))
     dbias = None if dbias32 is None else dbias32.to(bias.dtype)
     return dq, dk, dv, dbias
 
 
-def decode(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None, kv_lens=None, num_splits=None,
-           config=None):
+@_quick_interpreter
+def decode(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None, kv_lens=None, offset=None,
+           num_splits=None, config=None):
     """Split-KV (flash-decoding) forward for few query rows per kv head (G·Nq <= DECODE_MAX_ROWS): the keys are
     split across programs, each reading its split of one kv head once for all G query heads; the splits are merged
     by their LSE. Returns (out, lse) like :func:`forward` (no bias, dropout, documents or bitmaps here)."""
@@ -246,7 +284,7 @@ def decode(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None
     z = torch.zeros(1, dtype=torch.int32, device=q.device)
     K._decode_kernel[(num_splits, B * Hkv)](
         q, k, v, op, lp, *q.stride(), *k.stride(), *v.stride(), *ab, kv_lens if kv_lens is not None else z,
-        Hq, Hkv, G, Nq, Nk, D, Dv, Nk - Nq, split_len, num_splits, float(scale), float(softcap or 1.0),
+        Hq, Hkv, G, Nq, Nk, D, Dv, Nk - Nq if offset is None else offset, split_len, num_splits, float(scale), float(softcap or 1.0),
         int(lo_off or 0), int(hi_off or 0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bdv, HAS_LO=lo_off is not None,
         HAS_HI=hi_off is not None, SOFTCAP=softcap is not None, ALIBI=alibi is not None, KVLEN=kv_lens is not None,
