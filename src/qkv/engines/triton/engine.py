@@ -20,9 +20,9 @@ import torch
 from ...core.call import Call
 from ...core.masks import BlockMask, and_masks, block_mask
 from ..base import Engine
-from . import _configs, _launch
-from ._load import interpreting
-from ._plan import Lists, Plan
+from . import configs, launch
+from .load import interpreting
+from .plan import Lists, Plan
 
 __all__ = ["ENGINE", "TritonEngine", "DECODE_MIN_KEYS_PER_ROW"]
 
@@ -33,7 +33,7 @@ DECODE_MIN_KEYS_PER_ROW = 8
 
 @dataclass
 class _Rules:
-    """The call's visibility as kernel arguments (see :mod:`._launch`)."""
+    """The call's visibility as kernel arguments (see :mod:`.launch`)."""
     lo_off: int | None = None
     hi_off: int | None = None
     q_ids: torch.Tensor | None = None
@@ -210,7 +210,7 @@ class _TritonAttention(torch.autograd.Function):
         n_aux = len(args.has)
         aux = list(tensors[:n_aux])
         plan = _plan_from(args.tile, list(tensors[n_aux:]), args.has_bits)
-        out, lse = _launch.forward(q, k, v, bias=bias, **args.kwargs(_expand(aux, args.has), plan))
+        out, lse = launch.forward(q, k, v, bias=bias, **args.kwargs(_expand(aux, args.has), plan))
         ctx.save_for_backward(q, k, v, bias, out, lse, *tensors)
         ctx.args = args
         return out, lse
@@ -225,7 +225,7 @@ class _TritonAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         need_dbias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _launch.backward(q, k, v, out, lse, dout, dlse, bias=bias, need_dbias=need_dbias,
+        dq, dk, dv, dbias = launch.backward(q, k, v, out, lse, dout, dlse, bias=bias, need_dbias=need_dbias,
                                              **args.kwargs(aux, plan))
         return (dq, dk, dv, dbias, None) + (None,) * len(tensors)
 
@@ -268,13 +268,13 @@ class TritonEngine(Engine):
         return why
 
     def forward(self, call: Call):
-        tile = _launch.tile_size(call.q)
+        tile = launch.tile_size(call.q)
         r = rules(call, tile)
         alibi = None if call.alibi is None else call.alibi.to(torch.float32).contiguous()
         if self.decodes(call, r):
-            return _launch.decode(call.q, call.k, call.v, scale=call.scale, lo_off=r.lo_off, hi_off=r.hi_off,
+            return launch.decode(call.q, call.k, call.v, scale=call.scale, lo_off=r.lo_off, hi_off=r.hi_off,
                                   softcap=call.softcap, alibi=alibi, kv_lens=r.kv_lens, offset=call.offset)
-        plan = _launch.make_plan(call.q, call.k, lo_off=r.lo_off, hi_off=r.hi_off, q_ids=r.q_ids, k_ids=r.k_ids,
+        plan = launch.make_plan(call.q, call.k, lo_off=r.lo_off, hi_off=r.hi_off, q_ids=r.q_ids, k_ids=r.k_ids,
                                  kv_lens=r.kv_lens, q_lens=r.q_lens, masks=r.masks, tile=tile)
         present = dict(alibi=alibi, q_ids=r.q_ids, k_ids=r.k_ids, kv_lens=r.kv_lens, q_lens=r.q_lens)
         has = tuple(n for n in _AUX if present[n] is not None)
@@ -290,7 +290,7 @@ class TritonEngine(Engine):
         no bias, dropout, documents, row lengths or bitmaps)."""
         if call.training or call.bias is not None or call.dropout_p > 0:
             return False
-        if call.G * call.Nq > _configs.DECODE_MAX_ROWS or call.Nk < DECODE_MIN_KEYS_PER_ROW * call.Nq:
+        if call.G * call.Nq > configs.DECODE_MAX_ROWS or call.Nk < DECODE_MIN_KEYS_PER_ROW * call.Nq:
             return False
         if r is None:
             return call.mask is None

@@ -8,7 +8,6 @@ the PTX says whether tensor-core instructions are used (``wgmma`` on Hopper, ``m
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -18,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _configs, _launch
-from ._load import kernels
+from . import configs, launch
+
+__all__ = ["Row", "ARCHS", "plan", "compile_one", "format_table"]
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 _DTYPES = {2: torch.bfloat16, 4: torch.float32}
@@ -45,36 +45,6 @@ class Row:
         return self.spill_bytes == 0 and self.shared <= self.smem_limit
 
 
-class _Recorder:
-    """Stands in for the kernel module: ``K.name[grid](*args, **kw)`` records instead of launching."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        fn = getattr(kernels(interpret=False), name)
-        rec = self
-
-        class _Launch:
-            def __getitem__(self, grid):
-                return lambda *a, **kw: rec.calls.append((name, fn, a, kw))
-        return _Launch()
-
-
-@contextlib.contextmanager
-def _recording(arch: int):
-    rec = _Recorder()
-    saved = _launch._k, _launch._arch, _launch.tile_size, _launch._opts
-    _launch._k = lambda t: rec
-    _launch._arch = lambda t: arch
-    _launch.tile_size = lambda t: _configs.TILE
-    _launch._opts = lambda t: {"enable_fp_fusion": True}
-    try:
-        yield rec
-    finally:
-        _launch._k, _launch._arch, _launch.tile_size, _launch._opts = saved
-
-
 def _variant_kwargs(variant: str, B, Hq, Nq, Nk, D):
     """Launcher keywords of a variant: "plain" (no mask), "causal", "masked" (document ids + bitmaps + lengths),
     "all" (every feature at once: the most registers)."""
@@ -84,7 +54,7 @@ def _variant_kwargs(variant: str, B, Hq, Nq, Nk, D):
         return {"hi_off": Nk - Nq}
     ids = torch.arange(Nk, dtype=torch.int32).view(1, -1) // 64
     from ...core.masks import TileMasks
-    tm, tn = _configs.TILE
+    tm, tn = configs.TILE
     nqt, nkt = -(-Nq // tm), -(-Nk // tn)
     st = torch.full((1, 1, nqt, nkt), 1, dtype=torch.int8)
     slot = torch.arange(nqt * nkt, dtype=torch.int32).view(1, 1, nqt, nkt)
@@ -105,25 +75,25 @@ def _launches(kernel: str, arch: int, block_d: int, elem: int, variant: str):
     q = torch.zeros(B, Hq, N, D, dtype=dt)
     k = torch.zeros(B, Hkv, N, D, dtype=dt)
     v = torch.zeros(B, Hkv, N, D, dtype=dt)
-    with _recording(arch) as rec:
+    with launch.recording(arch) as calls:
         if kernel == "decode":
             qd = torch.zeros(B, Hq, 1, D, dtype=dt)
             kw = {} if variant == "plain" else {"hi_off": N - 1}
-            _launch.decode(qd, k, v, scale=0.1, num_splits=4, **kw)
-            return [c for c in rec.calls if c[0] == "_decode_kernel"] if kernel == "decode" else rec.calls
+            launch.decode(qd, k, v, scale=0.1, num_splits=4, **kw)
+            return [c for c in calls if c[0] == "_decode_kernel"]
         if kernel == "merge":
             qd = torch.zeros(B, Hq, 1, D, dtype=dt)
-            _launch.decode(qd, k, v, scale=0.1, num_splits=4)
-            return [c for c in rec.calls if c[0] == "_merge_kernel"]
+            launch.decode(qd, k, v, scale=0.1, num_splits=4)
+            return [c for c in calls if c[0] == "_merge_kernel"]
         kw = _variant_kwargs(variant, B, Hq, N, N, D)
         need_dbias = "bias" in kw
         if kernel == "fwd":
-            _launch.forward(q, k, v, scale=0.1, **kw)
+            launch.forward(q, k, v, scale=0.1, **kw)
         else:
             out, lse = torch.zeros(B, Hq, N, D, dtype=dt), torch.zeros(B, Hq, N)
-            _launch.backward(q, k, v, out, lse, out, scale=0.1, need_dbias=need_dbias, **kw)
+            launch.backward(q, k, v, out, lse, out, scale=0.1, need_dbias=need_dbias, **kw)
     name = {"fwd": "_fwd_kernel", "bwd_dq": "_bwd_dq_kernel", "bwd_dkdv": "_bwd_dkdv_kernel"}[kernel]
-    return [c for c in rec.calls if c[0] == name]
+    return [c for c in calls if c[0] == name]
 
 
 def _compile(fn, args, kwargs, arch: int):
@@ -193,7 +163,7 @@ def compile_one(kernel: str, arch: int, block_d: int, elem: int, variant: str) -
     cfg = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{kw['num_warps']} s{kw['num_stages']}" if "BLOCK_N" in kw
            else f"S{kw['BLOCK_S']} w{kw['num_warps']}")
     return Row(kernel, arch, block_d, str(_DTYPES[elem]).replace("torch.", ""), variant, cfg, regs, spills,
-               int(md.shared), _configs.SMEM_LIMIT[arch], _mma(ck.asm["ptx"]), time.perf_counter() - t)
+               int(md.shared), configs.SMEM_LIMIT[arch], _mma(ck.asm["ptx"]), time.perf_counter() - t)
 
 
 def format_table(rows) -> str:

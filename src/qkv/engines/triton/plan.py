@@ -13,6 +13,8 @@ import torch
 
 from ...core.masks import EMPTY, FULL, PARTIAL, TileMasks
 
+__all__ = ["Lists", "Plan", "build", "window_state", "lengths_state", "doc_state"]
+
 
 @dataclass
 class Lists:

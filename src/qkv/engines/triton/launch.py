@@ -15,22 +15,58 @@ Score mods: ``softcap`` (float), ``alibi`` (B|1, Hq) fp32 slopes, ``bias`` (4-D,
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
 
 import torch
 
-from . import _configs, _plan
-from ._load import interpreting, kernels
+from . import configs
+from .plan import build as build_plan
+from .load import interpreting, module
+
+__all__ = ["forward", "backward", "decode", "make_plan", "needs_lists", "tile_size", "device_problem", "recording",
+           "LOG2E"]
 
 LOG2E = 1.0 / math.log(2.0)
 _MAX_SPLITS = 128
 
 
+# (arch, calls) while recording launches for a compile target (see recording), else None
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("qkv_triton_target", default=None)
+
+
+@contextlib.contextmanager
+def recording(arch: int):
+    """Inside this block the launchers do not run kernels: they record each launch they would make on a GPU of
+    ``arch`` (80, 90, ...) — yields the list of ``(kernel name, JITFunction, args, kwargs)`` — so that the
+    launches can be compiled for that target without a GPU (``qkv kernels``). Tensors may be CPU tensors."""
+    calls: list = []
+    token = _TARGET.set((arch, calls))
+    try:
+        yield calls
+    finally:
+        _TARGET.reset(token)
+
+
+class _Recorder:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getattr__(self, name):
+        fn = getattr(module(interpret=False), name)
+        calls = self.calls
+
+        class _Launch:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: calls.append((name, fn, a, kw))
+        return _Launch()
+
+
 def device_problem(t: torch.Tensor) -> str | None:
     """Why the kernels cannot run on ``t``'s device, or None."""
-    if t.device.type == "cuda" or interpreting():
+    if t.device.type == "cuda" or interpreting() or _TARGET.get() is not None:
         return None
     return (f"Triton kernels run on CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 before the first call "
             f"to run them on CPU tensors in Triton's interpreter (slow: for tests)")
@@ -38,14 +74,16 @@ def device_problem(t: torch.Tensor) -> str | None:
 
 def _arch(t: torch.Tensor) -> int | None:
     """Config table of the tensor's device; None = the interpreter."""
+    if _TARGET.get() is not None:
+        return _TARGET.get()[0]
     if interpreting():
         return None
-    return _configs.arch_of(torch.cuda.get_device_capability(t.device))
+    return configs.arch_of(torch.cuda.get_device_capability(t.device))
 
 
 def tile_size(t: torch.Tensor) -> tuple[int, int]:
     """The tile of the block lists and partial bitmaps for tensors on ``t``'s device."""
-    return _configs.INTERPRET_TILE if _arch(t) is None else _configs.TILE
+    return configs.INTERPRET_TILE if _arch(t) is None else configs.TILE
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -53,10 +91,12 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 def _k(t: torch.Tensor):
+    if _TARGET.get() is not None:
+        return _Recorder(_TARGET.get()[1])
     problem = device_problem(t)
     if problem:
         raise ValueError(problem)
-    return kernels(interpret=interpreting())
+    return module(interpret=interpreting())
 
 
 def _quick_interpreter(fn):
@@ -71,7 +111,7 @@ def _quick_interpreter(fn):
 def _fast_interpreter():
     """Under the interpreter, skip its integer-overflow checks while our kernels run (they double its cost;
     the dropout hash overflows uint32 on purpose)."""
-    if not interpreting():
+    if not interpreting() or _TARGET.get() is not None:
         yield
         return
     try:
@@ -132,7 +172,7 @@ def make_plan(q, k, *, lo_off=None, hi_off=None, q_ids=None, k_ids=None, kv_lens
     if not needs_lists(q_ids, masks):
         return None
     B, Hq, Nq, _ = q.shape
-    return _plan.build(B, Hq, Nq, k.shape[2], tile or tile_size(q), q.device, lo_off=lo_off, hi_off=hi_off,
+    return build_plan(B, Hq, Nq, k.shape[2], tile or tile_size(q), q.device, lo_off=lo_off, hi_off=hi_off,
                        q_ids=q_ids, k_ids=k_ids, kv_lens=kv_lens, q_lens=q_lens, masks=masks)
 
 
@@ -153,7 +193,7 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
     if plan is None and needs_lists(q_ids, masks):
         plan = make_plan(q, k, lo_off=lo_off, hi_off=hi_off, q_ids=q_ids, k_ids=k_ids, kv_lens=kv_lens,
                          q_lens=q_lens, masks=masks)
-    cfg = config or _configs.config("fwd", bd, q.element_size(), _arch(q))
+    cfg = config or configs.config("fwd", bd, q.element_size(), _arch(q))
     out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     num_m = -(-Nq // cfg.block_m)
@@ -182,7 +222,7 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
 
 
 def _opts(t):
-    return {} if interpreting() else {"enable_fp_fusion": True}
+    return {"enable_fp_fusion": True} if _arch(t) is not None else {}
 
 
 @_quick_interpreter
@@ -228,7 +268,7 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
         Bb, Hb, Mb, Nb = bias.shape
         db_flags = dict(DBIAS=True, DB_SUM_M=Mb == 1, DB_SUM_N=Nb == 1,
                         DB_ATOMIC=(Bb == 1 and B > 1) or (Hb == 1 and Hq > 1))
-    cfg = config_dq or _configs.config("bwd_dq", bd, q.element_size(), arch)
+    cfg = config_dq or configs.config("bwd_dq", bd, q.element_size(), arch)
     num_m = -(-Nq // cfg.block_m)
     lst, tile = _lists_args(plan, plan.fwd if plan else None, tile_size(q), q)
     order = plan.fwd.order(tile[0], cfg.block_m, num_m) if plan is not None else lst[0]
@@ -242,7 +282,7 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_opts(q))
 
     # dK, dV: one program per kv block and kv head, looping over the group's query heads
-    cfg = config_dkdv or _configs.config("bwd_dkdv", bd, q.element_size(), arch)
+    cfg = config_dkdv or configs.config("bwd_dkdv", bd, q.element_size(), arch)
     num_n = -(-Nk // cfg.block_n)
     lst, tile = _lists_args(plan, plan.bwd if plan else None, tile_size(q), q)
     order = plan.bwd.order(tile[1], cfg.block_n, num_n) if plan is not None else lst[0]
@@ -268,10 +308,10 @@ def decode(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     bd, bdv = _pow2(D), _pow2(Dv)
-    if G * Nq > _configs.DECODE_MAX_ROWS:
-        raise ValueError(f"decode takes at most {_configs.DECODE_MAX_ROWS} rows per kv head (G·Nq), got {G * Nq}")
+    if G * Nq > configs.DECODE_MAX_ROWS:
+        raise ValueError(f"decode takes at most {configs.DECODE_MAX_ROWS} rows per kv head (G·Nq), got {G * Nq}")
     arch = _arch(q)
-    cfg = config or _configs.decode_config(bd, G * Nq, q.element_size(), arch)
+    cfg = config or configs.decode_config(bd, G * Nq, q.element_size(), arch)
     if num_splits is None:
         sms = 4 if arch is None else torch.cuda.get_device_properties(q.device).multi_processor_count
         want = -(-2 * sms // max(1, B * Hkv))            # about two programs per SM

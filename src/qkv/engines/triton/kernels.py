@@ -14,12 +14,12 @@ Conventions shared by every kernel:
 * Dropout: the counter-based keep-mask of ``qkv._hash.uniform(seed, b, h, i, j) >= p``, the lowbias32 hash
   recomputed bit for bit with uint32 arithmetic (wrap-around multiplication is the mod 2**32 of the host's).
 
-This file is executed twice by :mod:`._load`: once as compiled kernels (for GPUs) and once for Triton's
+This file is executed twice by :mod:`.load`: once as compiled kernels (for GPUs) and once for Triton's
 interpreter (``TRITON_INTERPRET=1``: CPU tensors, numpy), selected by the global ``_INTERPRET``.
 """
 import triton.language as tl
 
-# Set by ._load before this file runs. JITFunction, not triton.jit: with TRITON_INTERPRET=1 in the environment
+# Set by .load before this file runs. JITFunction, not triton.jit: with TRITON_INTERPRET=1 in the environment
 # triton.jit would hand back interpreted kernels, and the compiled copy must stay compilable for `qkv kernels`.
 _INTERPRET = globals().get("_INTERPRET", False)
 if _INTERPRET:

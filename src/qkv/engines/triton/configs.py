@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+__all__ = ["Config", "SMEM_LIMIT", "TILE", "INTERPRET_TILE", "DECODE_MAX_ROWS", "arch_of", "config",
+           "decode_config", "default_configs"]
+
 
 class Config(NamedTuple):
     block_m: int       # query rows per program (fwd, dq) / per step (dkdv)
