@@ -76,7 +76,8 @@ def _doc_ids(call: Call, kid, qid, moff, device):
 
 def _lengths(x, B, device) -> torch.Tensor:
     x = torch.as_tensor(x, device=device).to(torch.int64)
-    return x.expand(B).contiguous() if x.dim() == 0 else x.reshape(B).contiguous()
+    x = x.expand(B) if x.dim() == 0 else x.reshape(B)
+    return x.clamp(-2**31, 2**31 - 1).to(torch.int32).contiguous()
 
 
 def _index_rule(call: Call, r: _Rules, m, moff: int) -> bool:
@@ -148,8 +149,8 @@ def rules(call: Call, tile: tuple[int, int]) -> _Rules:
     if isinstance(mask, torch.Tensor):
         r.masks = block_mask(mask, B, Hq, Nq, Nk, block_size=tile, device=dev).tile_masks(tile, dev)
         return r
-    moff = getattr(mask, "offset", 0)
-    rest = _decompose(call, r, mask, moff, getattr(mask, "sizes", None))
+    mask = call.rules[-1][1]                      # the user's mask, bound to the call's sizes by prepare
+    rest = _decompose(call, r, mask, getattr(mask, "offset", 0), getattr(mask, "sizes", None))
     if rest:
         m = rest[0] if len(rest) == 1 else and_masks(*rest)
         if call.q_base or call.k_base:
@@ -210,14 +211,15 @@ class _TritonAttention(torch.autograd.Function):
         n_aux = len(args.has)
         aux = list(tensors[:n_aux])
         plan = _plan_from(args.tile, list(tensors[n_aux:]), args.has_bits)
-        out, lse = launch.forward(q, k, v, bias=bias, **args.kwargs(_expand(aux, args.has), plan))
-        ctx.save_for_backward(q, k, v, bias, out, lse, *tensors)
+        out, lse, stats = launch.forward(q, k, v, bias=bias, return_stats=True,
+                                         **args.kwargs(_expand(aux, args.has), plan))
+        ctx.save_for_backward(q, k, v, bias, out, stats, *tensors)
         ctx.args = args
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, bias, out, lse, *tensors = ctx.saved_tensors
+        q, k, v, bias, out, stats, *tensors = ctx.saved_tensors
         args = ctx.args
         n_aux = len(args.has)
         aux = _expand(tensors[:n_aux], args.has)
@@ -225,8 +227,8 @@ class _TritonAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         need_dbias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = launch.backward(q, k, v, out, lse, dout, dlse, bias=bias, need_dbias=need_dbias,
-                                             **args.kwargs(aux, plan))
+        dq, dk, dv, dbias = launch.backward(q, k, v, out, None, dout, dlse, bias=bias, need_dbias=need_dbias,
+                                            stats=stats, **args.kwargs(aux, plan))
         return (dq, dk, dv, dbias, None) + (None,) * len(tensors)
 
 

@@ -49,8 +49,8 @@ else:                           # the same combines, as this module's own JITFun
     @_jit
     def _SUM(a, b):
         return a + b
-# The interpreter holds bfloat16 as raw uint16 in numpy and its dot would multiply those: products are taken in
-# fp32 there (exact for fp16/bf16 inputs, as the tensor cores' fp32 accumulation is).
+# The interpreter holds bfloat16 as raw uint16 in numpy and its dot would multiply those: there, products are
+# taken in fp64 (see _dot).
 _UPCAST = tl.constexpr(_INTERPRET)
 
 LOG2E = 1.4426950408889634
@@ -73,7 +73,7 @@ def _hash32(x):
 @_jit
 def _seed_hash(seed, b, h):
     """The hash state after (seed, b, h): the first three steps of qkv._hash.uniform, one scalar per program."""
-    s = _hash32(seed.to(tl.uint32))
+    s = _hash32(tl.cast(seed, tl.uint32))
     s = _hash32(s ^ _hash32(b.to(tl.uint32) + 0x9E3779B9))
     return _hash32(s ^ _hash32(h.to(tl.uint32) + 0x9E3779B9))
 
@@ -90,8 +90,11 @@ def _keep(hh, qi, kj, dropout_p):
 @_jit
 def _dot(a, b, acc, PREC: tl.constexpr):
     if _UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+        # numpy's float32 matmul (BLAS) sums in an order that depends on the operands' layout, so the backward's
+        # transposed recomputation of the scores would differ from the forward's by a few ulps (a GPU's ordered
+        # FMA chain does not): products in fp64 rounded once to fp32 are layout-independent.
+        c = tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee").to(tl.float32)
+        return c if acc is None else acc + c
     return tl.dot(a, b, acc, input_precision=PREC)
 
 
@@ -191,7 +194,7 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn
 
 
 @_jit
-def _fwd_kernel(Q, K, V, O, L,
+def _fwd_kernel(Q, K, V, O, L, NS,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                 Bias, sbb, sbh, sbm, sbn, Alibi, sab, sah,
                 QId, KId, sqib, skib, KvLen, QLen,
@@ -308,14 +311,18 @@ def _fwd_kernel(Q, K, V, O, L,
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    # The row statistics in base 2, kept apart: lse2 = m + log2(l). The backward's p = 2^((s - m) - log2 l) is
+    # as exact as a softmax (s - m is exact near the max); 2^(s - lse2) would lose ulp(lse2) to rounding.
+    m_out = tl.where(empty, float("-inf"), m_i)
+    ll = tl.log2(l_safe)
     if QLEN:
         dead = offs_m >= tl.load(QLen + b)
         out = tl.where(dead[:, None], 0.0, out)
-        lse = tl.where(dead, float("-inf"), lse)
+        m_out = tl.where(dead, float("-inf"), m_out)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod, out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < Dv))
-    tl.store(L + pid_bh * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(L + pid_bh * Nq + offs_m, m_out, mask=offs_m < Nq)
+    tl.store(L + NS + pid_bh * Nq + offs_m, ll, mask=offs_m < Nq)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -342,7 +349,7 @@ def _dbias_add(ds, qi, kj, DBb, sdbm, sdbn, Nq, Nk,
 
 
 @_jit
-def _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
+def _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
              Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid,
              KIdb, Bitsb, slot, m0t, n0t, hh, dropout_p, qb, kb,
              MASKED: tl.constexpr, W: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
@@ -373,7 +380,7 @@ def _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv
         vis = _visible(qi, kk, kv_end, lo_off, hi_off, qid[:, None], KIdb, Bitsb, slot, m0t, n0t,
                        W, HAS_LO, HAS_HI, DOC, BITS)
         s = tl.where(vis, s, float("-inf"))
-    p = tl.exp2(s - lse2[:, None])
+    p = tl.exp2((s - mrow[:, None]) - llrow[:, None])
     dp = _dot(do, tl.trans(v), None, DOT_PREC)
     if DROPOUT:
         keep = _keep(hh, qi + qb, kk + kb, dropout_p)
@@ -388,7 +395,7 @@ def _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv
 
 
 @_jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, NS, Delta,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
                    sdqb, sdqh, sdqm, sdqd,
                    Bias, sbb, sbh, sbm, sbn, DBias, sdbb, sdbh, sdbm, sdbn, Alibi, sab, sah,
@@ -424,7 +431,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
                 mask=rows[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
                  mask=rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)
-    lse2 = tl.load(L2 + pid_bh * Nq + offs_m, mask=rows, other=float("inf"))
+    mrow = tl.load(L2 + pid_bh * Nq + offs_m, mask=rows, other=float("inf"))
+    mrow = tl.where(mrow == float("-inf"), float("inf"), mrow)      # rows that see nothing: p = 0
+    llrow = tl.load(L2 + NS + pid_bh * Nq + offs_m, mask=rows, other=0.0)
     delta = tl.load(Delta + pid_bh * Nq + offs_m, mask=rows, other=0.0)
     Kb = K + b * skb + hk * skh
     Vb = V + b * svb + hk * svh
@@ -451,7 +460,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
         for t in tl.range(0, nfull):
             n0t = tl.load(FullIdx + row * lst_cols + t) * TILE_N
             for sub in tl.static_range(TILE_N // BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
+                dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
                               skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
                               sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
                               False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
@@ -462,7 +471,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
             slot = tl.load(PartSlot + row * lst_cols + t)
             Bitsb = Bits + slot.to(tl.int64) * (TILE_M * W)
             for sub in tl.static_range(TILE_N // BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
+                dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
                               skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
                               sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh,
                               dropout_p, q_base, k_base,
@@ -485,19 +494,19 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
         c1 = tl.minimum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, hi)
         c2 = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi), c1)
         for n0 in tl.range(lo, c1, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
+            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
                           svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
                           sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                           True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
                           False, False, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
         for n0 in tl.range(c1, c2, BLOCK_N, num_stages=STAGES):
-            dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
+            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
                           svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
                           sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                           False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
                           False, False, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
         for n0 in tl.range(c2, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
+            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
                           svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
                           sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                           True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
@@ -508,7 +517,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, Delta,
 
 
 @_jit
-def _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd, sdom, sdod, D, Dv,
+def _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd, sdom, sdod, D, Dv,
                Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bitsb,
                slot, m0t, n0t, hh, dropout_p, qb, kb,
                MASKED: tl.constexpr, W: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
@@ -533,7 +542,9 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_
             do = tl.load(do_ptrs)
         else:
             do = tl.load(do_ptrs, mask=offs_dv[None, :] < Dv, other=0.0)
-    lse2 = tl.load(L2b + qi, mask=rows, other=float("inf"))
+    mrow = tl.load(L2b + qi, mask=rows, other=float("inf"))
+    mrow = tl.where(mrow == float("-inf"), float("inf"), mrow)
+    llrow = tl.load(LLb + qi, mask=rows, other=0.0)
     delta = tl.load(Deltab + qi, mask=rows, other=0.0)
     qk = _dot(k, tl.trans(q), None, DOT_PREC)           # (BLOCK_N, BLOCK_M)
     qq = qi[None, :]
@@ -546,7 +557,7 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_
         vis = _visible(qq, kk, kv_end, lo_off, hi_off, qid, KIdb, Bitsb, slot, m0t, n0t,
                        W, HAS_LO, HAS_HI, DOC, BITS)
         s = tl.where(vis, s, float("-inf"))
-    p = tl.exp2(s - lse2[None, :])
+    p = tl.exp2((s - mrow[None, :]) - llrow[None, :])
     dp = _dot(v, tl.trans(do), None, DOT_PREC)
     if DROPOUT:
         keep = _keep(hh, qq + qb, kk + kb, dropout_p)
@@ -563,7 +574,7 @@ def _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_
 
 
 @_jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, NS, Delta,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
                      sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                      Bias, sbb, sbh, sbm, sbn, Alibi, sab, sah,
@@ -609,6 +620,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
         Qb = Q + b * sqb + h * sqh
         DOb = DO + b * sdob + h * sdoh
         L2b = L2 + bh * Nq
+        LLb = L2 + NS + bh * Nq
         Deltab = Delta + bh * Nq
         Biasb = Bias + b * sbb + h * sbh
         slope = 0.0
@@ -624,7 +636,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
             for t in tl.range(0, nfull):
                 m0t = tl.load(FullIdx + row * lst_cols + t) * TILE_M
                 for sub in tl.static_range(TILE_M // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0t + sub * BLOCK_M, offs_m, kj, offs_d,
+                    dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0t + sub * BLOCK_M, offs_m, kj, offs_d,
                                         offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
                                         slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bits, -1, m0t, n0t,
                                         hh, dropout_p, q_base, k_base,
@@ -636,7 +648,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
                 slot = tl.load(PartSlot + row * lst_cols + t)
                 Bitsb = Bits + slot.to(tl.int64) * (TILE_M * W)
                 for sub in tl.static_range(TILE_M // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0t + sub * BLOCK_M, offs_m, kj, offs_d,
+                    dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0t + sub * BLOCK_M, offs_m, kj, offs_d,
                                         offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
                                         slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bitsb, slot, m0t,
                                         n0t, hh, dropout_p, q_base, k_base,
@@ -663,19 +675,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, Delta,
             c1 = tl.minimum(((full_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, qhi)
             c2 = tl.maximum(tl.minimum((full_hi // BLOCK_M) * BLOCK_M, qhi), c1)
             for m0 in tl.range(qlo, c1, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
                                     sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
                                     lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                                     True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT,
                                     DOT_PREC, EVEN_D, EVEN_DV)
             for m0 in tl.range(c1, c2, BLOCK_M, num_stages=STAGES):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
                                     sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
                                     lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                                     False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT,
                                     DOT_PREC, EVEN_D, EVEN_DV)
             for m0 in tl.range(c2, qhi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
                                     sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
                                     lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                                     True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT,

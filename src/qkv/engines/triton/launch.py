@@ -30,6 +30,7 @@ __all__ = ["forward", "backward", "decode", "make_plan", "needs_lists", "tile_si
            "LOG2E"]
 
 LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
 _MAX_SPLITS = 128
 
 
@@ -186,8 +187,10 @@ def _sizes(q, k, v):
 @_quick_interpreter
 def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None, bias=None, dropout_p=0.0,
             seed=0, q_ids=None, k_ids=None, kv_lens=None, q_lens=None, masks=None, plan=None, offset=None, q_base=0,
-            k_base=0, config=None):
-    """The fused forward: (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32)."""
+            k_base=0, config=None, return_stats=False):
+    """The fused forward: (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32), and with ``return_stats`` also
+    the row statistics the kernel wrote, (2, B, Hq, Nq) fp32: the base-2 row max and log2 of the row sum (what
+    :func:`backward` reads: p recomputed from them is as exact as the forward's)."""
     K = _k(q)
     B, Hq, Hkv, Nq, Nk, D, Dv, bd, bdv = _sizes(q, k, v)
     if plan is None and needs_lists(q_ids, masks):
@@ -195,7 +198,7 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
                          q_lens=q_lens, masks=masks)
     cfg = config or configs.config("fwd", bd, q.element_size(), _arch(q))
     out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    stats = torch.empty(2, B, Hq, Nq, dtype=torch.float32, device=q.device)
     num_m = -(-Nq // cfg.block_m)
     lst, tile = _lists_args(plan, plan.fwd if plan else None, tile_size(q), q)
     if plan is not None:
@@ -206,7 +209,7 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
     di = _doc_args(q_ids, k_ids, q)
     z = lst[0]
     K._fwd_kernel[(num_m, B * Hq)](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, stats, B * Hq * Nq, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         bias if bias is not None else q, *_strides4(bias), *ab, *di,
         kv_lens if kv_lens is not None else z, q_lens if q_lens is not None else z, *lst,
         Hq, Hq // Hkv, Nq, Nk, D, Dv, Nk - Nq if offset is None else offset, num_m, float(scale),
@@ -218,7 +221,8 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
         DROPOUT=dropout_p > 0, REVERSE=hi_off is not None and lo_off is None, DOT_PREC=_prec(q),
         EVEN_D=D == bd, EVEN_DV=Dv == bdv, STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_opts(q))
-    return out, lse
+    lse = (stats[0] + stats[1]) * LN2
+    return (out, lse, stats) if return_stats else (out, lse)
 
 
 def _opts(t):
@@ -228,9 +232,11 @@ def _opts(t):
 @_quick_interpreter
 def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None,
              bias=None, need_dbias=False, dropout_p=0.0, seed=0, q_ids=None, k_ids=None, kv_lens=None, q_lens=None,
-             masks=None, plan=None, offset=None, q_base=0, k_base=0, config_dq=None, config_dkdv=None):
+             masks=None, plan=None, offset=None, q_base=0, k_base=0, config_dq=None, config_dkdv=None, stats=None):
     """Gradients (dq, dk, dv, dbias) of the forward above given dout (B, Hq, Nq, Dv) and optionally dlse (B, Hq, Nq).
-    dbias (bias's shape, bias's dtype) only with ``need_dbias``. Rows with lse = -inf get zero gradients."""
+    dbias (bias's shape, bias's dtype) only with ``need_dbias``. Rows with lse = -inf get zero gradients.
+    ``stats``: the forward's row statistics (``return_stats``), read instead of ``lse`` (which may then be None);
+    from ``lse`` alone p is recomputed with one rounding of lse more (fine for 16-bit inputs)."""
     K = _k(q)
     B, Hq, Hkv, Nq, Nk, D, Dv, bd, bdv = _sizes(q, k, v)
     G = Hq // Hkv
@@ -242,7 +248,9 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
     if dlse is not None:
         delta = delta - dlse.to(torch.float32)
     delta = delta.contiguous()
-    lse2 = torch.where(torch.isneginf(lse), float("inf"), lse * LOG2E).to(torch.float32).contiguous()
+    if stats is None:
+        stats = torch.stack([lse.to(torch.float32) * LOG2E, torch.zeros_like(lse, dtype=torch.float32)])
+    stats = stats.contiguous()
     dq = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, Hkv, Nk, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, Hkv, Nk, Dv, dtype=v.dtype, device=q.device)
@@ -274,7 +282,7 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
     order = plan.fwd.order(tile[0], cfg.block_m, num_m) if plan is not None else lst[0]
     lst = lst[:5] + (order,) + lst[6:]
     K._bwd_dq_kernel[(num_m, B * Hq)](
-        q, k, v, dout, dq, lse2, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        q, k, v, dout, dq, stats, B * Hq * Nq, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         bias_arg, *_strides4(bias), dbias32 if dbias32 is not None else q, *_strides4(dbias32), *ab, *di, kvl, *lst,
         Hq, G, Nq, Nk, D, Dv, off, num_m, *scal,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILE_M=tile[0], TILE_N=tile[1], W=-(-tile[1] // 32),
@@ -288,7 +296,7 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
     order = plan.bwd.order(tile[1], cfg.block_n, num_n) if plan is not None else lst[0]
     lst = lst[:5] + (order,) + lst[6:]
     K._bwd_dkdv_kernel[(num_n, B * Hkv)](
-        q, k, v, dout, dk, dv, lse2, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+        q, k, v, dout, dk, dv, stats, B * Hq * Nq, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
         *dv.stride(), bias_arg, *_strides4(bias), *ab, *di, kvl, *lst,
         Hq, Hkv, G, Nq, Nk, D, Dv, off, num_n, *scal,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILE_M=tile[0], TILE_N=tile[1], W=-(-tile[1] // 32),
