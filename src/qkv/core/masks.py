@@ -69,8 +69,8 @@ class MaskMod:
     @property
     def spec(self) -> tuple | None:
         """What this mask is, when it is one of the index rules engines may compute in a kernel instead of
-        evaluating it: ``("causal", bottom_right: bool)``, ``("document", ids, q_ids)``, ``("padding", kv_lens,
-        q_lens)`` (tensors as given, ``q_lens``/``q_ids`` may be None) or ``("and", masks)``; else None. The
+        evaluating it: ``("causal", bottom_right: bool)``, ``("window", left, right)``, ``("document", ids,
+        q_ids)``, ``("padding", kv_lens, q_lens)`` (tensors as given, ``q_lens``/``q_ids`` may be None) or ``("and", masks)``; else None. The
         positions are those of the bound mask (``offset``), as in ``__call__``."""
         return self._spec
 
@@ -216,6 +216,7 @@ def sliding_window(left: int | None, right: int | None = 0) -> MaskMod:
         return any_, all_
 
     m = MaskMod(f"sliding_window({left}, {right})", fn, blocks)
+    m._spec = ("window", left, right)
     m._cacheable = True
     m._window = (left, right)  # qkv.attention treats mask=sliding_window(l, r) as window=(l, r)
     return m
@@ -569,6 +570,14 @@ class BlockMask:
     @property
     def full_q_indices(self):
         return self._lists((self.state == FULL).transpose(-1, -2))[1]
+
+    def cached(self, key, build):
+        """``build()`` once per ``key`` for this BlockMask, then the stored result: a place for what an engine
+        derives from the mask (block lists at its tile size, ...) so that reusing the BlockMask reuses it too."""
+        cache = self.__dict__.setdefault("_derived", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
 
     def tile_masks(self, block_size, device=None) -> "TileMasks":
         """The mask at another tile size, for kernels that test elements only in *partial* tiles.

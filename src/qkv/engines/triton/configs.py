@@ -28,51 +28,28 @@ TILE = (128, 128)
 INTERPRET_TILE = (32, 32)
 
 _KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+CLASSES = ("plain", "masked", "all")
 
-# (kernel, block_d) -> Config, for 16-bit inputs
-_HALF = {
-    90: {
-        ("fwd", 64): Config(128, 64, 4, 3),
-        ("fwd", 128): Config(128, 64, 8, 3),
-        ("fwd", 256): Config(64, 64, 8, 2),
-        ("bwd_dq", 64): Config(128, 64, 8, 2),
-        ("bwd_dq", 128): Config(128, 32, 8, 2),
-        ("bwd_dq", 256): Config(64, 32, 8, 2),
-        ("bwd_dkdv", 64): Config(64, 128, 8, 2),
-        ("bwd_dkdv", 128): Config(32, 128, 8, 2),
-        ("bwd_dkdv", 256): Config(32, 64, 8, 2),
-    },
-    80: {
-        ("fwd", 64): Config(128, 64, 4, 3),
-        ("fwd", 128): Config(128, 64, 8, 2),
-        ("fwd", 256): Config(64, 64, 8, 2),
-        ("bwd_dq", 64): Config(128, 64, 8, 2),
-        ("bwd_dq", 128): Config(128, 32, 8, 2),
-        ("bwd_dq", 256): Config(64, 32, 8, 1),
-        ("bwd_dkdv", 64): Config(64, 128, 8, 2),
-        ("bwd_dkdv", 128): Config(32, 128, 8, 2),
-        ("bwd_dkdv", 256): Config(32, 64, 8, 1),
-    },
-}
-
+# (kernel, block_d, class) -> Config, for 16-bit inputs; filled in below from the searches' results
+_HALF: dict = {90: {}, 80: {}}
 # fp32 inputs: exact fp32 products ("ieee", no tensor cores), so smaller tiles
-_SINGLE = {
-    ("fwd", 64): Config(64, 32, 4, 2),
-    ("fwd", 128): Config(32, 32, 4, 2),
-    ("fwd", 256): Config(16, 32, 4, 1),
-    ("bwd_dq", 64): Config(64, 32, 4, 2),
-    ("bwd_dq", 128): Config(32, 32, 4, 2),
-    ("bwd_dq", 256): Config(16, 32, 4, 1),
-    ("bwd_dkdv", 64): Config(32, 64, 4, 2),
-    ("bwd_dkdv", 128): Config(32, 32, 4, 2),
-    ("bwd_dkdv", 256): Config(16, 32, 4, 1),
-}
+_SINGLE: dict = {}
 
 _INTERPRET = Config(16, 16, 4, 1)
 
 #: Decoding: keys per step, and the most G·Nq rows (query heads of a group × queries) one program takes.
 DECODE_BLOCK_N = {64: 64, 128: 64, 256: 32}
 DECODE_MAX_ROWS = 64
+
+
+def feature_class(*, lists: bool, bias: bool, dropout: bool, softcap: bool, alibi: bool) -> str:
+    """The config class of a call: "all" with a bias tile or dropout (the most registers), "masked" with block
+    lists or score mods, else "plain"."""
+    if bias or dropout:
+        return "all"
+    if lists or softcap or alibi:
+        return "masked"
+    return "plain"
 
 
 def arch_of(capability: tuple[int, int]) -> int:
@@ -84,12 +61,12 @@ def head_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else block_d
 
 
-def config(kernel: str, block_d: int, elem_bytes: int, arch: int | None) -> Config:
-    """The launch configuration of ``kernel`` for a padded head dim, input element size and arch (None = the
-    interpreter)."""
+def config(kernel: str, block_d: int, elem_bytes: int, arch: int | None, cls: str = "plain") -> Config:
+    """The launch configuration of ``kernel`` for a padded head dim, input element size, arch (None = the
+    interpreter) and feature class (:func:`feature_class`)."""
     if arch is None:
         return _INTERPRET
-    key = (kernel, head_bucket(block_d))
+    key = (kernel, head_bucket(block_d), cls)
     return _SINGLE[key] if elem_bytes == 4 else _HALF[arch][key]
 
 

@@ -90,6 +90,10 @@ def _index_rule(call: Call, r: _Rules, m, moff: int) -> bool:
     if kind == "causal":
         r.narrow(hi=shift + (moff if spec[1] else 0))
         return True
+    if kind == "window":
+        left, right = spec[1], spec[2]
+        r.narrow(None if left is None else shift + moff - left, None if right is None else shift + moff + right)
+        return True
     if kind == "document" and r.docs == 0:
         r.q_ids, r.k_ids = _doc_ids(call, spec[1], spec[2], moff, call.device)
         r.docs = 1
@@ -157,6 +161,22 @@ def rules(call: Call, tile: tuple[int, int]) -> _Rules:
             m = _ShiftedMod(m, call.q_base, call.k_base)
         r.masks = block_mask(m, B, Hq, Nq, Nk, block_size=tile, device=dev).tile_masks(tile, dev)
     return r
+
+
+def _prepared(call: Call, tile) -> tuple[_Rules, Plan | None]:
+    """The call's rules and block lists; with a BlockMask, built once and kept on it (its mask decides them,
+    with the call's causal/window and sizes)."""
+    def build():
+        r = rules(call, tile)
+        plan = launch.make_plan(call.q, call.k, lo_off=r.lo_off, hi_off=r.hi_off, q_ids=r.q_ids, k_ids=r.k_ids,
+                                kv_lens=r.kv_lens, q_lens=r.q_lens, masks=r.masks, tile=tile)
+        return r, plan
+
+    bm = call.block_mask
+    if bm is None:
+        return build()
+    key = ("triton", tuple(tile), str(call.device), call.causal, call.window, call.B, call.Hq, call.Nq, call.Nk)
+    return bm.cached(key, build)
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -271,13 +291,11 @@ class TritonEngine(Engine):
 
     def forward(self, call: Call):
         tile = launch.tile_size(call.q)
-        r = rules(call, tile)
+        r, plan = _prepared(call, tile)
         alibi = None if call.alibi is None else call.alibi.to(torch.float32).contiguous()
         if self.decodes(call, r):
             return launch.decode(call.q, call.k, call.v, scale=call.scale, lo_off=r.lo_off, hi_off=r.hi_off,
                                   softcap=call.softcap, alibi=alibi, kv_lens=r.kv_lens, offset=call.offset)
-        plan = launch.make_plan(call.q, call.k, lo_off=r.lo_off, hi_off=r.hi_off, q_ids=r.q_ids, k_ids=r.k_ids,
-                                 kv_lens=r.kv_lens, q_lens=r.q_lens, masks=r.masks, tile=tile)
         present = dict(alibi=alibi, q_ids=r.q_ids, k_ids=r.k_ids, kv_lens=r.kv_lens, q_lens=r.q_lens)
         has = tuple(n for n in _AUX if present[n] is not None)
         args = _Args(call.scale, r.lo_off, r.hi_off, call.softcap, call.dropout_p,

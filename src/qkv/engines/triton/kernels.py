@@ -194,7 +194,7 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn
 
 
 @_jit
-def _fwd_kernel(Q, K, V, O, L, NS,
+def _fwd_kernel(Q, K, V, O, LSE, L, NS,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                 Bias, sbb, sbh, sbm, sbn, Alibi, sab, sah,
                 QId, KId, sqib, skib, KvLen, QLen,
@@ -248,27 +248,25 @@ def _fwd_kernel(Q, K, V, O, L, NS,
         row = b * lst_b + h * lst_h + m0 // TILE_M
         m0t = (m0 // TILE_M) * TILE_M
         nfull = tl.load(FullNum + row)
-        for t in tl.range(0, nfull):
-            n0t = tl.load(FullIdx + row * lst_cols + t) * TILE_N
-            for sub in tl.static_range(TILE_N // BLOCK_N):
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, skn, skd,
-                    svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off,
-                    hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
-                    False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D,
-                    EVEN_DV)
+        for t in tl.range(0, nfull * (TILE_N // BLOCK_N), num_stages=STAGES):
+            n0t = tl.load(FullIdx + row * lst_cols + t // (TILE_N // BLOCK_N)) * TILE_N
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, Kb, Vb, n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, skn, skd,
+                svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off,
+                hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
+                False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D,
+                EVEN_DV)
         npart = tl.load(PartNum + row)
-        for t in tl.range(0, npart):
-            n0t = tl.load(PartIdx + row * lst_cols + t) * TILE_N
-            slot = tl.load(PartSlot + row * lst_cols + t)
+        for t in tl.range(0, npart * (TILE_N // BLOCK_N)):
+            n0t = tl.load(PartIdx + row * lst_cols + t // (TILE_N // BLOCK_N)) * TILE_N
+            slot = tl.load(PartSlot + row * lst_cols + t // (TILE_N // BLOCK_N))
             Bitsb = Bits + slot.to(tl.int64) * (TILE_M * W)
-            for sub in tl.static_range(TILE_N // BLOCK_N):
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, skn, skd,
-                    svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off,
-                    hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh, dropout_p, q_base, k_base,
-                    True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D,
-                    EVEN_DV)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, Kb, Vb, n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, skn, skd,
+                svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off,
+                hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh, dropout_p, q_base, k_base,
+                True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D,
+                EVEN_DV)
     else:
         # Key range of the block's rows, split into the keys every row sees (no per-element test) and the
         # masked edges around them (the causal diagonal, window edges, the last partial block).
@@ -287,13 +285,6 @@ def _fwd_kernel(Q, K, V, O, L, NS,
         hi = tl.maximum(hi, lo)
         c1 = tl.minimum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, hi)
         c2 = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi), c1)
-        for n0 in tl.range(lo, c1, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
-                Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off, hi_off, qid, KIdb,
-                Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
-                True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT, DOT_PREC, EVEN_D,
-                EVEN_DV)
         for n0 in tl.range(c1, c2, BLOCK_N, num_stages=STAGES):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
@@ -301,7 +292,11 @@ def _fwd_kernel(Q, K, V, O, L, NS,
                 Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                 False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT, DOT_PREC, EVEN_D,
                 EVEN_DV)
-        for n0 in tl.range(c2, hi, BLOCK_N):
+        # the masked blocks: before the unmasked range (window edge), then after it (the diagonal)
+        nf = (c1 - lo + BLOCK_N - 1) // BLOCK_N
+        nb = (hi - c2 + BLOCK_N - 1) // BLOCK_N
+        for t in tl.range(0, nf + nb):
+            n0 = tl.where(t < nf, lo + t * BLOCK_N, c2 + (t - nf) * BLOCK_N)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
                 Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off, hi_off, qid, KIdb,
@@ -323,9 +318,30 @@ def _fwd_kernel(Q, K, V, O, L, NS,
              mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < Dv))
     tl.store(L + pid_bh * Nq + offs_m, m_out, mask=offs_m < Nq)
     tl.store(L + NS + pid_bh * Nq + offs_m, ll, mask=offs_m < Nq)
+    lse = tl.where(m_out == float("-inf"), float("-inf"), (m_out + ll) * 0.6931471805599453)
+    tl.store(LSE + pid_bh * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
 # ------------------------------------------------------------------------------------------------ backward
+
+@_jit
+def _bwd_delta_kernel(O, DO, DLSE, Delta, sob, soh, som, sod, sdob, sdoh, sdom, sdod, Hq, Nq, Dv,
+                      BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, DL: tl.constexpr):
+    """FlashAttention-2's row term delta_i = Σ_d dO·O − dlse_i (d lse_i / d s_ij = p_ij), fp32 (B, Hq, Nq)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_DV)
+    ok = (rows[:, None] < Nq) & (d[None, :] < Dv)
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * som + d[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + d[None, :] * sdod, mask=ok, other=0.0)
+    delta = tl.reduce(o.to(tl.float32) * do.to(tl.float32), 1, _SUM)
+    if DL:
+        delta -= tl.load(DLSE + pid_bh * Nq + rows, mask=rows < Nq, other=0.0)
+    tl.store(Delta + pid_bh * Nq + rows, delta, mask=rows < Nq)
+
 
 @_jit
 def _dbias_add(ds, qi, kj, DBb, sdbm, sdbn, Nq, Nk,
@@ -457,26 +473,24 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, NS, Delta,
         row = b * lst_b + h * lst_h + m0 // TILE_M
         m0t = (m0 // TILE_M) * TILE_M
         nfull = tl.load(FullNum + row)
-        for t in tl.range(0, nfull):
-            n0t = tl.load(FullIdx + row * lst_cols + t) * TILE_N
-            for sub in tl.static_range(TILE_N // BLOCK_N):
-                dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
-                              skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
-                              sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
-                              False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
-                              DB_ATOMIC, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
+        for t in tl.range(0, nfull * (TILE_N // BLOCK_N), num_stages=STAGES):
+            n0t = tl.load(FullIdx + row * lst_cols + t // (TILE_N // BLOCK_N)) * TILE_N
+            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
+                          skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
+                          sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
+                          False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
+                          DB_ATOMIC, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
         npart = tl.load(PartNum + row)
-        for t in tl.range(0, npart):
-            n0t = tl.load(PartIdx + row * lst_cols + t) * TILE_N
-            slot = tl.load(PartSlot + row * lst_cols + t)
+        for t in tl.range(0, npart * (TILE_N // BLOCK_N)):
+            n0t = tl.load(PartIdx + row * lst_cols + t // (TILE_N // BLOCK_N)) * TILE_N
+            slot = tl.load(PartSlot + row * lst_cols + t // (TILE_N // BLOCK_N))
             Bitsb = Bits + slot.to(tl.int64) * (TILE_M * W)
-            for sub in tl.static_range(TILE_N // BLOCK_N):
-                dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0t + sub * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
-                              skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
-                              sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh,
-                              dropout_p, q_base, k_base,
-                              True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
-                              DB_ATOMIC, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
+            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
+                          skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
+                          sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh,
+                          dropout_p, q_base, k_base,
+                          True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
+                          DB_ATOMIC, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
     else:
         last = tl.minimum(m0 + BLOCK_M, Nq) - 1
         lo = 0
@@ -493,19 +507,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, NS, Delta,
         hi = tl.maximum(hi, lo)
         c1 = tl.minimum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, hi)
         c2 = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi), c1)
-        for n0 in tl.range(lo, c1, BLOCK_N):
-            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
-                          svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
-                          sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
-                          True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
-                          False, False, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
         for n0 in tl.range(c1, c2, BLOCK_N, num_stages=STAGES):
             dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
                           svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
                           sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                           False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N, DB_ATOMIC,
                           False, False, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
-        for n0 in tl.range(c2, hi, BLOCK_N):
+        # the masked blocks: before the unmasked range (window edge), then after it (the diagonal)
+        nf = (c1 - lo + BLOCK_N - 1) // BLOCK_N
+        nb = (hi - c2 + BLOCK_N - 1) // BLOCK_N
+        for t in tl.range(0, nf + nb):
+            n0 = tl.where(t < nf, lo + t * BLOCK_N, c2 + (t - nf) * BLOCK_N)
             dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn,
                           svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, DBb, sdbm,
                           sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
@@ -633,27 +645,25 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, NS, Delta,
             row = b * lst_b + h * lst_h + n0 // TILE_N
             n0t = (n0 // TILE_N) * TILE_N
             nfull = tl.load(FullNum + row)
-            for t in tl.range(0, nfull):
-                m0t = tl.load(FullIdx + row * lst_cols + t) * TILE_M
-                for sub in tl.static_range(TILE_M // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0t + sub * BLOCK_M, offs_m, kj, offs_d,
-                                        offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
-                                        slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bits, -1, m0t, n0t,
-                                        hh, dropout_p, q_base, k_base,
-                                        False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT,
-                                        DOT_PREC, EVEN_D, EVEN_DV)
+            for t in tl.range(0, nfull * (TILE_M // BLOCK_M), num_stages=STAGES):
+                m0t = tl.load(FullIdx + row * lst_cols + t // (TILE_M // BLOCK_M)) * TILE_M
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0t + (t % (TILE_M // BLOCK_M)) * BLOCK_M, offs_m, kj, offs_d,
+                                    offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
+                                    slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bits, -1, m0t, n0t,
+                                    hh, dropout_p, q_base, k_base,
+                                    False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT,
+                                    DOT_PREC, EVEN_D, EVEN_DV)
             npart = tl.load(PartNum + row)
-            for t in tl.range(0, npart):
-                m0t = tl.load(PartIdx + row * lst_cols + t) * TILE_M
-                slot = tl.load(PartSlot + row * lst_cols + t)
+            for t in tl.range(0, npart * (TILE_M // BLOCK_M)):
+                m0t = tl.load(PartIdx + row * lst_cols + t // (TILE_M // BLOCK_M)) * TILE_M
+                slot = tl.load(PartSlot + row * lst_cols + t // (TILE_M // BLOCK_M))
                 Bitsb = Bits + slot.to(tl.int64) * (TILE_M * W)
-                for sub in tl.static_range(TILE_M // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0t + sub * BLOCK_M, offs_m, kj, offs_d,
-                                        offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
-                                        slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bitsb, slot, m0t,
-                                        n0t, hh, dropout_p, q_base, k_base,
-                                        True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT,
-                                        DOT_PREC, EVEN_D, EVEN_DV)
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0t + (t % (TILE_M // BLOCK_M)) * BLOCK_M, offs_m, kj, offs_d,
+                                    offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
+                                    slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bitsb, slot, m0t,
+                                    n0t, hh, dropout_p, q_base, k_base,
+                                    True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT,
+                                    DOT_PREC, EVEN_D, EVEN_DV)
         else:
             # Rows that see some key of the block, split into rows that see all of them (no per-element
             # test) and the masked edges; a block that crosses the end of the keys is masked throughout.
@@ -674,19 +684,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, NS, Delta,
             qhi = tl.maximum(qhi, qlo)
             c1 = tl.minimum(((full_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, qhi)
             c2 = tl.maximum(tl.minimum((full_hi // BLOCK_M) * BLOCK_M, qhi), c1)
-            for m0 in tl.range(qlo, c1, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
-                                    sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
-                                    lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
-                                    True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT,
-                                    DOT_PREC, EVEN_D, EVEN_DV)
             for m0 in tl.range(c1, c2, BLOCK_M, num_stages=STAGES):
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
                                     sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
                                     lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
                                     False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, False, False, DROPOUT,
                                     DOT_PREC, EVEN_D, EVEN_DV)
-            for m0 in tl.range(c2, qhi, BLOCK_M):
+            # the masked blocks: before the unmasked range (window edge), then after it (the diagonal)
+            nf = (c1 - qlo + BLOCK_M - 1) // BLOCK_M
+            nb = (qhi - c2 + BLOCK_M - 1) // BLOCK_M
+            for t in tl.range(0, nf + nb):
+                m0 = tl.where(t < nf, qlo + t * BLOCK_M, c2 + (t - nf) * BLOCK_M)
                 dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d, offs_dv, sqm, sqd,
                                     sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn,
                                     lo_off, hi_off, QIdb, KIdb, Bits, -1, m0, n0, hh, dropout_p, q_base, k_base,
@@ -754,17 +762,16 @@ def _decode_kernel(Q, K, V, OP, LP,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0, tl.float32)
-    for n0 in tl.range(lo, c1, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, Kb, Vb, n0, i, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
-            Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0, 0, 0,
-            True, 1, HAS_LO, HAS_HI, SOFTCAP, ALIBI, False, False, False, False, DOT_PREC, EVEN_D, EVEN_DV)
     for n0 in tl.range(c1, c2, BLOCK_N, num_stages=STAGES):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, Kb, Vb, n0, i, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
             Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0, 0, 0,
             False, 1, HAS_LO, HAS_HI, SOFTCAP, ALIBI, False, False, False, False, DOT_PREC, EVEN_D, EVEN_DV)
-    for n0 in tl.range(c2, hi, BLOCK_N):
+    # the masked blocks: before the unmasked range (window edge), then after it (the diagonal)
+    nf = (c1 - lo + BLOCK_N - 1) // BLOCK_N
+    nb = (hi - c2 + BLOCK_N - 1) // BLOCK_N
+    for t in tl.range(0, nf + nb):
+        n0 = tl.where(t < nf, lo + t * BLOCK_N, c2 + (t - nf) * BLOCK_N)
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, Kb, Vb, n0, i, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
             Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0, 0, 0,

@@ -196,9 +196,12 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
     if plan is None and needs_lists(q_ids, masks):
         plan = make_plan(q, k, lo_off=lo_off, hi_off=hi_off, q_ids=q_ids, k_ids=k_ids, kv_lens=kv_lens,
                          q_lens=q_lens, masks=masks)
-    cfg = config or configs.config("fwd", bd, q.element_size(), _arch(q))
+    cls = configs.feature_class(lists=plan is not None, bias=bias is not None, dropout=dropout_p > 0,
+                                softcap=softcap is not None, alibi=alibi is not None)
+    cfg = config or configs.config("fwd", bd, q.element_size(), _arch(q), cls)
     out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
     stats = torch.empty(2, B, Hq, Nq, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     num_m = -(-Nq // cfg.block_m)
     lst, tile = _lists_args(plan, plan.fwd if plan else None, tile_size(q), q)
     if plan is not None:
@@ -209,7 +212,7 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
     di = _doc_args(q_ids, k_ids, q)
     z = lst[0]
     K._fwd_kernel[(num_m, B * Hq)](
-        q, k, v, out, stats, B * Hq * Nq, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, lse, stats, B * Hq * Nq, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         bias if bias is not None else q, *_strides4(bias), *ab, *di,
         kv_lens if kv_lens is not None else z, q_lens if q_lens is not None else z, *lst,
         Hq, Hq // Hkv, Nq, Nk, D, Dv, Nk - Nq if offset is None else offset, num_m, float(scale),
@@ -221,7 +224,6 @@ def forward(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=Non
         DROPOUT=dropout_p > 0, REVERSE=hi_off is not None and lo_off is None, DOT_PREC=_prec(q),
         EVEN_D=D == bd, EVEN_DV=Dv == bdv, STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_opts(q))
-    lse = (stats[0] + stats[1]) * LN2
     return (out, lse, stats) if return_stats else (out, lse)
 
 
@@ -243,11 +245,12 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
     if plan is None and needs_lists(q_ids, masks):
         plan = make_plan(q, k, lo_off=lo_off, hi_off=hi_off, q_ids=q_ids, k_ids=k_ids, kv_lens=kv_lens,
                          q_lens=q_lens, masks=masks)
-    # delta_i = Σ_d dO·O (FlashAttention-2's row term); the lse cotangent enters it: d lse_i / d s_ij = p_ij.
-    delta = (dout.to(torch.float32) * out.to(torch.float32)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(torch.float32)
-    delta = delta.contiguous()
+    delta = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    dl = None if dlse is None else dlse.to(torch.float32).contiguous()
+    bm_delta = 64 if bdv <= 128 else 32
+    K._bwd_delta_kernel[(-(-Nq // bm_delta), B * Hq)](
+        out, dout, dl if dl is not None else delta, delta, *out.stride(), *dout.stride(), Hq, Nq, Dv,
+        BLOCK_M=bm_delta, BLOCK_DV=bdv, DL=dl is not None, num_warps=4, **_opts(q))
     if stats is None:
         stats = torch.stack([lse.to(torch.float32) * LOG2E, torch.zeros_like(lse, dtype=torch.float32)])
     stats = stats.contiguous()
@@ -276,7 +279,9 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
         Bb, Hb, Mb, Nb = bias.shape
         db_flags = dict(DBIAS=True, DB_SUM_M=Mb == 1, DB_SUM_N=Nb == 1,
                         DB_ATOMIC=(Bb == 1 and B > 1) or (Hb == 1 and Hq > 1))
-    cfg = config_dq or configs.config("bwd_dq", bd, q.element_size(), arch)
+    cls = configs.feature_class(lists=plan is not None, bias=bias is not None, dropout=dropout_p > 0,
+                                softcap=softcap is not None, alibi=alibi is not None)
+    cfg = config_dq or configs.config("bwd_dq", bd, q.element_size(), arch, cls)
     num_m = -(-Nq // cfg.block_m)
     lst, tile = _lists_args(plan, plan.fwd if plan else None, tile_size(q), q)
     order = plan.fwd.order(tile[0], cfg.block_m, num_m) if plan is not None else lst[0]
@@ -290,7 +295,7 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_opts(q))
 
     # dK, dV: one program per kv block and kv head, looping over the group's query heads
-    cfg = config_dkdv or configs.config("bwd_dkdv", bd, q.element_size(), arch)
+    cfg = config_dkdv or configs.config("bwd_dkdv", bd, q.element_size(), arch, cls)
     num_n = -(-Nk // cfg.block_n)
     lst, tile = _lists_args(plan, plan.bwd if plan else None, tile_size(q), q)
     order = plan.bwd.order(tile[1], cfg.block_n, num_n) if plan is not None else lst[0]

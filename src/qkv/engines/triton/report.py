@@ -8,6 +8,7 @@ the PTX says whether tensor-core instructions are used (``wgmma`` on Hopper, ``m
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -19,7 +20,7 @@ import torch
 
 from . import configs, launch
 
-__all__ = ["Row", "ARCHS", "plan", "compile_one", "format_table"]
+__all__ = ["Row", "ARCHS", "plan", "compile_one", "run", "format_table"]
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 _DTYPES = {2: torch.bfloat16, 4: torch.float32}
@@ -45,13 +46,16 @@ class Row:
         return self.spill_bytes == 0 and self.shared <= self.smem_limit
 
 
-def _variant_kwargs(variant: str, B, Hq, Nq, Nk, D):
-    """Launcher keywords of a variant: "plain" (no mask), "causal", "masked" (document ids + bitmaps + lengths),
-    "all" (every feature at once: the most registers)."""
-    if variant == "plain":
-        return {}
+def _variant_kwargs(variant: str, B, Hq, Nq, Nk, D, dtype):
+    """Launcher keywords of a variant, one per config class of :func:`.configs.feature_class` (and "causal" for
+    decoding): "plain" — key ranges and lengths (no mask, causal, windows, padding); "masked" — block lists with
+    document ids and partial-tile bitmaps, softcap, ALiBi; "all" — every feature at once (bias, dropout)."""
     if variant == "causal":
         return {"hi_off": Nk - Nq}
+    kw = {"lo_off": -256, "hi_off": Nk - Nq, "kv_lens": torch.full((B,), Nk, dtype=torch.int32),
+          "q_lens": torch.full((B,), Nq, dtype=torch.int32)}
+    if variant == "plain":
+        return kw
     ids = torch.arange(Nk, dtype=torch.int32).view(1, -1) // 64
     from ...core.masks import TileMasks
     tm, tn = configs.TILE
@@ -59,16 +63,15 @@ def _variant_kwargs(variant: str, B, Hq, Nq, Nk, D):
     st = torch.full((1, 1, nqt, nkt), 1, dtype=torch.int8)
     slot = torch.arange(nqt * nkt, dtype=torch.int32).view(1, 1, nqt, nkt)
     bits = torch.zeros(nqt * nkt, tm, -(-tn // 32), dtype=torch.int32)
-    kw = {"q_ids": ids[:, Nk - Nq:].contiguous(), "k_ids": ids, "masks": TileMasks(st, slot, bits),
-          "kv_lens": torch.full((B,), Nk, dtype=torch.int32), "hi_off": Nk - Nq}
+    kw.update(q_ids=ids[:, Nk - Nq:].contiguous(), k_ids=ids, masks=TileMasks(st, slot, bits), softcap=30.0,
+              alibi=torch.ones(1, Hq))
     if variant == "masked":
         return kw
-    kw.update(lo_off=-256, softcap=30.0, alibi=torch.ones(1, Hq), bias=torch.zeros(B, Hq, Nq, Nk),
-              dropout_p=0.1, seed=1, q_lens=torch.full((B,), Nq, dtype=torch.int32))
+    kw.update(bias=torch.zeros(B, Hq, Nq, Nk, dtype=dtype), dropout_p=0.1, seed=12345)
     return kw
 
 
-def _launches(kernel: str, arch: int, block_d: int, elem: int, variant: str):
+def _launches(kernel: str, arch: int, block_d: int, elem: int, variant: str, config=None):
     """Record the launches of one (kernel, head dim, dtype, variant) on ``arch``: [(name, fn, args, kwargs)]."""
     dt = _DTYPES[elem]
     B, Hq, Hkv, N, D = 1, 2, 1, 256, block_d
@@ -79,26 +82,32 @@ def _launches(kernel: str, arch: int, block_d: int, elem: int, variant: str):
         if kernel == "decode":
             qd = torch.zeros(B, Hq, 1, D, dtype=dt)
             kw = {} if variant == "plain" else {"hi_off": N - 1}
-            launch.decode(qd, k, v, scale=0.1, num_splits=4, **kw)
+            launch.decode(qd, k, v, scale=0.1, num_splits=4, config=config, **kw)
             return [c for c in calls if c[0] == "_decode_kernel"]
         if kernel == "merge":
             qd = torch.zeros(B, Hq, 1, D, dtype=dt)
             launch.decode(qd, k, v, scale=0.1, num_splits=4)
             return [c for c in calls if c[0] == "_merge_kernel"]
-        kw = _variant_kwargs(variant, B, Hq, N, N, D)
+        kw = _variant_kwargs(variant, B, Hq, N, N, D, dt)
         need_dbias = "bias" in kw
         if kernel == "fwd":
-            launch.forward(q, k, v, scale=0.1, **kw)
+            launch.forward(q, k, v, scale=0.1, config=config, **kw)
         else:
             out, lse = torch.zeros(B, Hq, N, D, dtype=dt), torch.zeros(B, Hq, N)
-            launch.backward(q, k, v, out, lse, out, scale=0.1, need_dbias=need_dbias, **kw)
-    name = {"fwd": "_fwd_kernel", "bwd_dq": "_bwd_dq_kernel", "bwd_dkdv": "_bwd_dkdv_kernel"}[kernel]
+            cfg = {"config_dq" if kernel == "bwd_dq" else "config_dkdv": config}
+            launch.backward(q, k, v, out, lse, out, scale=0.1, need_dbias=need_dbias, **cfg, **kw)
+    name = {"fwd": "_fwd_kernel", "bwd_dq": "_bwd_dq_kernel", "bwd_dkdv": "_bwd_dkdv_kernel",
+            "bwd_delta": "_bwd_delta_kernel"}[kernel]
     return [c for c in calls if c[0] == name]
 
 
-def _compile(fn, args, kwargs, arch: int):
-    """triton.compile one recorded launch for ``cuda:arch`` (specialised by Triton's binder, as a launch is)."""
+def _compile(fn, args, kwargs, arch: int, cache_dir: str | None):
+    """triton.compile one recorded launch for ``cuda:arch`` (specialised by Triton's binder, as a launch is), with
+    Triton's compile cache in ``cache_dir`` (None: a temporary directory, removed after). Returns the compiled
+    kernel and the ptxas log Triton printed ('' when the kernel came from the cache)."""
+    import io
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -111,11 +120,25 @@ def _compile(fn, args, kwargs, arch: int):
     bound, spec, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
     src = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=target, options=options.__dict__)
+    log = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, knobs.cache.scope(), knobs.nvidia.scope(), \
+            contextlib.redirect_stdout(log):
+        knobs.cache.dir = cache_dir or tmp
+        knobs.nvidia.dump_ptxas_log = True
+        ck = triton.compile(src, target=target, options=options.__dict__)
+    return ck, log.getvalue()
+
+
+def _usage(log: str) -> tuple[int, int] | None:
+    """(registers, spill bytes per thread) from a ``ptxas -v`` log, None if it has none."""
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    if not regs:
+        return None
+    return max(regs), sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill bytes) from ``ptxas -v`` on the PTX (the flags Triton compiles with)."""
+    """(registers, spill bytes) from running ``ptxas -v`` on the PTX (the flags Triton compiles with)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
@@ -124,10 +147,7 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
         res = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", "-lineinfo",
                               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(d, "k.o")],
                              capture_output=True, text=True, check=True)
-    log = res.stderr + res.stdout
-    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return regs, spills
+    return _usage(res.stderr + res.stdout) or (0, 0)
 
 
 def _mma(ptx: str) -> str:
@@ -139,7 +159,8 @@ def _mma(ptx: str) -> str:
 
 
 def plan(archs=("sm_80", "sm_90"), *, head_dims=(16, 32, 64, 128, 256), dtypes=(2, 4),
-         variants=("plain", "all"), kernels_=("fwd", "bwd_dq", "bwd_dkdv", "decode", "merge")):
+         variants=("plain", "masked", "all"),
+         kernels_=("fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "merge")):
     """The (kernel, arch, head dim, element bytes, variant) configurations to compile."""
     out = []
     for a in archs:
@@ -148,17 +169,19 @@ def plan(archs=("sm_80", "sm_90"), *, head_dims=(16, 32, 64, 128, 256), dtypes=(
         for kern in kernels_:
             for bd in head_dims:
                 for elem in dtypes:
-                    for var in (("plain",) if kern == "merge" else ("plain", "causal") if kern == "decode"
-                                else variants):
+                    for var in (("plain",) if kern in ("merge", "bwd_delta") else ("plain", "causal")
+                                if kern == "decode" else variants):
                         out.append((kern, ARCHS[a], bd, elem, var))
     return out
 
 
-def compile_one(kernel: str, arch: int, block_d: int, elem: int, variant: str) -> Row:
+def compile_one(kernel: str, arch: int, block_d: int, elem: int, variant: str, config=None,
+                cache_dir: str | None = None) -> Row:
+    """Compile one configuration (``config``: a :class:`~.configs.Config` instead of the table's) and measure it."""
     t = time.perf_counter()
-    (name, fn, args, kw), = _launches(kernel, arch, block_d, elem, variant)
-    ck = _compile(fn, args, kw, arch)
-    regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
+    (name, fn, args, kw), = _launches(kernel, arch, block_d, elem, variant, config)
+    ck, log = _compile(fn, args, kw, arch, cache_dir)
+    regs, spills = _usage(log) or _ptxas_usage(ck.asm["ptx"], arch)
     md = ck.metadata
     cfg = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{kw['num_warps']} s{kw['num_stages']}" if "BLOCK_N" in kw
            else f"S{kw['BLOCK_S']} w{kw['num_warps']}")
@@ -173,3 +196,30 @@ def format_table(rows) -> str:
                       for r in rows]
     w = [max(len(x[i]) for x in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(line)).rstrip() for line in lines)
+
+
+def _one(item) -> Row:
+    return compile_one(*item)
+
+
+def run(items, jobs: int = 1, cache_dir: str | None = None, on_row=None) -> list[Row]:
+    """Compile every ``(kernel, arch, head_dim, elem_bytes, variant)`` item (``plan()``), in ``jobs`` processes;
+    ``on_row(row)`` is called as each finishes. Rows come back in the items' order."""
+    items = [tuple(it) + (None, cache_dir) for it in items]
+    if jobs <= 1:
+        rows = []
+        for it in items:
+            rows.append(compile_one(*it))
+            if on_row:
+                on_row(rows[-1])
+        return rows
+    import concurrent.futures as cf
+    import multiprocessing
+    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        futs = {ex.submit(_one, it): i for i, it in enumerate(items)}
+        rows = [None] * len(items)
+        for f in cf.as_completed(futs):
+            rows[futs[f]] = f.result()
+            if on_row:
+                on_row(rows[futs[f]])
+    return rows
