@@ -3,4 +3,4 @@
 ``reference`` (the oracle), ``tiled`` (FlashAttention in torch ops, with qkv's C kernel on CPU —
 :mod:`.cpu_kernel`), ``sdpa`` (PyTorch's SDPA when a call fits). The registry is :mod:`qkv.dispatch`.
 """
-__all__ = ["base", "reference", "sdpa", "tiled", "cpu_kernel"]
+__all__ = ["base", "reference", "sdpa", "tiled", "cpu_kernel", "triton"]

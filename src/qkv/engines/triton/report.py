@@ -94,7 +94,11 @@ def _launches(kernel: str, arch: int, block_d: int, elem: int, variant: str, con
             launch.forward(q, k, v, scale=0.1, config=config, **kw)
         else:
             out, lse = torch.zeros(B, Hq, N, D, dtype=dt), torch.zeros(B, Hq, N)
-            cfg = {"config_dq" if kernel == "bwd_dq" else "config_dkdv": config}
+            other = configs.Config(32, 32, 4, 1)     # the backward's other kernel: recorded, not compiled
+            cfg = {"config_dq": config if kernel == "bwd_dq" else other,
+                   "config_dkdv": config if kernel == "bwd_dkdv" else other}
+            if config is None:
+                cfg = {}
             launch.backward(q, k, v, out, lse, out, scale=0.1, need_dbias=need_dbias, **cfg, **kw)
     name = {"fwd": "_fwd_kernel", "bwd_dq": "_bwd_dq_kernel", "bwd_dkdv": "_bwd_dkdv_kernel",
             "bwd_delta": "_bwd_delta_kernel"}[kernel]
