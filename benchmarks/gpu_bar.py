@@ -276,8 +276,8 @@ def verdicts(res):
                         f", {p} {v:.0f}" for p, v in t.items() if p.startswith("sdpa") and v)))
     for r in res.get("masks_16k", {}).get("rows", []):
         if r.get("provider") == "triton" and r.get("status") == "ok":
-            flex = next((x for x in res["masks_16k"]["rows"] if x.get("provider") == "flex"
-                         and x.get("mask") == r["mask"] and x.get("mode") == r["mode"] and x.get("status") == "ok"), None)
+            flex = next((x for x in res["masks_16k"]["rows"] if x.get("provider") == "flex" and x.get("mask") ==
+                         r["mask"] and x.get("mode") == r["mode"] and x.get("status") == "ok"), None)
             f = flex["tflops"] if flex else None
             out.append((f"{r['mask']} N16k {r['mode']}: triton >= flex (useful TFLOP/s)",
                         "unmeasured" if f is None else ("met" if r["tflops"] >= f else "NOT met"),

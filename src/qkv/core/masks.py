@@ -70,8 +70,9 @@ class MaskMod:
     def spec(self) -> tuple | None:
         """What this mask is, when it is one of the index rules engines may compute in a kernel instead of
         evaluating it: ``("causal", bottom_right: bool)``, ``("window", left, right)``, ``("document", ids,
-        q_ids)``, ``("padding", kv_lens, q_lens)`` (tensors as given, ``q_lens``/``q_ids`` may be None) or ``("and", masks)``; else None. The
-        positions are those of the bound mask (``offset``), as in ``__call__``."""
+        q_ids)``, ``("padding", kv_lens, q_lens)`` (tensors as given, ``q_lens``/``q_ids`` may be None) or
+        ``("and", masks)``; else None. The positions are those of the bound mask (``offset``), as in
+        ``__call__``."""
         return self._spec
 
     @property

@@ -250,8 +250,9 @@ def _fwd_kernel(Q, K, V, O, LSE, L, NS,
         nfull = tl.load(FullNum + row)
         for t in tl.range(0, nfull * (TILE_N // BLOCK_N), num_stages=STAGES):
             n0t = tl.load(FullIdx + row * lst_cols + t // (TILE_N // BLOCK_N)) * TILE_N
+            n0 = n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, Kb, Vb, n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, skn, skd,
+                acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd,
                 svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off,
                 hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
                 False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D,
@@ -261,8 +262,9 @@ def _fwd_kernel(Q, K, V, O, LSE, L, NS,
             n0t = tl.load(PartIdx + row * lst_cols + t // (TILE_N // BLOCK_N)) * TILE_N
             slot = tl.load(PartSlot + row * lst_cols + t // (TILE_N // BLOCK_N))
             Bitsb = Bits + slot.to(tl.int64) * (TILE_M * W)
+            n0 = n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, Kb, Vb, n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N, offs_m, offs_n, offs_d, offs_dv, skn, skd,
+                acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn, skd,
                 svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm, sbn, lo_off,
                 hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh, dropout_p, q_base, k_base,
                 True, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D,
@@ -475,17 +477,19 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, NS, Delta,
         nfull = tl.load(FullNum + row)
         for t in tl.range(0, nfull * (TILE_N // BLOCK_N), num_stages=STAGES):
             n0t = tl.load(FullIdx + row * lst_cols + t // (TILE_N // BLOCK_N)) * TILE_N
-            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
+            n0 = n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N
+            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv,
                           skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
-                          sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p, q_base, k_base,
-                          False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
+                          sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bits, -1, m0t, n0t, hh, dropout_p,
+                          q_base, k_base, False, W, HAS_LO, HAS_HI, SOFTCAP, ALIBI, BIAS, DBIAS, DB_SUM_M, DB_SUM_N,
                           DB_ATOMIC, DOC, BITS, DROPOUT, DOT_PREC, EVEN_D, EVEN_DV)
         npart = tl.load(PartNum + row)
         for t in tl.range(0, npart * (TILE_N // BLOCK_N)):
             n0t = tl.load(PartIdx + row * lst_cols + t // (TILE_N // BLOCK_N)) * TILE_N
             slot = tl.load(PartSlot + row * lst_cols + t // (TILE_N // BLOCK_N))
             Bitsb = Bits + slot.to(tl.int64) * (TILE_M * W)
-            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N, offs_m, offs_n, offs_d, offs_dv,
+            n0 = n0t + (t % (TILE_N // BLOCK_N)) * BLOCK_N
+            dq = _dq_tile(dq, q, do, mrow, llrow, delta, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv,
                           skn, skd, svn, svd, D, Dv, Nq, Nk, kv_end, off, scale, softcap, slope, Biasb, sbm,
                           sbn, DBb, sdbm, sdbn, lo_off, hi_off, qid, KIdb, Bitsb, slot, m0t, n0t, hh,
                           dropout_p, q_base, k_base,
@@ -592,8 +596,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, NS, Delta,
                      Bias, sbb, sbh, sbm, sbn, Alibi, sab, sah,
                      QId, KId, sqib, skib, KvLen,
                      FullNum, FullIdx, PartNum, PartIdx, PartSlot, Order, Bits, lst_b, lst_h, lst_cols,
-                     Hq, Hkv, G, Nq, Nk, D, Dv, off, num_n, scale, softcap, lo_off, hi_off, dropout_p, seed, q_base, k_base,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     Hq, Hkv, G, Nq, Nk, D, Dv, off, num_n, scale, softcap, lo_off, hi_off, dropout_p, seed,
+                     q_base, k_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, W: tl.constexpr,
                      HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                      BIAS: tl.constexpr, DOC: tl.constexpr, KVLEN: tl.constexpr, LISTS: tl.constexpr,
@@ -647,7 +651,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, NS, Delta,
             nfull = tl.load(FullNum + row)
             for t in tl.range(0, nfull * (TILE_M // BLOCK_M), num_stages=STAGES):
                 m0t = tl.load(FullIdx + row * lst_cols + t // (TILE_M // BLOCK_M)) * TILE_M
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0t + (t % (TILE_M // BLOCK_M)) * BLOCK_M, offs_m, kj, offs_d,
+                m0 = m0t + (t % (TILE_M // BLOCK_M)) * BLOCK_M
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d,
                                     offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
                                     slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bits, -1, m0t, n0t,
                                     hh, dropout_p, q_base, k_base,
@@ -658,7 +663,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, NS, Delta,
                 m0t = tl.load(PartIdx + row * lst_cols + t // (TILE_M // BLOCK_M)) * TILE_M
                 slot = tl.load(PartSlot + row * lst_cols + t // (TILE_M // BLOCK_M))
                 Bitsb = Bits + slot.to(tl.int64) * (TILE_M * W)
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0t + (t % (TILE_M // BLOCK_M)) * BLOCK_M, offs_m, kj, offs_d,
+                m0 = m0t + (t % (TILE_M // BLOCK_M)) * BLOCK_M
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qb, DOb, L2b, LLb, Deltab, m0, offs_m, kj, offs_d,
                                     offs_dv, sqm, sqd, sdom, sdod, D, Dv, Nq, Nk, kv_end, off, scale, softcap,
                                     slope, Biasb, sbm, sbn, lo_off, hi_off, QIdb, KIdb, Bitsb, slot, m0t,
                                     n0t, hh, dropout_p, q_base, k_base,

@@ -287,7 +287,8 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
     order = plan.fwd.order(tile[0], cfg.block_m, num_m) if plan is not None else lst[0]
     lst = lst[:5] + (order,) + lst[6:]
     K._bwd_dq_kernel[(num_m, B * Hq)](
-        q, k, v, dout, dq, stats, B * Hq * Nq, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        q, k, v, dout, dq, stats, B * Hq * Nq, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *dq.stride(),
         bias_arg, *_strides4(bias), dbias32 if dbias32 is not None else q, *_strides4(dbias32), *ab, *di, kvl, *lst,
         Hq, G, Nq, Nk, D, Dv, off, num_m, *scal,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILE_M=tile[0], TILE_N=tile[1], W=-(-tile[1] // 32),
@@ -301,7 +302,8 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
     order = plan.bwd.order(tile[1], cfg.block_n, num_n) if plan is not None else lst[0]
     lst = lst[:5] + (order,) + lst[6:]
     K._bwd_dkdv_kernel[(num_n, B * Hkv)](
-        q, k, v, dout, dk, dv, stats, B * Hq * Nq, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+        q, k, v, dout, dk, dv, stats, B * Hq * Nq, delta, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *dk.stride(),
         *dv.stride(), bias_arg, *_strides4(bias), *ab, *di, kvl, *lst,
         Hq, Hkv, G, Nq, Nk, D, Dv, off, num_n, *scal,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILE_M=tile[0], TILE_N=tile[1], W=-(-tile[1] // 32),
@@ -337,7 +339,8 @@ def decode(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None
     z = torch.zeros(1, dtype=torch.int32, device=q.device)
     K._decode_kernel[(num_splits, B * Hkv)](
         q, k, v, op, lp, *q.stride(), *k.stride(), *v.stride(), *ab, kv_lens if kv_lens is not None else z,
-        Hq, Hkv, G, Nq, Nk, D, Dv, Nk - Nq if offset is None else offset, split_len, num_splits, float(scale), float(softcap or 1.0),
+        Hq, Hkv, G, Nq, Nk, D, Dv, Nk - Nq if offset is None else offset, split_len, num_splits, float(scale),
+        float(softcap or 1.0),
         int(lo_off or 0), int(hi_off or 0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bdv, HAS_LO=lo_off is not None,
         HAS_HI=hi_off is not None, SOFTCAP=softcap is not None, ALIBI=alibi is not None, KVLEN=kv_lens is not None,
