@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(wgmma: Hopper, mma: Ampere). Exit status 1 on a spill or too much shared "
                                    "memory. Variants: plain (no mask), causal (decode), masked (document ids, "
                                    "bitmaps, lengths), all (every feature at once: the most registers).")
-    k.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], choices=["sm_80", "sm_90"])
+    k.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], choices=["sm_80", "sm_86", "sm_90"],
+                   help="targets: sm_80 (A100), sm_86 (100 KB shared memory: A10, RTX 30/40, L4), sm_90 (H100/H200)")
     k.add_argument("--head-dim", nargs="+", type=int, default=None, metavar="D",
                    choices=[16, 32, 64, 128, 256], help="padded head dims (default 16 32 64 128 256)")
     k.add_argument("--dtype", nargs="+", default=None, choices=["bf16", "fp16", "fp32"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 __all__ = ["Config", "SMEM_LIMIT", "TILE", "INTERPRET_TILE", "DECODE_MAX_ROWS", "arch_of", "config",
-           "decode_config", "default_configs"]
+           "decode_config", "feature_class", "CLASSES", "MAX_HEAD_DIM"]
 
 
 class Config(NamedTuple):
@@ -30,10 +30,41 @@ INTERPRET_TILE = (32, 32)
 _KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 CLASSES = ("plain", "masked", "all")
 
-# (kernel, block_d, class) -> Config, for 16-bit inputs; filled in below from the searches' results
-_HALF: dict = {90: {}, 80: {}}
-# fp32 inputs: exact fp32 products ("ieee", no tensor cores), so smaller tiles
-_SINGLE: dict = {}
+
+def _table(rows):
+    """{(kernel, block_d, class): Config} from rows (kernel, block_d, (plain, masked, all) configs)."""
+    return {(k, d, c): cfg for k, d, cfgs in rows for c, cfg in zip(CLASSES, cfgs)}
+
+
+C = Config
+# 16-bit inputs: (kernel, padded head dim, class) -> Config. Found by `qkv kernels`' compiler, largest tiles first,
+# the first with no register spill and within shared memory (benchmarks/NOTES.md); speed unmeasured.
+_HALF = {
+    90: _table([
+        ("fwd", 64, (C(128, 64, 8, 3), C(128, 64, 8, 3), C(128, 64, 8, 3))),
+        ("fwd", 128, (C(128, 64, 8, 3), C(128, 64, 8, 3), C(128, 32, 8, 2))),
+        ("fwd", 256, (C(128, 64, 8, 2), C(64, 32, 8, 2), C(128, 32, 8, 2))),
+        ("bwd_dq", 64, (C(128, 64, 8, 2), C(128, 32, 8, 2), C(128, 32, 8, 2))),
+        ("bwd_dq", 128, (C(128, 64, 8, 2), C(128, 32, 8, 2), C(128, 32, 8, 2))),
+        ("bwd_dq", 256, (C(128, 32, 8, 2), C(32, 32, 4, 2), C(32, 32, 4, 2))),
+        ("bwd_dkdv", 64, (C(32, 128, 8, 2), C(32, 128, 8, 2), C(32, 128, 8, 2))),
+        ("bwd_dkdv", 128, (C(16, 128, 8, 2), C(16, 64, 8, 2), C(16, 64, 8, 2))),
+        ("bwd_dkdv", 256, (C(16, 32, 8, 2), C(16, 32, 8, 2), C(16, 16, 4, 2))),
+    ]),
+    80: _table([
+        ("fwd", 64, (C(128, 64, 8, 3), C(128, 64, 8, 3), C(128, 64, 8, 3))),
+        ("fwd", 128, (C(128, 64, 8, 3), C(128, 64, 8, 3), C(128, 64, 8, 3))),
+        ("fwd", 256, (C(128, 32, 8, 2), C(64, 64, 8, 2), C(64, 64, 8, 2))),
+        ("bwd_dq", 64, (C(128, 64, 8, 2), C(128, 32, 8, 2), C(128, 32, 8, 2))),
+        ("bwd_dq", 128, (C(128, 32, 8, 2), C(64, 64, 8, 2), C(64, 64, 8, 2))),
+        ("bwd_dq", 256, (C(64, 64, 8, 2), C(32, 32, 4, 2), C(32, 32, 4, 2))),
+        ("bwd_dkdv", 64, (C(16, 128, 8, 2), C(16, 128, 8, 2), C(16, 64, 8, 2))),
+        ("bwd_dkdv", 128, (C(16, 128, 8, 2), C(16, 64, 8, 2), C(16, 32, 8, 2))),
+        ("bwd_dkdv", 256, (C(16, 32, 8, 2), C(16, 32, 8, 2), C(16, 32, 8, 2))),
+    ]),
+}
+# fp32 inputs: exact fp32 products ("ieee": FMA, no tensor cores), so smaller tiles; (arch, kernel, block_d, class)
+_SINGLE: dict = {90: {}, 80: {}}
 
 _INTERPRET = Config(16, 16, 4, 1)
 
@@ -53,8 +84,11 @@ def feature_class(*, lists: bool, bias: bool, dropout: bool, softcap: bool, alib
 
 
 def arch_of(capability: tuple[int, int]) -> int:
-    """The table a device of this compute capability uses: 90 from Hopper on, else 80."""
-    return 90 if capability[0] >= 9 else 80
+    """The target of a device of this compute capability: 90 from Hopper on, 86 for the 100 KB-shared-memory
+    Ampere/Ada parts (sm_86, sm_89), else 80."""
+    if capability[0] >= 9:
+        return 90
+    return 86 if capability[0] == 8 and capability[1] in (6, 7, 9) else 80
 
 
 def head_bucket(block_d: int) -> int:
@@ -67,7 +101,14 @@ def config(kernel: str, block_d: int, elem_bytes: int, arch: int | None, cls: st
     if arch is None:
         return _INTERPRET
     key = (kernel, head_bucket(block_d), cls)
-    return _SINGLE[key] if elem_bytes == 4 else _HALF[arch][key]
+    cfg = (_SINGLE if elem_bytes == 4 else _HALF)[80 if arch == 86 else arch][key]
+    if arch == 86:      # sm_86/sm_89: 100 KB of shared memory against sm_80's 163 KB: fewer pipeline stages
+        cfg = cfg._replace(num_stages=min(cfg.num_stages, 2))
+    return cfg
+
+
+#: The largest head dim each target's tables serve (100 KB shared-memory parts: none past 128 fits).
+MAX_HEAD_DIM = {80: 256, 86: 128, 90: 256}
 
 
 def decode_config(block_d: int, rows: int, elem_bytes: int, arch: int | None) -> Config:
@@ -76,16 +117,4 @@ def decode_config(block_d: int, rows: int, elem_bytes: int, arch: int | None) ->
     if arch is None:
         return Config(bm, 16, 4, 1)
     bn = DECODE_BLOCK_N[head_bucket(block_d)] // (2 if elem_bytes == 4 else 1)
-    return Config(bm, bn, 4, 3 if arch >= 90 else 2)
-
-
-def default_configs(arch: int):
-    """Every (kernel, block_d, elem_bytes) -> Config the engine can launch on ``arch`` (for ``qkv kernels``)."""
-    out = {}
-    for elem in (2, 4):
-        for bd in (16, 32, 64, 128, 256):
-            for k in _KERNELS:
-                out[(k, bd, elem)] = config(k, bd, elem, arch)
-            for rows in (1, 16, DECODE_MAX_ROWS):
-                out[("decode", bd, elem, rows)] = decode_config(bd, rows, elem, arch)
-    return out
+    return Config(bm, bn, 4, 3 if arch == 90 else 2)

@@ -285,8 +285,11 @@ class TritonEngine(Engine):
         if call.score_mod is not None:
             why.append("score_mod callables are not fused into the kernels (a Python function would need a "
                        "compile step); backend='tiled' runs them")
-        if max(call.D, call.Dv) > 256:
-            why.append(f"head dims up to 256 (got D={call.D}, Dv={call.Dv})")
+        limit = 256
+        if call.device.type == "cuda" and not interpreting():
+            limit = configs.MAX_HEAD_DIM[configs.arch_of(torch.cuda.get_device_capability(call.device))]
+        if max(call.D, call.Dv) > limit:
+            why.append(f"head dims up to {limit} on this device (got D={call.D}, Dv={call.Dv})")
         return why
 
     def forward(self, call: Call):

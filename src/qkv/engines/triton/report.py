@@ -22,7 +22,7 @@ from . import configs, launch
 
 __all__ = ["Row", "ARCHS", "plan", "compile_one", "run", "format_table"]
 
-ARCHS = {"sm_80": 80, "sm_90": 90}
+ARCHS = {"sm_80": 80, "sm_86": 86, "sm_90": 90}
 _DTYPES = {2: torch.bfloat16, 4: torch.float32}
 
 
