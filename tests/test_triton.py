@@ -305,3 +305,33 @@ def test_random_calls(c):
     (B, Hq, Hkv, Nq, Nk, D, dtype), kw = c
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
     _check(q, k, v, **kw)
+
+
+# ------------------------------------------------------------------------------------ auto on CUDA
+
+def test_auto_rules_on_cuda():
+    """auto's CUDA policy (no GPU here: the call claims a CUDA device): SDPA keeps no-mask and plain causal calls,
+    triton takes decoding steps and every other mask or mod, tiled the score_mod callables."""
+    import dataclasses
+
+    from qkv import dispatch
+    from qkv.core.call import Call
+
+    class _OnCuda(Call):
+        @property
+        def device(self):
+            return torch.device("cuda")
+
+    def pick(q, k, v, **kw):
+        c = prepare(q, k, v, **kw)
+        return dispatch.auto(_OnCuda(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)})).name
+
+    q, k, v = make_qkv(1, 4, 2, 64, 64, 16)
+    assert pick(q, k, v) == "sdpa" and pick(q, k, v, causal=True) == "sdpa"
+    assert pick(q, k, v, return_lse=True) == "triton"
+    assert pick(q, k, v, window=(8, 0)) == "triton"
+    assert pick(q, k, v, mask=qkv.masks.document(torch.arange(64) // 16)) == "triton"
+    assert pick(q, k, v, causal=True, alibi_slopes=torch.rand(4)) == "triton"
+    assert pick(q, k, v, score_mod=lambda s, b, h, i, j: s) == "tiled"
+    qd = q[:, :, -1:]
+    assert pick(qd, k, v, causal=True) == "triton"                    # a decoding step: split-KV
