@@ -79,7 +79,12 @@ def _arch(t: torch.Tensor) -> int | None:
         return _TARGET.get()[0]
     if interpreting():
         return None
-    return configs.arch_of(torch.cuda.get_device_capability(t.device))
+    return _device_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(index: int) -> int:
+    return configs.arch_of(torch.cuda.get_device_capability(index))
 
 
 def tile_size(t: torch.Tensor) -> tuple[int, int]:
