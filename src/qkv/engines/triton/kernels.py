@@ -119,7 +119,7 @@ def _scores(qk, qi, kj, off, scale, softcap, slope, Biasb, sbm, sbn, Nq, Nk,
     if ALIBI:
         s -= (slope * 1.4426950408889634) * tl.abs(qi + off - kj).to(tl.float32)
     if BIAS:
-        bias = tl.load(Biasb + qi * sbm + kj * sbn, mask=(qi < Nq) & (kj < Nk), other=0.0)
+        bias = tl.load(Biasb + qi.to(tl.int64) * sbm + kj * sbn, mask=(qi < Nq) & (kj < Nk), other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
     return s, t
 
@@ -209,8 +209,8 @@ def _fwd_kernel(Q, K, V, O, LSE, L, NS,
     """One program: BLOCK_M query rows of one (batch, query head). Grid (num_m, B·Hq)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    b = (pid_bh // Hq).to(tl.int64)      # 64-bit offsets: a (B, H, N, N) bias passes 2**31 elements
+    h = (pid_bh % Hq).to(tl.int64)
     hk = h // G
     if LISTS:
         mblk = tl.load(Order + pid)            # query blocks with the most tiles first
@@ -332,8 +332,8 @@ def _bwd_delta_kernel(O, DO, DLSE, Delta, sob, soh, som, sod, sdob, sdoh, sdom, 
     """FlashAttention-2's row term delta_i = Σ_d dO·O − dlse_i (d lse_i / d s_ij = p_ij), fp32 (B, Hq, Nq)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    b = (pid_bh // Hq).to(tl.int64)      # 64-bit offsets: a (B, H, N, N) bias passes 2**31 elements
+    h = (pid_bh % Hq).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_DV)
     ok = (rows[:, None] < Nq) & (d[None, :] < Dv)
@@ -358,7 +358,7 @@ def _dbias_add(ds, qi, kj, DBb, sdbm, sdbn, Nq, Nk,
     elif SUM_N:
         tl.atomic_add(DBb + qi * sdbm, tl.reduce(ds, 1, _SUM), mask=qi < Nq)
     else:
-        ptrs = DBb + qi[:, None] * sdbm + kj[None, :] * sdbn
+        ptrs = DBb + qi[:, None].to(tl.int64) * sdbm + kj[None, :] * sdbn
         ok = (qi[:, None] < Nq) & (kj[None, :] < Nk)
         if ATOMIC:
             tl.atomic_add(ptrs, ds, mask=ok)
@@ -430,8 +430,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L2, NS, Delta,
     """dQ (and dBias) for BLOCK_M query rows of one (batch, query head), keys as in the forward. Grid (num_m, B·Hq)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    b = (pid_bh // Hq).to(tl.int64)      # 64-bit offsets: a (B, H, N, N) bias passes 2**31 elements
+    h = (pid_bh % Hq).to(tl.int64)
     hk = h // G
     if LISTS:
         mblk = tl.load(Order + pid)
@@ -607,8 +607,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L2, NS, Delta,
     K/V are read once and dK/dV summed in registers (no atomics). Grid (num_n, B·Hkv)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
     if LISTS:
         nblk = tl.load(Order + pid)
     else:
@@ -728,8 +728,8 @@ def _decode_kernel(Q, K, V, OP, LP,
     normalised output and base-2 LSE, merged by _merge_kernel. Grid (num_splits, B·Hkv)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
     r = tl.arange(0, BLOCK_M)
     nrows = G * Nq
     valid = r < nrows

@@ -69,8 +69,8 @@ def device_problem(t: torch.Tensor) -> str | None:
     """Why the kernels cannot run on ``t``'s device, or None."""
     if t.device.type == "cuda" or interpreting() or _TARGET.get() is not None:
         return None
-    return (f"Triton kernels run on CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 before the first call "
-            f"to run them on CPU tensors in Triton's interpreter (slow: for tests)")
+    return (f"Triton kernels run on CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 to run them on CPU "
+            f"tensors in Triton's interpreter (slow: for tests)")
 
 
 def _arch(t: torch.Tensor) -> int | None:
