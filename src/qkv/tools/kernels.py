@@ -29,7 +29,14 @@ def main(archs=DEFAULT_ARCHS, *, head_dims=None, dtypes=None, kernels=None, vari
     jobs = jobs or min(len(items), os.cpu_count() or 1)
     print(f"compiling {len(items)} kernel configurations for {', '.join(archs)} ({jobs} processes)...",
           file=out, flush=True)
-    rows = report.run(items, jobs=jobs, cache_dir=cache_dir)
+    done = []
+
+    def progress(r):
+        done.append(r)
+        print(f"  [{len(done)}/{len(items)}] {r.kernel} sm_{r.arch} D={r.head_dim} {r.dtype} {r.variant}: "
+              f"{'ok' if r.ok else 'NO'} ({r.seconds:.0f} s)", file=sys.stderr, flush=True)
+
+    rows = report.run(items, jobs=jobs, cache_dir=cache_dir, on_row=progress)
     print(report.format_table(rows), file=out)
     bad = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(bad)}/{len(rows)} within their target's registers (no spills) and shared memory",

@@ -179,6 +179,17 @@ def plan(archs=("sm_80", "sm_90"), *, head_dims=(16, 32, 64, 128, 256), dtypes=(
     return out
 
 
+def _config_text(kw) -> str:
+    """'128x64 w8 s3': rows x keys per block (or the splits merged), warps, pipeline stages."""
+    if "BLOCK_N" in kw:
+        tile = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}"
+    elif "BLOCK_S" in kw:
+        tile = f"{kw['BLOCK_S']} splits"
+    else:
+        tile = f"{kw.get('BLOCK_M', '?')} rows"
+    return f"{tile} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 1)}"
+
+
 def compile_one(kernel: str, arch: int, block_d: int, elem: int, variant: str, config=None,
                 cache_dir: str | None = None) -> Row:
     """Compile one configuration (``config``: a :class:`~.configs.Config` instead of the table's) and measure it."""
@@ -187,8 +198,7 @@ def compile_one(kernel: str, arch: int, block_d: int, elem: int, variant: str, c
     ck, log = _compile(fn, args, kw, arch, cache_dir)
     regs, spills = _usage(log) or _ptxas_usage(ck.asm["ptx"], arch)
     md = ck.metadata
-    cfg = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{kw['num_warps']} s{kw['num_stages']}" if "BLOCK_N" in kw
-           else f"S{kw['BLOCK_S']} w{kw['num_warps']}")
+    cfg = _config_text(kw)
     return Row(kernel, arch, block_d, str(_DTYPES[elem]).replace("torch.", ""), variant, cfg, regs, spills,
                int(md.shared), configs.SMEM_LIMIT[arch], _mma(ck.asm["ptx"]), time.perf_counter() - t)
 
@@ -203,7 +213,13 @@ def format_table(rows) -> str:
 
 
 def _one(item) -> Row:
-    return compile_one(*item)
+    try:
+        return compile_one(*item)
+    except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a row of the report
+        kernel, arch, block_d, elem, variant = item[:5]
+        return Row(kernel, arch, block_d, str(_DTYPES[elem]).replace("torch.", ""), variant,
+                   f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}", 0, -1, 0,
+                   configs.SMEM_LIMIT[arch], "none", 0.0)
 
 
 def run(items, jobs: int = 1, cache_dir: str | None = None, on_row=None) -> list[Row]:
@@ -213,7 +229,7 @@ def run(items, jobs: int = 1, cache_dir: str | None = None, on_row=None) -> list
     if jobs <= 1:
         rows = []
         for it in items:
-            rows.append(compile_one(*it))
+            rows.append(_one(it))
             if on_row:
                 on_row(rows[-1])
         return rows
