@@ -252,10 +252,10 @@ def backward(q, k, v, out, lse, dout, dlse=None, *, scale, lo_off=None, hi_off=N
                          q_lens=q_lens, masks=masks)
     delta = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     dl = None if dlse is None else dlse.to(torch.float32).contiguous()
-    bm_delta = 64 if bdv <= 128 else 32
+    bm_delta = 64 if bdv <= 64 else 32 if bdv <= 128 else 16
     K._bwd_delta_kernel[(-(-Nq // bm_delta), B * Hq)](
         out, dout, dl if dl is not None else delta, delta, *out.stride(), *dout.stride(), Hq, Nq, Dv,
-        BLOCK_M=bm_delta, BLOCK_DV=bdv, DL=dl is not None, num_warps=4, **_opts(q))
+        BLOCK_M=bm_delta, BLOCK_DV=bdv, DL=dl is not None, num_warps=8 if bdv > 128 else 4, **_opts(q))
     if stats is None:
         stats = torch.stack([lse.to(torch.float32) * LOG2E, torch.zeros_like(lse, dtype=torch.float32)])
     stats = stats.contiguous()
