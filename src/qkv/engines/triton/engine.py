@@ -6,9 +6,12 @@ either alignment), document ids (``masks.document``), lengths (``masks.padding``
 (:meth:`~qkv.core.masks.BlockMask.tile_masks`, cached on the BlockMask; built per call for a bool tensor or a
 plain mask_mod). ``score_mod`` callables are not fused: the engine says so and ``auto`` keeps them on tiled.
 
-Calls with few query rows per kv head against a longer cache (decoding) run the split-KV kernel when no
-gradient is needed; everything else runs the forward kernel under an autograd Function whose backward runs
-the dQ and dK/dV kernels (tensors reach the backward only through ``save_for_backward``).
+The engine is a :class:`~qkv.engines.kernel.KernelEngine`: ``plan`` (static facts only), ``fwd`` and ``bwd``
+on tensors; autograd (every tensor the backward reads saved with ``save_for_backward``) and the torch.compile
+custom ops are the shared ones of :mod:`qkv.engines.kernel`. Calls with few query rows per kv head against a
+longer cache (decoding) run the split-KV kernel when no gradient is needed; everything else runs the forward
+kernel, which keeps its row statistics (2, B, Hq, Nq) for the dQ and dK/dV kernels of the backward. The rules
+and block lists are derived again from the call in the backward (kept on a BlockMask, so free there).
 """
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from ...core.call import Call
+from ...core.finite import NonFiniteInputs, finite_result, nonfinite_names
 from ...core.masks import BlockMask, and_masks, block_mask
-from ..base import Engine
+from ..kernel import KernelEngine
 from . import configs, launch
 from .load import interpreting
-from .plan import Lists, Plan
+from .plan import Plan
 
 __all__ = ["ENGINE", "TritonEngine", "DECODE_MIN_KEYS_PER_ROW"]
 
@@ -179,88 +183,56 @@ def _prepared(call: Call, tile) -> tuple[_Rules, Plan | None]:
     return bm.cached(key, build)
 
 
-# ------------------------------------------------------------------------------------------------ autograd
+# ------------------------------------------------------------------------------------------------ plan
 
-_AUX = ("alibi", "q_ids", "k_ids", "kv_lens", "q_lens")
-
-
-@dataclass
-class _Args:
-    """The non-tensor launch arguments; tensors travel as autograd inputs (saved with save_for_backward)."""
-    scale: float
-    lo_off: int | None
-    hi_off: int | None
-    softcap: float | None
-    dropout_p: float
-    seed: int
-    offset: int
-    q_base: int
-    k_base: int
-    tile: tuple | None
-    has: tuple                 # which of _AUX are present
-    has_bits: bool
-
-    def kwargs(self, aux, plan):
-        kw = dict(scale=self.scale, lo_off=self.lo_off, hi_off=self.hi_off, softcap=self.softcap,
-                  dropout_p=self.dropout_p, seed=self.seed, offset=self.offset, q_base=self.q_base,
-                  k_base=self.k_base, plan=plan)
-        kw.update(dict(zip(_AUX, aux)))
-        return kw
+def _mod_parts(m, kinds: list) -> bool:
+    """Append to ``kinds`` the index rules mask ``m`` is made of; False when some part needs bitmaps (the same
+    decomposition as :func:`_decompose`, from the masks' specs alone: no tensor is read)."""
+    spec = getattr(m, "spec", None)
+    if spec is None:
+        return False
+    if spec[0] == "and":
+        return all([_mod_parts(child, kinds) for child in spec[1]])
+    if spec[0] == "document":
+        if "document" in kinds:
+            return False
+        kinds.append("document")
+        return True
+    if spec[0] == "padding":
+        kinds.append("padding" if spec[2] is None else "q_lens")
+        return True
+    kinds.append(spec[0])
+    return spec[0] in ("causal", "window")
 
 
-def _plan_tensors(plan: Plan | None) -> list:
-    if plan is None:
-        return []
-    t = [plan.state]
-    for lst in (plan.fwd, plan.bwd):
-        t += [lst.full_num, lst.full_idx, lst.part_num, lst.part_idx, lst.part_slot]
-    return t + ([plan.bits] if plan.bits is not None else [])
+def _index_only(call: Call) -> bool:
+    """Whether the call's visibility is key ranges and per-batch key lengths only (what the split-KV decoding
+    kernel computes): no documents, query lengths or bitmaps."""
+    mask = call.mask
+    if mask is None:
+        return True
+    if isinstance(mask, torch.Tensor):
+        return False
+    if isinstance(mask, BlockMask):
+        mask = mask.mask_mod
+    else:
+        mask = call.rules[-1][1]
+    kinds: list = []
+    return mask is not None and _mod_parts(mask, kinds) and set(kinds) <= {"causal", "window", "padding"}
 
 
-def _plan_from(tile, tensors, has_bits) -> Plan | None:
-    if not tensors:
-        return None
-    st, f = tensors[0], tensors[1:11]
-    return Plan(tuple(tile), Lists(*f[:5]), Lists(*f[5:]), tensors[11] if has_bits else None, st)
-
-
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, args: _Args, *tensors):
-        ctx.set_materialize_grads(False)
-        n_aux = len(args.has)
-        aux = list(tensors[:n_aux])
-        plan = _plan_from(args.tile, list(tensors[n_aux:]), args.has_bits)
-        out, lse, stats = launch.forward(q, k, v, bias=bias, return_stats=True,
-                                         **args.kwargs(_expand(aux, args.has), plan))
-        ctx.save_for_backward(q, k, v, bias, out, stats, *tensors)
-        ctx.args = args
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, bias, out, stats, *tensors = ctx.saved_tensors
-        args = ctx.args
-        n_aux = len(args.has)
-        aux = _expand(tensors[:n_aux], args.has)
-        plan = _plan_from(args.tile, list(tensors[n_aux:]), args.has_bits)
-        if dout is None:
-            dout = torch.zeros_like(out)
-        need_dbias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = launch.backward(q, k, v, out, None, dout, dlse, bias=bias, need_dbias=need_dbias,
-                                            stats=stats, **args.kwargs(aux, plan))
-        return (dq, dk, dv, dbias, None) + (None,) * len(tensors)
-
-
-def _expand(aux, has):
-    """The _AUX tensors in order, None where absent (``aux`` holds the present ones)."""
-    it = iter(aux)
-    return [next(it) if name in has else None for name in _AUX]
+@dataclass(frozen=True)
+class _Plan:
+    """What the engine runs for a call, from its static facts: the list-tile size, the split-KV decoding kernel
+    or the fused forward, and whether the forward keeps its row statistics (2, B, Hq, Nq) for a backward."""
+    tile: tuple
+    decode: bool
+    stats: bool
 
 
 # ------------------------------------------------------------------------------------------------ engine
 
-class TritonEngine(Engine):
+class TritonEngine(KernelEngine):
     """qkv's fused Triton kernels: forward and backward for every mask and mod except score_mod callables,
     split-KV decoding; CUDA (or Triton's interpreter on CPU tensors)."""
 
@@ -292,32 +264,70 @@ class TritonEngine(Engine):
             why.append(f"head dims up to {limit} on this device (got D={call.D}, Dv={call.Dv})")
         return why
 
-    def forward(self, call: Call):
-        tile = launch.tile_size(call.q)
-        r, plan = _prepared(call, tile)
-        alibi = None if call.alibi is None else call.alibi.to(torch.float32).contiguous()
-        if self.decodes(call, r):
-            return launch.decode(call.q, call.k, call.v, scale=call.scale, lo_off=r.lo_off, hi_off=r.hi_off,
-                                  softcap=call.softcap, alibi=alibi, kv_lens=r.kv_lens, offset=call.offset)
-        present = dict(alibi=alibi, q_ids=r.q_ids, k_ids=r.k_ids, kv_lens=r.kv_lens, q_lens=r.q_lens)
-        has = tuple(n for n in _AUX if present[n] is not None)
-        args = _Args(call.scale, r.lo_off, r.hi_off, call.softcap, call.dropout_p,
-                     call.seed, call.offset, call.q_base, call.k_base, None if plan is None else plan.tile, has,
-                     plan is not None and plan.bits is not None)
-        return _TritonAttention.apply(call.q, call.k, call.v, call.bias, args, *(present[n] for n in has),
-                                      *_plan_tensors(plan))
+    def plan(self, call: Call, training: bool) -> _Plan:
+        decode = not training and self.decodes(call, training=False)
+        return _Plan(launch.tile_size(call.q), decode, training and not decode)
+
+    def aux_meta(self, call: Call, plan: _Plan) -> list:
+        return [((2, call.B, call.Hq, call.Nq), torch.float32)] if plan.stats else []
+
+    def fwd(self, call: Call, plan: _Plan):
+        checking = not torch.compiler.is_compiling()
+        if checking and plan.stats:
+            _refuse_nonfinite(call, "its backward")
+        r, lists = _prepared(call, plan.tile)
+        alibi = _alibi(call)
+        if plan.decode:
+            out, lse = launch.decode(call.q, call.k, call.v, scale=call.scale, lo_off=r.lo_off, hi_off=r.hi_off,
+                                     softcap=call.softcap, alibi=alibi, kv_lens=r.kv_lens, offset=call.offset)
+            stats = None
+        else:
+            out, lse, stats = launch.forward(call.q, call.k, call.v, bias=call.bias, return_stats=True,
+                                             plan=lists, alibi=alibi, **_launch_args(call, r))
+        if checking and not plan.stats and not finite_result(out, lse):
+            _refuse_nonfinite(call, "its result")
+        return out, lse, ([stats] if plan.stats else [])
+
+    def bwd(self, call: Call, plan: _Plan, out, lse, aux, dout, dlse, needs):
+        r, lists = _prepared(call, plan.tile)
+        need_dbias = call.bias is not None and bool(needs[3])
+        dq, dk, dv, dbias = launch.backward(call.q, call.k, call.v, out, None, dout, dlse, bias=call.bias,
+                                            need_dbias=need_dbias, stats=aux[0], plan=lists, alibi=_alibi(call),
+                                            **_launch_args(call, r))
+        return dq, dk, dv, dbias, []
 
     @staticmethod
-    def decodes(call: Call, r: _Rules | None = None) -> bool:
-        """Whether ``call`` runs on the split-KV decoding kernel (inference, few rows per kv head, long cache,
-        no bias, dropout, documents, row lengths or bitmaps)."""
-        if call.training or call.bias is not None or call.dropout_p > 0:
+    def decodes(call: Call, training: bool | None = None) -> bool:
+        """Whether ``call`` runs on the split-KV decoding kernel: inference, at most DECODE_MAX_ROWS rows per kv
+        head (G·Nq), at least DECODE_MIN_KEYS_PER_ROW keys per row, no bias or dropout, and a visibility of key
+        ranges and key lengths only. ``training`` defaults to ``call.training``."""
+        if (call.training if training is None else training) or call.bias is not None or call.dropout_p > 0:
             return False
         if call.G * call.Nq > configs.DECODE_MAX_ROWS or call.Nk < DECODE_MIN_KEYS_PER_ROW * call.Nq:
             return False
-        if r is None:
-            return call.mask is None
-        return r.q_ids is None and r.masks is None and r.q_lens is None
+        return _index_only(call)
 
 
-ENGINE = TritonEngine()
+def _alibi(call: Call) -> torch.Tensor | None:
+    return None if call.alibi is None else call.alibi.to(torch.float32).contiguous()
+
+
+def _launch_args(call: Call, r: _Rules) -> dict:
+    """The launchers' keyword arguments of a call and its rules (the plan and alibi aside)."""
+    return dict(scale=call.scale, lo_off=r.lo_off, hi_off=r.hi_off, softcap=call.softcap, dropout_p=call.dropout_p,
+                seed=call.seed, q_ids=r.q_ids, k_ids=r.k_ids, kv_lens=r.kv_lens, q_lens=r.q_lens,
+                offset=call.offset, q_base=call.q_base, k_base=call.k_base)
+
+
+def _refuse_nonfinite(call: Call, what: str) -> None:
+    """Raise NonFiniteInputs when the inputs hold NaN/inf: the kernels multiply the zero probabilities of
+    hidden keys with their values (0·NaN), so a hidden NaN could reach {what}. ``auto`` then runs tiled."""
+    bad = nonfinite_names(call.q, call.k, call.v, call.bias)
+    if bad:
+        raise NonFiniteInputs(
+            f"backend='triton' cannot serve this call: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or "
+            f"inf values, which its kernels may let reach rows that cannot see them ({what}: 0·NaN); use "
+            f"backend='tiled' (or 'auto')")
+
+
+ENGINE = TritonEngine().register_kernel()
