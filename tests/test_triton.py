@@ -335,3 +335,14 @@ def test_auto_rules_on_cuda():
     assert pick(q, k, v, score_mod=lambda s, b, h, i, j: s) == "tiled"
     qd = q[:, :, -1:]
     assert pick(qd, k, v, causal=True) == "triton"                    # a decoding step: split-KV
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_nonfinite_inputs_are_refused_not_leaked(grad):
+    """A NaN in a key a row cannot see would reach that row through 0·NaN in the kernels: refused with a reason
+    naming the tensor (NonFiniteInputs, a ValueError), so auto reruns such a call on tiled."""
+    from qkv.core.finite import NonFiniteInputs
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 16)
+    v[:, :, 30] = float("nan")
+    with pytest.raises(NonFiniteInputs, match=r"\bv\b.*NaN"):
+        qkv.attention(q.requires_grad_(grad), k, v, causal=True, backend="triton")
