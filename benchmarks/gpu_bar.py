@@ -93,18 +93,18 @@ def correctness(dev, smoke, clock):
         try:
             compare("triton", q, k, v, grad=True, bias=bias, **kw)
             out.append({"case": name, "status": "pass", "s": time.perf_counter() - t})
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out.append({"case": name, "status": "FAIL", "message": f"{type(e).__name__}: {e}"[:400]})
     # decoding: few rows, long cache, no gradient -> the split-KV kernel
     q, k, v = make_qkv(2, 8, 2, 1, 16 * n, 128, dtype=dt, device=dev)
-    from qkv.engines.triton import ENGINE
     from qkv.core.call import prepare
+    from qkv.engines.triton import ENGINE
     try:
         assert ENGINE.decodes(prepare(q, k, v, causal=True))
         with torch.no_grad():
             compare("triton", q, k, v, causal=True)
         out.append({"case": "decode split-KV", "status": "pass"})
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out.append({"case": "decode split-KV", "status": "FAIL", "message": f"{type(e).__name__}: {e}"[:400]})
     return out
 
@@ -157,7 +157,7 @@ def decoding(dev, smoke, clock):
                     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             try:
                 res["ms"][name], _ = _time(run, dev)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 res["ms"][name] = None
                 res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:200]
         buf_k, buf_v = torch.empty_like(k), torch.empty_like(v)
@@ -342,7 +342,7 @@ def main(argv=None):
         print(f"[{time.perf_counter() - clock.t0:6.1f} s] {name} ...", flush=True)
         try:
             res[name] = phases[name](dev, a.smoke, clock)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res[name + "_error"] = f"{type(e).__name__}: {e}"
             print(f"  {name} failed: {e}", flush=True)
         res.setdefault("phase_s", {})[name] = time.perf_counter() - t

@@ -2,11 +2,11 @@
 FlashAttention's rule: forward, backward, split-KV decoding, every mask kind, mods, dropout bit for bit, GQA,
 awkward head dims and lengths, fully masked rows. Shapes are small: the interpreter runs each program in numpy.
 The kernels run with 16×16 blocks and 32×32 list tiles here, so these shapes span several blocks and tiles."""
-import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qkv
 from qkv.core import hash as qhash
@@ -16,7 +16,7 @@ from qkv.testing import compare, make_qkv, naive_attention, run_naive
 
 pytest.importorskip("triton")
 
-from qkv.engines.triton import ENGINE, launch  # noqa: E402
+from qkv.engines.triton import ENGINE, launch
 
 
 @pytest.fixture(autouse=True)

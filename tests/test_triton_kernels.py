@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from qkv.tools import cli  # noqa: E402
+from qkv.tools import cli
 
 
 def test_default_configurations_compile_without_spills(tmp_path, capsys):

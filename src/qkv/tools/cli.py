@@ -1,4 +1,5 @@
-"""The ``qkv`` command: ``bench``, ``check``, ``info``, ``show``, ``demo``, ``kernels``. Thin: parsing and dispatch only.
+"""The ``qkv`` command: ``bench``, ``check``, ``info``, ``show``, ``demo``, ``kernels``. Thin: parsing and dispatch
+only.
 
 Bad arguments give one line on stderr and exit status 2 (no traceback), before any work: output paths are
 checked for writing first; ``check`` exits 1 on a failure.
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=[16, 32, 64, 128, 256], help="padded head dims (default 16 32 64 128 256)")
     k.add_argument("--dtype", nargs="+", default=None, choices=["bf16", "fp16", "fp32"],
                    help="input dtypes (default bf16 fp32; fp16 compiles like bf16)")
-    k.add_argument("--kernel", nargs="+", default=None, choices=["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "merge"])
+    k.add_argument("--kernel", nargs="+", default=None,
+                   choices=["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "merge"])
     k.add_argument("--variant", nargs="+", default=None, choices=["plain", "masked", "all"])
     k.add_argument("--jobs", type=_pos_int, default=None, help="compile processes (default: CPU count)")
     k.add_argument("--json", metavar="FILE")

@@ -23,8 +23,8 @@ import math
 import torch
 
 from . import configs
-from .plan import build as build_plan
 from .load import interpreting, module
+from .plan import build as build_plan
 
 __all__ = ["forward", "backward", "decode", "make_plan", "needs_lists", "tile_size", "device_problem", "recording",
            "LOG2E"]
@@ -82,7 +82,7 @@ def _arch(t: torch.Tensor) -> int | None:
     return _device_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_arch(index: int) -> int:
     return configs.arch_of(torch.cuda.get_device_capability(index))
 
@@ -336,7 +336,8 @@ def decode(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None
         sms = 4 if arch is None else torch.cuda.get_device_properties(q.device).multi_processor_count
         want = -(-2 * sms // max(1, B * Hkv))            # about two programs per SM
         num_splits = max(1, min(want, -(-Nk // (4 * cfg.block_n)), _MAX_SPLITS))
-    split_len = -(-(-(-Nk // num_splits)) // cfg.block_n) * cfg.block_n
+    per_split = -(-Nk // num_splits)                   # ceil divisions, rounded up to whole kv blocks
+    split_len = -(-per_split // cfg.block_n) * cfg.block_n
     num_splits = max(1, -(-Nk // split_len))
     op = torch.empty(B, Hq, Nq, num_splits, Dv, dtype=torch.float32, device=q.device)
     lp = torch.empty(B, Hq, Nq, num_splits, dtype=torch.float32, device=q.device)

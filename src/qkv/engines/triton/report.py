@@ -110,6 +110,7 @@ def _compile(fn, args, kwargs, arch: int, cache_dir: str | None):
     Triton's compile cache in ``cache_dir`` (None: a temporary directory, removed after). Returns the compiled
     kernel and the ptxas log Triton printed ('' when the kernel came from the cache)."""
     import io
+
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -215,7 +216,7 @@ def format_table(rows) -> str:
 def _one(item) -> Row:
     try:
         return compile_one(*item)
-    except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a row of the report
+    except Exception as e:
         kernel, arch, block_d, elem, variant = item[:5]
         return Row(kernel, arch, block_d, str(_DTYPES[elem]).replace("torch.", ""), variant,
                    f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}", 0, -1, 0,
