@@ -580,7 +580,7 @@ class BlockMask:
             cache[key] = build()
         return cache[key]
 
-    def tile_masks(self, block_size, device=None) -> "TileMasks":
+    def tile_masks(self, block_size, device=None) -> TileMasks:
         """The mask at another tile size, for kernels that test elements only in *partial* tiles.
 
         block_size: (TM, TN), the kernel's tiles (any sizes; they need not divide this mask's blocks). Returns
