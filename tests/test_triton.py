@@ -42,6 +42,8 @@ def _check(q, k, v, grad=True, **kw):
     (1, 2, 2, 33, 50, 128, 128, torch.bfloat16, False),
     (1, 1, 1, 24, 24, 256, 256, torch.float16, True),
     (1, 2, 1, 30, 30, 8, 5, torch.float32, False),          # head dims below the 16 padding
+    (1, 2, 1, 97, 97, 111, 111, torch.float32, True),     # N = 97, D = 111 -> 128
+    (1, 4, 1, 1, 1023, 64, 64, torch.bfloat16, True),     # one row against 1023 keys (with grad: the fused kernels)
 ])
 def test_forward_backward(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, causal):
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype)
@@ -215,14 +217,29 @@ def test_dropout_agrees_with_tiled():
     (3, 4, 1, dict(causal=True)),
     (2, 4, 4, dict(window=(30, 0))),
     (1, 4, 2, dict(causal=True, softcap=4.0, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]))),
+    (1, 8, 2, dict(mask=qkv.masks.and_masks(qkv.masks.causal(), qkv.masks.padding(torch.tensor([150, 61]))))),
+    (1, 4, 1, dict(causal=True, Nk=1023, D=111)),
 ])
 def test_decode_split_kv(Nq, Hq, Hkv, kw):
     """Few query rows against a long cache, no gradient: the split-KV kernel, its splits merged by LSE."""
-    q, k, v = make_qkv(2, Hq, Hkv, Nq, 150, 64)
+    kw = dict(kw)
+    q, k, v = make_qkv(2, Hq, Hkv, Nq, kw.pop("Nk", 150), kw.pop("D", 64))
     call = prepare(q, k, v, **kw)
     assert ENGINE.decodes(call)
     with torch.no_grad():
         _check(q, k, v, grad=False, **kw)
+
+
+def test_decode_only_for_what_its_kernel_computes():
+    """Documents, query lengths, bitmaps, a bias or a gradient keep a decoding-shaped call on the fused forward."""
+    q, k, v = make_qkv(1, 4, 2, 1, 150, 32)
+    ids = torch.arange(150) // 40
+    assert ENGINE.decodes(prepare(q, k, v, mask=qkv.masks.padding(100)))
+    for kw in (dict(mask=qkv.masks.document(ids)), dict(mask=qkv.masks.padding(100, q_lens=1)),
+               dict(mask=lambda b, h, i, j: j % 3 != 0), dict(mask=torch.rand(1, 150) < 0.5),
+               dict(bias=torch.zeros(1, 150))):
+        assert not ENGINE.decodes(prepare(q, k, v, **kw)), kw
+    assert not ENGINE.decodes(prepare(q.requires_grad_(), k, v))
 
 
 def test_decode_launcher_splits_and_lengths():
