@@ -30,6 +30,16 @@ def test_default_configurations_compile_without_spills(tmp_path, capsys):
     assert "within their target's registers" in text
 
 
+def test_small_fp32_configurations_compile_without_spills(tmp_path, capsys):
+    """fp32 at D = 32: where ptxas capped the D = 64 configurations at 128 registers and spilled (the full report,
+    benchmarks/results/triton_kernels.json, compiles every head dim and dtype)."""
+    out = tmp_path / "kernels.json"
+    rc = cli.main(["kernels", "--arch", "sm_80", "sm_90", "--head-dim", "32", "--dtype", "fp32", "--kernel", "fwd",
+                   "bwd_dq", "bwd_dkdv", "--jobs", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert rc == 0 and len(rows) == 18 and all(r["ok"] for r in rows), capsys.readouterr().out
+
+
 def test_kernels_command_reports_a_failure_with_status_1(tmp_path, capsys, monkeypatch):
     """A configuration over the shared-memory limit is reported (ok = no) and makes the command exit 1."""
     from qkv.engines.triton import configs

@@ -89,6 +89,17 @@ _SINGLE = {
     ]),
 }
 
+# fp32 with head dims <= 32: ptxas caps some of the D = 64 configurations at 128 registers there and spills a
+# few bytes (the full compile report); these replace them (the first of the compile search with no spill at
+# both D = 16 and D = 32)
+_SINGLE_SMALL = {
+    (90, "fwd", "masked"): C(32, 32, 8, 2),
+    (90, "bwd_dkdv", "plain"): C(32, 32, 8, 1),
+    (80, "bwd_dq", "all"): C(32, 16, 4, 1),
+    (80, "bwd_dkdv", "plain"): C(32, 32, 4, 1),
+    (80, "bwd_dkdv", "masked"): C(16, 16, 4, 1),
+}
+
 _INTERPRET = Config(16, 16, 4, 1)
 
 #: Decoding: keys per step, and the most G·Nq rows (query heads of a group × queries) one program takes.
@@ -124,7 +135,10 @@ def config(kernel: str, block_d: int, elem_bytes: int, arch: int | None, cls: st
     if arch is None:
         return _INTERPRET
     key = (kernel, head_bucket(block_d), cls)
-    cfg = (_SINGLE if elem_bytes == 4 else _HALF)[80 if arch == 86 else arch][key]
+    table = 80 if arch == 86 else arch
+    cfg = (_SINGLE if elem_bytes == 4 else _HALF)[table][key]
+    if elem_bytes == 4 and block_d <= 32:
+        cfg = _SINGLE_SMALL.get((table, kernel, cls), cfg)
     if arch == 86:      # sm_86/sm_89: 100 KB of shared memory against sm_80's 163 KB: fewer pipeline stages
         cfg = cfg._replace(num_stages=min(cfg.num_stages, 2))
     return cfg
