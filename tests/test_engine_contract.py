@@ -64,13 +64,13 @@ def test_explicit_backend_lists_every_reason():
 
 # ------------------------------------------------------------------------------------------ in-place changes
 
-def _inplace_case(engine, what):
+def _inplace_case(engine, what, dtype=torch.float64):
     """Forward, change one input in place, backward: autograd's error or the forward's gradient."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 70, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    bias = torch.randn(70, 70, generator=g, dtype=torch.float64)
-    slopes = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    table = torch.randn(2, 70, generator=g, dtype=torch.float64)
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=g, dtype=dtype) for _ in range(3))
+    bias = torch.randn(70, 70, generator=g, dtype=dtype)
+    slopes = torch.tensor([0.3, 0.7], dtype=dtype)
+    table = torch.randn(2, 70, generator=g, dtype=dtype)
 
     def run(q, k, v, bias, slopes, table):
         kw = dict(softcap=5.0, window=(20, 0))
@@ -117,6 +117,27 @@ def test_inplace_bias_softcap_reproducer():
         bias.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """The triton engine on CPU tensors: Triton's interpreter (fp32; it refuses fp64)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("what", ["q", "k", "v", "bias", "alibi"])
+def test_triton_inplace_change_between_forward_and_backward(interpret, what):
+    _inplace_case("triton", what, dtype=torch.float32)
+
+
+def test_triton_refuses_what_it_cannot_fuse_with_every_reason(interpret):
+    """A score_mod (a captured tensor's gradient included) stays on tiled: triton names it, and fp64, together."""
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 4, dtype=torch.float64)
+    table = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(ValueError) as e:
+        qkv.attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h, j], backend="triton")
+    assert "score_mod" in str(e.value) and "float64" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ captured tensors
@@ -179,9 +200,13 @@ def test_invisible_grad_requiring_tensor_is_refused():
 
 # ------------------------------------------------------------------------------------------ higher order
 
-@pytest.mark.parametrize("engine", ["tiled", "tiled-ops"])
-def test_double_backward_raises(engine):
-    q, k, v = (torch.randn(1, 2, 300, 16, requires_grad=True) for _ in range(3))
+@pytest.mark.parametrize("engine", ["tiled", "tiled-ops", "triton"])
+def test_double_backward_raises(engine, monkeypatch):
+    if engine == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    n = 40 if engine == "triton" else 300
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(3))
     out = _run(engine, q, k, v, causal=True)
     (dq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable|does not require grad"):
@@ -225,6 +250,32 @@ def test_compile_no_graph_breaks_and_equal_to_eager(case):
         return qkv.attention(q, k, v, **{n: (b if x == "B" else x) for n, x in kw.items()})
 
     results = []                            # fullgraph=True: any graph break is an error
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        ts = [t.clone().requires_grad_() for t in base]
+        out = fn(*ts)
+        out.square().sum().backward()
+        results.append([out.detach()] + [t.grad for t in ts if t.grad is not None])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(_compile_cases()))
+def test_triton_compiles_without_graph_breaks(interpret, case):
+    """The triton engine goes through the same custom ops (here on CPU tensors in Triton's interpreter)."""
+    torch._dynamo.reset()
+    N = 40
+    kw = dict(_compile_cases()[case])
+    if "mask" in kw:
+        kw["mask"] = qkv.block_mask(qkv.masks.document(torch.arange(N) * 4 // N), 1, 1, N, N)
+    if "window" in kw:
+        kw["window"] = (7, 0)
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, 2, N, 16, generator=g) for _ in range(3)] + [torch.randn(2, N, N, generator=g)]
+
+    def f(q, k, v, b):
+        return qkv.attention(q, k, v, backend="triton", **{n: (b if x == "B" else x) for n, x in kw.items()})
+
+    results = []
     for fn in (f, torch.compile(f, fullgraph=True)):
         ts = [t.clone().requires_grad_() for t in base]
         out = fn(*ts)

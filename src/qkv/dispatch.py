@@ -18,12 +18,14 @@ from .engines.base import Engine
 from .engines.reference import ENGINE as _REFERENCE
 from .engines.sdpa import ENGINE as _SDPA
 from .engines.tiled import ENGINE as _TILED
+from .engines.triton import ENGINE as _TRITON
+from .engines.triton import TritonEngine
 
 __all__ = ["ENGINES", "Selection", "register", "engine", "names", "choose", "auto",
            "AUTO_TILED_DENSITY", "AUTO_KERNEL_ROWS", "AUTO_DECODE_ROWS", "AUTO_DECODE_KEYS"]
 
 #: The engines, in order: what ``backend=`` may name (besides "auto").
-ENGINES: list[Engine] = [_REFERENCE, _TILED, _SDPA]
+ENGINES: list[Engine] = [_REFERENCE, _TILED, _SDPA, _TRITON]
 
 #: auto sends a masked call to the tiled engine when the mask leaves at most this fraction of score tiles.
 #: Measured (benchmarks/NOTES.md, 2-core AMD EPYC, fp32, B=1 H=8 N=4096 D=64, document masks): tiled costs
@@ -89,8 +91,29 @@ def choose(call: Call, backend: str) -> Engine:
     return e
 
 
+def _auto_cuda(call: Call) -> Selection | None:
+    """auto on a CUDA device, or None to fall through to the device-independent rules. Unmeasured until a GPU run
+    (benchmarks/gpu_bar.py; benchmarks/NOTES.md): the rules follow what the engines are built for. SDPA's fused
+    kernels (FlashAttention-2, cuDNN on Hopper) keep the calls they serve natively — no mask, or plain causal —
+    unless the logsumexp is asked for; the triton engine takes decoding steps (its split-KV kernel reads each kv
+    head once for its whole group) and every other mask and mod it supports; score_mod callables go to tiled."""
+    if _TRITON.supports(call):
+        return None
+    if TritonEngine.decodes(call):
+        return Selection("triton", f"decoding ({call.Nq} query rows x {call.G} heads per kv head, {call.Nk} keys): "
+                                   f"triton's split-KV kernel")
+    if not _SDPA.supports(call) and (not call.has_mask or call.plain_causal):
+        return Selection("sdpa", "no mask or plain causal on CUDA: SDPA's fused kernels (FlashAttention-2, cuDNN)")
+    return Selection("triton", "a mask or mod SDPA has no fused kernel for: triton computes it in its kernels and "
+                               "skips the empty tiles")
+
+
 def auto(call: Call) -> Selection:
     """The policy: the fastest engine that supports the call, by rules measured on this project's machines."""
+    if call.device.type == "cuda":
+        pick = _auto_cuda(call)
+        if pick is not None:
+            return pick
     sdpa_ok = not _SDPA.supports(call)
     if not sdpa_ok:
         return Selection("tiled", "SDPA cannot serve it (" + "; ".join(_SDPA.supports(call)) + ")")

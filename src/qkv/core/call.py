@@ -115,7 +115,8 @@ class Call:
     def with_inputs(self, q, k, v, bias, alibi, mask_tensor, captures) -> Call:
         """The same call reading other tensors (same shapes): the score_mod rebuilt on ``captures``."""
         rules = [("tensor", mask_tensor) if kind == "tensor" else (kind, r) for kind, r in self.rules]
-        mask = mask_tensor if isinstance(self.mask, torch.Tensor) else self.mask
+        # a tensor rule is the call's mask (the stripped call of a backward has neither until rebuilt here)
+        mask = mask_tensor if mask_tensor is not None or isinstance(self.mask, torch.Tensor) else self.mask
         score_mod = self.lifted.bind(captures) if self.score_mod is not None else None
         new = Call(q, k, v, self.scale, self.causal, self.window, mask, bias, score_mod, alibi, self.softcap,
                    self.dropout_p, self.seed, self.return_lse, rules, self.offset, self.q_base, self.k_base)

@@ -16,6 +16,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -57,12 +58,22 @@ class MaskMod:
     _cacheable = False
     _trusted = True          # built by qkv from its own parts: returns bool tensors of the right shape
     _window = None           # (left, right) when this mask is exactly a sliding window (see sliding_window)
+    _spec = None             # what the mask is, for engines that compute it from indices (see spec)
 
     @property
     def window(self) -> tuple | None:
         """(left, right) when this mask is exactly ``sliding_window(left, right)`` (attention then treats it as
         ``window=``), else None."""
         return self._window
+
+    @property
+    def spec(self) -> tuple | None:
+        """What this mask is, when it is one of the index rules engines may compute in a kernel instead of
+        evaluating it: ``("causal", bottom_right: bool)``, ``("window", left, right)``, ``("document", ids,
+        q_ids)``, ``("padding", kv_lens, q_lens)`` (tensors as given, ``q_lens``/``q_ids`` may be None) or
+        ``("and", masks)``; else None. The positions are those of the bound mask (``offset``), as in
+        ``__call__``."""
+        return self._spec
 
     @property
     def analytic(self) -> bool:
@@ -72,7 +83,7 @@ class MaskMod:
     def bind(self, nq: int, nk: int) -> MaskMod:
         """A copy aligned for ``Nq`` queries and ``Nk`` keys (offset ``Nk - Nq``)."""
         m = MaskMod(self.name, self._fn, self._blocks, offset=nk - nq, sizes=(nq, nk), check=self._check)
-        m._cacheable, m._window, m._trusted = self._cacheable, self._window, self._trusted
+        m._cacheable, m._window, m._trusted, m._spec = self._cacheable, self._window, self._trusted, self._spec
         if m._check is not None:
             m._check(m, None, None)              # sizes now; the batch when a call or block_mask binds it
         return m
@@ -171,6 +182,7 @@ def causal(align: str = "bottom_right") -> MaskMod:
         return ks <= qe - 1 + o, ke - 1 <= qs + o
 
     m = MaskMod(f"causal(align={align!r})", fn, blocks)
+    m._spec = ("causal", br)
     m._cacheable = True      # the name says everything: block states may be cached by (name, sizes)
     return m
 
@@ -205,6 +217,7 @@ def sliding_window(left: int | None, right: int | None = 0) -> MaskMod:
         return any_, all_
 
     m = MaskMod(f"sliding_window({left}, {right})", fn, blocks)
+    m._spec = ("window", left, right)
     m._cacheable = True
     m._window = (left, right)  # qkv.attention treats mask=sliding_window(l, r) as window=(l, r)
     return m
@@ -280,7 +293,9 @@ def document(ids: torch.Tensor, q_ids: torch.Tensor | None = None) -> MaskMod:
 
     if kid.numel() == 0:
         blocks = None
-    return MaskMod("document(ids)", fn, blocks, check=check)
+    m = MaskMod("document(ids)", fn, blocks, check=check)
+    m._spec = ("document", kid, qid)
+    return m
 
 
 def prefix_lm(prefix_len) -> MaskMod:
@@ -321,7 +336,9 @@ def padding(kv_lens, q_lens=None) -> MaskMod:
             any_, all_ = any_ & (qs < _view4(QL, qs)), all_ & (qe <= _view4(QL, qs))
         return any_, all_
 
-    return MaskMod("padding(kv_lens)", fn, blocks, check=check)
+    m = MaskMod("padding(kv_lens)", fn, blocks, check=check)
+    m._spec = ("padding", KL, QL)
+    return m
 
 
 def chunked(chunk_size: int) -> MaskMod:
@@ -477,6 +494,8 @@ def _combine(kind: str, masks: Sequence) -> MaskMod:
 
     out = MaskMod(f"{kind}_masks({', '.join(map(repr, masks))})", fn, blocks, check=_children_check(masks))
     out._trusted = all(isinstance(m, MaskMod) and m._trusted for m in masks)
+    if kind == "and":
+        out._spec = ("and", tuple(masks))
     return out
 
 
@@ -553,10 +572,115 @@ class BlockMask:
     def full_q_indices(self):
         return self._lists((self.state == FULL).transpose(-1, -2))[1]
 
+    def cached(self, key, build):
+        """``build()`` once per ``key`` for this BlockMask, then the stored result: a place for what an engine
+        derives from the mask (block lists at its tile size, ...) so that reusing the BlockMask reuses it too."""
+        cache = self.__dict__.setdefault("_derived", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    def tile_masks(self, block_size, device=None) -> TileMasks:
+        """The mask at another tile size, for kernels that test elements only in *partial* tiles.
+
+        block_size: (TM, TN), the kernel's tiles (any sizes; they need not divide this mask's blocks). Returns
+        :class:`TileMasks` ``(state, slot, bits)``: ``state: (Bm, Hm, ceil(Nq/TM), ceil(Nk/TN)) int8`` (0 empty,
+        1 partial, 2 full: exact, from the elements); ``slot`` (same shape, int32): the partial tile's index
+        into ``bits``, -1 elsewhere; ``bits: (P, TM, ceil(TN/32)) int32``, bit ``c % 32`` of word ``c // 32`` of
+        row ``r`` set when element (r, c) of the tile is visible. Memory is O(partial tiles), never O(Nq·Nk).
+        Built once per (block_size, device) on first use and cached on this BlockMask; the mask is evaluated
+        only inside tiles that overlap partial blocks (on the device this BlockMask was built on).
+        """
+        bs = _normalize_block_size(block_size)
+        dev = torch.device(device) if device is not None else self.state.device
+        cache = self.__dict__.setdefault("_tile_cache", {})
+        key = (bs, str(dev))
+        if key not in cache:
+            cache[key] = TileMasks(*(t.to(dev) for t in _tile_masks(self, *bs)))
+        return cache[key]
+
     def __repr__(self):
         B, H, Nq, Nk = self.shape
         return (f"BlockMask(shape=({B}, {H}, {Nq}, {Nk}), block_size={self.block_size}, "
                 f"density={self.density:.3f})")
+
+
+class TileMasks(NamedTuple):
+    """A mask at a kernel's tile size (see :meth:`BlockMask.tile_masks`)."""
+    state: torch.Tensor
+    slot: torch.Tensor
+    bits: torch.Tensor
+
+
+_TILE_ELEMENTS = 1 << 22     # elements evaluated at once while classifying tiles (bounds the temporary memory)
+
+
+def _tile_masks(bm: BlockMask, tm: int, tn: int):
+    """(state, slot, bits) of ``bm`` at (tm, tn) tiles; see BlockMask.tile_masks."""
+    B, H, Nq, Nk = bm.shape
+    bq, bk = bm.block_size
+    st = bm.state
+    dev = st.device
+    nqt, nkt = -(-Nq // tm), -(-Nk // tn)
+    Bm, Hm = st.shape[:2]
+    w = -(-tn // 32)
+    if nqt == 0 or nkt == 0:
+        z = torch.zeros(Bm, Hm, nqt, nkt, dtype=torch.int8, device=dev)
+        return z, z.to(torch.int32) - 1, torch.zeros(0, tm, w, dtype=torch.int32, device=dev)
+    qs = torch.arange(nqt, device=dev) * tm
+    ks = torch.arange(nkt, device=dev) * tn
+    r0, r1 = qs // bq, (torch.clamp(qs + tm, max=Nq) - 1) // bq
+    c0, c1 = ks // bk, (torch.clamp(ks + tn, max=Nk) - 1) // bk
+    lo = torch.full((Bm, Hm, nqt, nkt), FULL, dtype=torch.int8, device=dev)
+    hi = torch.full((Bm, Hm, nqt, nkt), EMPTY, dtype=torch.int8, device=dev)
+    for dr in range(int((r1 - r0).max()) + 1):          # the blocks each tile overlaps (one when they nest)
+        r = torch.minimum(r0 + dr, r1)
+        for dc in range(int((c1 - c0).max()) + 1):
+            s = st[:, :, r][:, :, :, torch.minimum(c0 + dc, c1)]
+            lo, hi = torch.minimum(lo, s), torch.maximum(hi, s)
+    state = torch.where(lo == FULL, FULL, torch.where(hi == EMPTY, EMPTY, PARTIAL)).to(torch.int8)
+    slot = torch.full(state.shape, -1, dtype=torch.int32, device=dev)
+    cand = (state == PARTIAL).nonzero()
+    bits, n = [], 0
+    ar_m, ar_n = torch.arange(tm, device=dev), torch.arange(tn, device=dev)
+    weights = torch.ones(1, dtype=torch.int64, device=dev) << torch.arange(32, device=dev)
+    t4 = None if bm.tensor is None else _as4d(bm.tensor.to(dev))
+    step = max(1, _TILE_ELEMENTS // (tm * tn))
+    for c in range(0, cand.shape[0], step):
+        bi, hi_, ti, tj = cand[c:c + step].unbind(1)
+        qi = ti[:, None] * tm + ar_m                                       # (C, tm)
+        kj = tj[:, None] * tn + ar_n                                       # (C, tn)
+        inq, ink = qi < Nq, kj < Nk
+        qc, kc = qi.clamp(max=Nq - 1), kj.clamp(max=Nk - 1)
+        es = st[bi[:, None, None], hi_[:, None, None], (qc // bq)[:, :, None], (kc // bk)[:, None, :]]
+        if t4 is not None:
+            m = t4[bi[:, None, None] if t4.shape[0] > 1 else 0, hi_[:, None, None] if t4.shape[1] > 1 else 0,
+                   qc[:, :, None] if t4.shape[2] > 1 else 0, kc[:, None, :] if t4.shape[3] > 1 else 0]
+        else:
+            m = torch.as_tensor(bm.mask_mod(bi[:, None, None], hi_[:, None, None], qc[:, :, None], kc[:, None, :]),
+                                device=dev)
+        vis = (es == FULL) | ((es == PARTIAL) & m)
+        vis = vis & inq[:, :, None] & ink[:, None, :]
+        cnt = vis.sum((1, 2))
+        n_in = inq.sum(1) * ink.sum(1)
+        cls = torch.where(cnt == 0, EMPTY, torch.where(cnt == n_in, FULL, PARTIAL)).to(torch.int8)
+        state[bi, hi_, ti, tj] = cls
+        part = cls == PARTIAL
+        k = int(part.sum())
+        if k:
+            slot[bi[part], hi_[part], ti[part], tj[part]] = torch.arange(n, n + k, dtype=torch.int32, device=dev)
+            v = torch.nn.functional.pad(vis[part], (0, w * 32 - tn)).view(k, tm, w, 32).to(torch.int64)
+            word = (v * weights).sum(-1)
+            bits.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32))
+            n += k
+    bits = torch.cat(bits) if bits else torch.zeros(0, tm, w, dtype=torch.int32, device=dev)
+    return state, slot, bits
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
 
 
 def _block_bounds(n: int, bs: int, device):

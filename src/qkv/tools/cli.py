@@ -1,4 +1,5 @@
-"""The ``qkv`` command: ``bench``, ``check``, ``info``, ``show``, ``demo``. Thin: parsing and dispatch only.
+"""The ``qkv`` command: ``bench``, ``check``, ``info``, ``show``, ``demo``, ``kernels``. Thin: parsing and dispatch
+only.
 
 Bad arguments give one line on stderr and exit status 2 (no traceback), before any work: output paths are
 checked for writing first; ``check`` exits 1 on a failure.
@@ -81,7 +82,7 @@ _pos_float = _checked(float, lambda v: v > 0, "a positive number")
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qkv", description="qkv: exact self-attention for PyTorch. Measure, check, inspect.")
-    sub = p.add_subparsers(dest="cmd", metavar="{bench,check,info,show,demo}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", metavar="{bench,check,info,show,demo,kernels}", parser_class=_Parser)
 
     b = sub.add_parser("bench", help="time and peak memory of qkv's engines vs SDPA, flex and the naive math",
                        description="Time and peak memory of attention providers over sequence lengths. "
@@ -134,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the tour: a real encoder's attention, then the quadratic cost")
     d.add_argument("--out", default=DEFAULT_OUT)
+
+    k = sub.add_parser("kernels", help="compile the triton engine's kernels for GPU targets (no GPU needed)",
+                       description="Compile every configuration the triton engine launches for the given GPU "
+                                   "targets and print registers, spill bytes, shared memory and tensor-core use "
+                                   "(wgmma: Hopper, mma: Ampere). Exit status 1 on a spill or too much shared "
+                                   "memory. Variants: plain (no mask), causal (decode), masked (document ids, "
+                                   "bitmaps, lengths), all (every feature at once: the most registers).")
+    k.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], choices=["sm_80", "sm_86", "sm_90"],
+                   help="targets: sm_80 (A100), sm_86 (100 KB shared memory: A10, RTX 30/40, L4), sm_90 (H100/H200)")
+    k.add_argument("--head-dim", nargs="+", type=int, default=None, metavar="D",
+                   choices=[16, 32, 64, 128, 256], help="padded head dims (default 16 32 64 128 256)")
+    k.add_argument("--dtype", nargs="+", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="input dtypes (default bf16 fp32; fp16 compiles like bf16)")
+    k.add_argument("--kernel", nargs="+", default=None,
+                   choices=["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "merge"])
+    k.add_argument("--variant", nargs="+", default=None, choices=["plain", "masked", "all"])
+    k.add_argument("--jobs", type=_pos_int, default=None, help="compile processes (default: CPU count)")
+    k.add_argument("--json", metavar="FILE")
+    k.add_argument("--cache-dir", default=None, help="Triton compile cache (default: a temporary directory)")
     return p
 
 
@@ -225,7 +245,13 @@ def _demo(a) -> int:
     return 0
 
 
-COMMANDS = {"bench": _bench, "check": _check, "info": _info, "show": _show, "demo": _demo}
+def _kernels(a) -> int:
+    from . import kernels
+    return kernels.main(a.arch, head_dims=a.head_dim, dtypes=a.dtype, kernels=a.kernel, variants=a.variant,
+                        jobs=a.jobs, json_path=a.json, cache_dir=a.cache_dir)
+
+
+COMMANDS = {"bench": _bench, "check": _check, "info": _info, "show": _show, "demo": _demo, "kernels": _kernels}
 
 
 def main(argv: list[str] | None = None) -> int:
