@@ -29,6 +29,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
@@ -345,6 +346,7 @@ def main(argv=None):
         except Exception as e:
             res[name + "_error"] = f"{type(e).__name__}: {e}"
             print(f"  {name} failed: {e}", flush=True)
+            traceback.print_exc(limit=8)
         res.setdefault("phase_s", {})[name] = time.perf_counter() - t
     res["elapsed_s"] = time.perf_counter() - clock.t0
     os.makedirs(a.out, exist_ok=True)
