@@ -314,7 +314,7 @@ def compare(backend, q, k, v, *, grad=False, bias=None, seed=1, check_lse=True, 
     if grad:
         g = torch.Generator().manual_seed(seed)
         B, Hq, Nq, _ = q.shape
-        grad_out = torch.randn(B, Hq, Nq, v.shape[-1], generator=g, dtype=torch.float64).to(q.dtype)
+        grad_out = torch.randn(B, Hq, Nq, v.shape[-1], generator=g, dtype=torch.float64).to(q.device, q.dtype)
     ora = run_naive(q, k, v, compute_dtype=torch.float64, bias=bias, grad_out=grad_out, **okw)
     pla = run_naive(q, k, v, compute_dtype=None, bias=bias, grad_out=grad_out, **okw)
     if q.dtype in (torch.float16, torch.bfloat16):
