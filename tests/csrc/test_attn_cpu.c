@@ -309,6 +309,47 @@ static void run_declines(void) {
     }
 }
 
+/* A NaN score is never taken for a masked one: the rows whose visible scores include a NaN (a NaN in their query
+ * row, or in a key they see) get a non-finite out or lse, on every path (the caller's result check relies on
+ * it), and the other rows stay finite. fp32, no mask and causal. */
+static void run_nan_rows(int isa) {
+    enum { Hq = 2, Nk = 100, D = 16 };
+    for (int path = PATH_TILES; path <= PATH_DECODE; path++)
+        for (int causal = 0; causal <= 1; causal++) {
+            const int Nq = path == PATH_DECODE ? 8 : 40, off = Nk - Nq, rq = Nq / 2, jk = off + 3;
+            const int64_t dims[8] = {1, Hq, 1, Nq, Nk, D, D, 1};
+            const int64_t st[14] = {Hq * Nq * D, Nq * D, D, Nk * D, Nk * D, D, Nk * D, Nk * D, D,
+                                    Hq * Nq * D, Nq * D, D, Hq * Nq, Nq};
+            float *q = malloc(sizeof(float) * Hq * Nq * D), *k = malloc(sizeof(float) * Nk * D);
+            float *v = malloc(sizeof(float) * Nk * D), *o = malloc(sizeof(float) * Hq * Nq * D);
+            float *l = malloc(sizeof(float) * Hq * Nq);
+            for (int i = 0; i < Hq * Nq * D; i++) q[i] = (float)normal();
+            for (int i = 0; i < Nk * D; i++) k[i] = (float)normal(), v[i] = (float)normal();
+            q[(Nq + rq) * D + 5] = NAN;             /* head 1, row rq */
+            k[jk * D + 2] = NAN;                    /* key jk: seen by every row i with jk <= i + off (causal) */
+            const int rc = path == PATH_DECODE
+                ? qkv_attn_decode(isa, QKV_F32, q, k, v, o, l, dims, st, causal ? Nk : Nk, causal ? 0 : Nk,
+                                  0.25f, 2)
+                : qkv_attn_fwd(isa, QKV_F32, 1, q, k, v, o, l, dims, st, Nk, causal ? 0 : Nk, 0.25f, 2);
+            checks++;
+            int bad = rc != 0;
+            for (int h = 0; h < Hq && !bad; h++)
+                for (int i = 0; i < Nq && !bad; i++) {
+                    const int sees_nan = (h == 1 && i == rq) || !causal || jk <= i + off;
+                    int finite = isfinite(l[h * Nq + i]);
+                    for (int d = 0; d < D; d++) finite &= isfinite(o[(h * Nq + i) * D + d]);
+                    if (finite == sees_nan) {
+                        bad = 1;
+                        printf("FAIL %s %s %s: row %d of head %d is %s\n", qkv_isa_name(isa), PATH_NAMES[path],
+                               causal ? "causal" : "none", i, h, finite ? "finite (a NaN score was hidden)"
+                                                                         : "not finite (it sees no NaN)");
+                    }
+                }
+            failures += bad;
+            free(q), free(k), free(v), free(o), free(l);
+        }
+}
+
 int main(int argc, char **argv) {
     const int quick = argc > 1 && strcmp(argv[1], "-q") == 0;
     int nisa = 0;
@@ -327,6 +368,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (nisa) run_declines();
+    for (int isa = 0; isa < qkv_isa_count(); isa++)
+        if (qkv_isa_runs(isa)) run_nan_rows(isa);
     for (int si = 0; si < NSHAPES; si++) {
         const shape_t *s = &SHAPES[si];
         const int big = (int64_t)s->Nq * s->Nk > 100000;
