@@ -102,3 +102,13 @@ def test_fa_rule_helper_can_fail():
     assert check_fa("x", torch.tensor([0.0, 0.0, 1e-3]), o, torch.full((3,), 1e-7)) != ""
     assert check_fa("x", torch.tensor([0.0, 0.0, 1e-6]), o, torch.full((3,), 1e-7)) == ""
     assert check_fa("x", torch.tensor([float("nan"), 0, 0]), o, o) != ""
+
+
+def test_fa_rule_floor_is_one_step_of_the_result_dtype():
+    # the plain bf16 computation landed next to the exact value by luck: an engine one bf16 step away passes,
+    # three steps away fails
+    o = torch.tensor([0.1234], dtype=torch.float64)
+    step = torch.finfo(torch.bfloat16).eps * 0.1234
+    lucky = (o + 1e-6).to(torch.bfloat16)
+    assert check_fa("x", (o + step).to(torch.bfloat16), o, lucky) == ""
+    assert check_fa("x", (o + 3 * step).to(torch.bfloat16), o, lucky) != ""
