@@ -22,7 +22,7 @@ def nonfinite_names(q, k, v, bias=None) -> list[str]:
     """Which of q, k, v hold a NaN or inf, and whether bias holds a NaN or +inf (-inf is masking)."""
     bad = [n for n, t in (("q", q), ("k", k), ("v", v)) if not all_finite(t)]
     if bias is not None and bias.numel() and bias.device.type != "meta":
-        total = float(bias.sum(dtype=torch.float64))
+        total = float(bias.detach().sum(dtype=torch.float64))
         if total != total or total == float("inf"):
             bad.append("bias")
     return bad
