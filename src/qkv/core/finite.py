@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["all_finite", "finite_result", "matmul_skip_zeros", "NonFiniteInputs", "nonfinite_names"]
+__all__ = ["all_finite", "finite_result", "matmul_skip_zeros", "NonFiniteInputs", "nonfinite_names",
+           "refuse_nonfinite"]
 
 
 class NonFiniteInputs(ValueError):
@@ -26,6 +27,16 @@ def nonfinite_names(q, k, v, bias=None) -> list[str]:
         if total != total or total == float("inf"):
             bad.append("bias")
     return bad
+
+
+def refuse_nonfinite(backend: str, why: str, q, k, v, bias=None) -> None:
+    """Raise NonFiniteInputs naming each of q, k, v, bias that holds NaN/inf (see :func:`nonfinite_names`), with
+    ``why`` the engine ``backend`` cannot compute such a call exactly; nothing when all are finite."""
+    bad = nonfinite_names(q, k, v, bias)
+    if bad:
+        raise NonFiniteInputs(
+            f"backend={backend!r} cannot serve this call: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN "
+            f"or inf values, {why}; use backend='tiled' (or 'auto')")
 
 
 def all_finite(*ts: torch.Tensor | None) -> bool:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.call import Call, as4
-from ..core.finite import NonFiniteInputs, nonfinite_names
+from ..core.finite import refuse_nonfinite
 from . import cpu_kernel as _native
 from .base import Engine
 from .reference import SCORE_BUDGET_BYTES
@@ -66,12 +66,8 @@ class SdpaEngine(Engine):
     def forward(self, call: Call):
         out = sdpa_attention(call)
         if not torch.compiler.is_compiling() and not plausible(out):
-            bad = nonfinite_names(call.q, call.k, call.v, call.bias)
-            if bad:
-                raise NonFiniteInputs(
-                    f"backend='sdpa' cannot serve this call: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} "
-                    f"NaN or inf values, and SDPA's kernels turn a NaN score into a row of zeros and let hidden "
-                    f"values reach rows that cannot see them (0·NaN); use backend='tiled' (or 'auto')")
+            refuse_nonfinite("sdpa", "and SDPA's kernels turn a NaN score into a row of zeros and let hidden values "
+                             "reach rows that cannot see them (0·NaN)", call.q, call.k, call.v, call.bias)
         return out, None
 
 

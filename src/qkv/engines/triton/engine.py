@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ...core.call import Call
-from ...core.finite import NonFiniteInputs, finite_result, nonfinite_names
+from ...core.finite import finite_result, refuse_nonfinite
 from ...core.masks import BlockMask, and_masks, block_mask
 from ..kernel import KernelEngine
 from . import configs, launch
@@ -322,12 +322,8 @@ def _launch_args(call: Call, r: _Rules) -> dict:
 def _refuse_nonfinite(call: Call, what: str) -> None:
     """Raise NonFiniteInputs when the inputs hold NaN/inf: the kernels multiply the zero probabilities of
     hidden keys with their values (0·NaN), so a hidden NaN could reach {what}. ``auto`` then runs tiled."""
-    bad = nonfinite_names(call.q, call.k, call.v, call.bias)
-    if bad:
-        raise NonFiniteInputs(
-            f"backend='triton' cannot serve this call: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or "
-            f"inf values, which its kernels may let reach rows that cannot see them ({what}: 0·NaN); use "
-            f"backend='tiled' (or 'auto')")
+    refuse_nonfinite("triton", f"which its kernels may let reach rows that cannot see them ({what}: 0·NaN)",
+                     call.q, call.k, call.v, call.bias)
 
 
 ENGINE = TritonEngine().register_kernel()
