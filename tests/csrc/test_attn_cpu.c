@@ -328,8 +328,7 @@ static void run_nan_rows(int isa) {
             q[(Nq + rq) * D + 5] = NAN;             /* head 1, row rq */
             k[jk * D + 2] = NAN;                    /* key jk: seen by every row i with jk <= i + off (causal) */
             const int rc = path == PATH_DECODE
-                ? qkv_attn_decode(isa, QKV_F32, q, k, v, o, l, dims, st, causal ? Nk : Nk, causal ? 0 : Nk,
-                                  0.25f, 2)
+                ? qkv_attn_decode(isa, QKV_F32, q, k, v, o, l, dims, st, Nk, causal ? 0 : Nk, 0.25f, 2)
                 : qkv_attn_fwd(isa, QKV_F32, 1, q, k, v, o, l, dims, st, Nk, causal ? 0 : Nk, 0.25f, 2);
             checks++;
             int bad = rc != 0;

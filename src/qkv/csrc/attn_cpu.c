@@ -36,44 +36,26 @@ int qkv_isa_runs(int i) { return i >= 0 && i < NISA && ISAS[i]->runs(); }
 /* Whether an attention output can only have come from finite inputs: every row of x (B, H, N, D; strides in
  * elements) finite, with an entry that is not zero. (SDPA's CPU kernels give a row of NaN scores zeros.) Reads
  * the bits: no floating-point traps, any element type the kernel takes. 1 or 0. */
-/* One row: 1 when finite (no exponent field all ones) with a non-zero entry. Branch-free over d, so that the
- * compiler vectorises the loop. */
-static int row_plausible32(const uint32_t *x, int64_t D, int64_t sd) {
+/* The row at element o: 1 when finite (no exponent field all ones) with a non-zero entry. wide: fp32 (else a
+ * 16-bit type); em: the exponent bits. */
+static int row_plausible(const void *x, int wide, int64_t o, int64_t D, int64_t sd, uint32_t em) {
     uint32_t bad = 0, any = 0;
-    if (sd == 1) {                              /* the usual layout: unit stride, vectorised */
-        for (int64_t d = 0; d < D; d++) bad |= (x[d] & 0x7f800000u) == 0x7f800000u, any |= x[d] & 0x7fffffffu;
-        return !bad && (any || D == 0);
-    }
     for (int64_t d = 0; d < D; d++) {
-        const uint32_t u = x[d * sd];
-        bad |= (u & 0x7f800000u) == 0x7f800000u, any |= u & 0x7fffffffu;
-    }
-    return !bad && (any || D == 0);
-}
-static int row_plausible16(const uint16_t *x, int64_t D, int64_t sd, uint16_t em) {
-    uint32_t bad = 0, any = 0;
-    if (sd == 1) {
-        for (int64_t d = 0; d < D; d++) bad |= (x[d] & em) == em, any |= x[d] & 0x7fffu;
-        return !bad && (any || D == 0);
-    }
-    for (int64_t d = 0; d < D; d++) {
-        const uint32_t u = x[d * sd];
-        bad |= (u & em) == em, any |= u & 0x7fffu;
+        const int64_t i = o + d * sd;
+        const uint32_t u = wide ? ((const uint32_t *)x)[i] : ((const uint16_t *)x)[i];
+        bad |= (u & em) == em, any |= u & (wide ? 0x7fffffffu : 0x7fffu);
     }
     return !bad && (any || D == 0);
 }
 
 int qkv_rows_plausible(int dt, const void *x, int64_t B, int64_t H, int64_t N, int64_t D, int64_t sb, int64_t sh,
                        int64_t sn, int64_t sd) {
+    const int wide = dt == QKV_F32;
+    const uint32_t em = wide ? 0x7f800000u : dt == QKV_BF16 ? 0x7f80u : 0x7c00u;
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++)
-            for (int64_t n = 0; n < N; n++) {
-                const int64_t o = b * sb + h * sh + n * sn;
-                const int ok = dt == QKV_F32 ? row_plausible32((const uint32_t *)x + o, D, sd)
-                                             : row_plausible16((const uint16_t *)x + o, D, sd,
-                                                               dt == QKV_BF16 ? 0x7f80u : 0x7c00u);
-                if (!ok) return 0;
-            }
+            for (int64_t n = 0; n < N; n++)
+                if (!row_plausible(x, wide, b * sb + h * sh + n * sn, D, sd, em)) return 0;
     return 1;
 }
 
