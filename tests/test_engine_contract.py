@@ -239,6 +239,19 @@ def _compile_cases():
     }
 
 
+def _assert_compiled_equals_eager(f, base):
+    """f(q, k, v, b) compiled with fullgraph=True (any graph break is an error) gives eager's output and
+    gradients (of q, k, v and b where f reads b) within 1e-6."""
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        ts = [t.clone().requires_grad_() for t in base]
+        out = fn(*ts)
+        out.square().sum().backward()
+        results.append([out.detach()] + [t.grad for t in ts if t.grad is not None])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", list(_compile_cases()))
 def test_compile_no_graph_breaks_and_equal_to_eager(case):
     torch._dynamo.reset()
@@ -249,14 +262,7 @@ def test_compile_no_graph_breaks_and_equal_to_eager(case):
     def f(q, k, v, b):
         return qkv.attention(q, k, v, **{n: (b if x == "B" else x) for n, x in kw.items()})
 
-    results = []                            # fullgraph=True: any graph break is an error
-    for fn in (f, torch.compile(f, fullgraph=True)):
-        ts = [t.clone().requires_grad_() for t in base]
-        out = fn(*ts)
-        out.square().sum().backward()
-        results.append([out.detach()] + [t.grad for t in ts if t.grad is not None])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    _assert_compiled_equals_eager(f, base)
 
 
 @pytest.mark.parametrize("case", list(_compile_cases()))
@@ -275,14 +281,7 @@ def test_triton_compiles_without_graph_breaks(interpret, case):
     def f(q, k, v, b):
         return qkv.attention(q, k, v, backend="triton", **{n: (b if x == "B" else x) for n, x in kw.items()})
 
-    results = []
-    for fn in (f, torch.compile(f, fullgraph=True)):
-        ts = [t.clone().requires_grad_() for t in base]
-        out = fn(*ts)
-        out.square().sum().backward()
-        results.append([out.detach()] + [t.grad for t in ts if t.grad is not None])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    _assert_compiled_equals_eager(f, base)
 
 
 def test_compile_with_callables_still_right():

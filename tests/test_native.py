@@ -370,11 +370,10 @@ def test_non_finite_inputs_give_the_oracles_nan_rows(isa, spy, Nq, Nk, where):
         for dt in (torch.float32, torch.bfloat16):
             q = torch.randn(1, 4, Nq, 32, generator=g).to(dt)
             k, v = (torch.randn(1, 2, Nk, 32, generator=g).to(dt) for _ in range(2))
-            {"q": lambda: q[0, 1, Nq // 2].__setitem__(3, float("nan")),
-             "k seen": lambda: k[0, 0, Nk - 1].__setitem__(5, float("nan")),
-             "k hidden": lambda: k[0, 1, 0].__setitem__(5, float("nan")),
-             "k inf": lambda: k[0, 1, Nk - 2].__setitem__(5, float("inf")),
-             "v seen": lambda: v[0, 0, Nk - 1].__setitem__(2, float("nan"))}[where]()
+            t, at, value = {"q": (q, (0, 1, Nq // 2, 3), "nan"), "k seen": (k, (0, 0, Nk - 1, 5), "nan"),
+                            "k hidden": (k, (0, 1, 0, 5), "nan"), "k inf": (k, (0, 1, Nk - 2, 5), "inf"),
+                            "v seen": (v, (0, 0, Nk - 1, 2), "nan")}[where]
+            t[at] = float(value)
             want = qkv.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
             got = qkv.attention(q, k, v, backend="tiled", **kw).double()
             assert torch.equal(torch.isnan(got), torch.isnan(want)), (kw, dt)
@@ -382,3 +381,22 @@ def test_non_finite_inputs_give_the_oracles_nan_rows(isa, spy, Nq, Nk, where):
             tol = 3e-2 if dt == torch.bfloat16 else 1e-4
             assert torch.allclose(got[ok], want[ok], atol=tol, rtol=0), (kw, dt)
     assert spy, "the kernel did not run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_plausible(dtype):
+    # SDPA's output check: every row finite with an entry that is not zero, any strides
+    if not _native.available()[0]:
+        pytest.skip("the CPU kernel library is not built")
+    o = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert _native.rows_plausible(o) is True
+    assert _native.rows_plausible(o.transpose(1, 2)) is True and _native.rows_plausible(o[..., ::2]) is True
+    for at, value in (((1, 2, 3), 0.0), ((1, 2, 3, 4), float("nan")), ((0, 0, 0, 6), float("-inf"))):
+        bad = o.clone()
+        bad[at] = value
+        assert _native.rows_plausible(bad) is False, (at, value)
+        assert _native.rows_plausible(bad.transpose(1, 2)) is False, (at, value)
+    partly = o.clone()
+    partly[0, 0, 0, :6] = 0
+    assert _native.rows_plausible(partly) is True
+    assert _native.rows_plausible(o.double()) is None          # not a type the kernel takes: the caller checks
