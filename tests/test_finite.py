@@ -101,6 +101,15 @@ def test_sdpa_refuses_non_finite_inputs_auto_reroutes():
         clean = qkv.attention(q.nan_to_num(0.0), k, v, causal=True)
         out = qkv.attention(q, k, v, causal=True)
         assert torch.isnan(out[0, 1, 4]).all() and torch.isfinite(clean).all()
+    # ... where SDPA's own answer is wrong: a NaN value that causal rows before it cannot see leaks into them
+    # through 0·NaN in SDPA's kernel; only the check of the output sends the call to the exact path
+    q, k, v = (torch.randn(1, 2, 20, 8, generator=g) for _ in range(3))
+    v[0, 1, 15] = NAN
+    for _ in range(2):
+        assert torch.isfinite(qkv.attention(q, k, v.nan_to_num(0.0), causal=True)).all()
+        out = qkv.attention(q, k, v, causal=True)
+        assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, :15]).all(), "a hidden NaN leaked"
+        assert torch.isnan(out[0, 1, 15:]).all()
 
 
 @pytest.mark.parametrize("backend,kernel", ENGINES)

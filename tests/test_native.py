@@ -400,3 +400,29 @@ def test_rows_plausible(dtype):
     partly[0, 0, 0, :6] = 0
     assert _native.rows_plausible(partly) is True
     assert _native.rows_plausible(o.double()) is None          # not a type the kernel takes: the caller checks
+
+
+def test_rows_plausible_through_the_python_api_agrees_with_ctypes():
+    # the check SDPA's output gets on every call is the library's CPython entry point; the ctypes one is the same C
+    if not _native.available()[0]:
+        pytest.skip("the CPU kernel library is not built")
+    f, code = _native.row_check(torch.float32)
+    lib = _native._load()
+    g = torch.Generator().manual_seed(1)
+    for shape in ((1, 8, 16, 64), (2, 4, 128, 160)):           # the second is read without the GIL
+        o = torch.randn(shape, generator=g)
+        for view in (lambda t: t, lambda t: t.transpose(1, 2), lambda t: t[..., 1::3]):
+            for bad in (None, 0.0, float("nan"), float("inf")):
+                x = view(o.clone())
+                if bad is not None:
+                    x[0, 1, 3] = bad                            # a whole row, through the view
+                got = f(code, x.data_ptr(), x.shape, x.stride())
+                assert got is (bad is None)
+                assert got == bool(lib.qkv_rows_plausible(code, x.data_ptr(), *x.shape, *x.stride()))
+    assert _native.row_check(torch.float64) is None
+    with pytest.raises(TypeError, match="4 arguments"):
+        f(code, o.data_ptr(), o.shape)
+    with pytest.raises(TypeError, match="shape must be a tuple of 4"):
+        f(code, o.data_ptr(), (1, 2, 3), o.stride())
+    with pytest.raises(ValueError, match="element type"):
+        f(7, o.data_ptr(), o.shape, o.stride())

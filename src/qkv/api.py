@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch
 from .core.call import Call, prepare
@@ -16,7 +15,7 @@ from .core.finite import NonFiniteInputs
 from .core.options import get_options
 from .dispatch import Selection
 from .engines.reference import reference_weights
-from .engines.sdpa import plausible
+from .engines.sdpa import direct
 
 __all__ = ["attention", "attention_weights", "backends", "select_backend", "BackendInfo", "Selection"]
 
@@ -116,21 +115,13 @@ _FAST: dict = {}
 
 
 def _remember(key, call: Call) -> None:
-    """Cache the direct SDPA call for this signature (what dispatch chose; SDPA reads any strides)."""
-    if len(_FAST) >= 4096:
-        _FAST.clear()
-    kw = {} if key[10] is None else {"scale": call.scale}       # SDPA's default scale is the same 1/sqrt(D)
-    if call.G > 1:
-        kw["enable_gqa"] = True
-    # An output SDPA may have got wrong from NaN/inf inputs (sdpa.plausible) takes the full path instead.
-    if call.plain_causal:
-        _FAST[key] = lambda q, k, v: _plausible_or_none(F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw))
-    elif call.every_key_visible:
-        _FAST[key] = lambda q, k, v: _plausible_or_none(F.scaled_dot_product_attention(q, k, v, **kw))
-
-
-def _plausible_or_none(out):
-    return out if plausible(out) else None
+    """Cache the direct SDPA call for this signature (what dispatch chose; SDPA reads any strides). An output
+    SDPA may have got wrong from NaN/inf inputs (sdpa.plausible) makes it return None: the full path instead."""
+    run = direct(call, default_scale=key[10] is None)
+    if run is not None:
+        if len(_FAST) >= 4096:
+            _FAST.clear()
+        _FAST[key] = run
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> Selection:

@@ -1,4 +1,4 @@
-"""qkv's CPU attention kernel (``src/qkv/csrc``), loaded with ctypes.
+"""qkv's CPU attention kernel (``src/qkv/csrc``), loaded with ctypes (its output check also as a Python module).
 
 It computes the exact forward, out and lse, and the backward of calls whose visibility is a key *range* per
 query row — no mask, causal, sliding windows (bottom-right aligned) — with no score mods and no dropout, in
@@ -27,7 +27,7 @@ from ..core.call import Call
 from ..core.options import get_options
 
 __all__ = ["DECODE_ROWS", "available", "variants", "isa", "serves", "attention_fwd", "attention_bwd",
-           "rows_plausible"]
+           "rows_plausible", "row_check"]
 
 #: Calls with at most this many query rows run on the decoding path (the C library's qkv_decode_rows_max()).
 DECODE_ROWS = 16
@@ -240,11 +240,37 @@ def attention_bwd(call: Call, out, lse, dout, dlse=None):
     return dq.to(call.q.dtype), dk.to(call.k.dtype), dv.to(call.v.dtype)
 
 
+_rows_fn = False             # the library's rows_plausible called through the CPython API (False: not looked up)
+
+
+def row_check(dtype: torch.dtype):
+    """``(f, code)`` such that ``f(code, out.data_ptr(), out.shape, out.stride())`` is :func:`rows_plausible`
+    for a CPU output out (B, H, N, Dv) of this dtype — a C function called through the CPython API (~0.2 µs, where
+    a ctypes call costs ~3.5 µs), for callers that check an output on every call; None when the library is not
+    built or does not take this dtype."""
+    global _rows_fn
+    if _rows_fn is False:
+        try:
+            from .. import _attn_cpu
+            _rows_fn = getattr(_attn_cpu, "rows_plausible", None)
+        except ImportError:            # not built, or a build that is a ctypes library only
+            _rows_fn = None
+    if _rows_fn is None or dtype not in _DT:
+        return None
+    return _rows_fn, _DT[dtype]
+
+
 def rows_plausible(out: torch.Tensor) -> bool | None:
     """Whether every row of an attention output out (B, H, N, Dv) is finite and not all zeros, read in one C
-    pass (a microsecond on a small output, where three torch reductions cost ~13 µs); None when the library is
-    not loaded or out is not a CPU fp32/bf16/fp16 tensor of 4 dims (the caller then checks in torch)."""
+    pass (well under a microsecond on a small output, where three torch reductions cost ~13 µs); None when the
+    library is not built or out is not a CPU fp32/bf16/fp16 tensor of 4 dims (the caller then checks in torch)."""
+    if out.device.type != "cpu" or out.dim() != 4:
+        return None
+    check = row_check(out.dtype)
+    if check is not None:
+        f, code = check
+        return f(code, out.data_ptr(), out.shape, out.stride())
     lib = _lib if _lib is not None else _load()
-    if lib is None or out.device.type != "cpu" or out.dtype not in _DT or out.dim() != 4:
+    if lib is None or out.dtype not in _DT:
         return None
     return bool(lib.qkv_rows_plausible(_DT[out.dtype], out.data_ptr(), *out.shape, *out.stride()))

@@ -2,6 +2,8 @@
 semantics exactly, and say every reason why not when it does not."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +13,7 @@ from . import cpu_kernel as _native
 from .base import Engine
 from .reference import SCORE_BUDGET_BYTES
 
-__all__ = ["ENGINE", "SdpaEngine", "sdpa_attention", "peak_bytes", "plausible", "MASK_CHUNK_ELEMENTS"]
+__all__ = ["ENGINE", "SdpaEngine", "sdpa_attention", "peak_bytes", "plausible", "direct", "MASK_CHUNK_ELEMENTS"]
 
 
 #: Most index-grid elements a mask_mod is evaluated on at once while the dense mask is built (its int64
@@ -83,6 +85,35 @@ def plausible(out: torch.Tensor) -> bool:
         return fast
     least = float(out.detach().abs().amax(-1).amin())   # the smallest row maximum: NaN propagates, a zero row gives 0
     return least > 0
+
+
+def direct(call: Call, *, default_scale: bool):
+    """For callers that cache what depends only on a call's signature (its shapes, dtypes, devices and flags): a
+    function ``run(q, k, v) -> out | None`` that computes any call of the same signature as this engine's forward
+    would — SDPA with no mask — and returns None instead of an output that fails :func:`plausible` (the caller
+    then takes the full path, where the inputs are checked). None when the signature needs a mask (only no
+    mask and plain causal run this way). default_scale: the call's scale was not given (SDPA's default is the
+    same 1/sqrt(D)), so the function serves any D of the same shape."""
+    kw = {} if default_scale else {"scale": call.scale}
+    if call.G > 1:
+        kw["enable_gqa"] = True
+    if call.plain_causal and call.bias is None:
+        kw["is_causal"] = True
+    elif not call.every_key_visible or call.bias is not None:
+        return None
+    sdpa = functools.partial(F.scaled_dot_product_attention, **kw)
+    check = _native.row_check(call.q.dtype) if call.device.type == "cpu" else None
+    if check is None:
+        def run(q, k, v):
+            out = sdpa(q, k, v)
+            return out if plausible(out) else None
+        return run
+    rows_plausible, code = check      # the C check inline: this runs on every call of a tiny model
+
+    def run_cpu(q, k, v):
+        out = sdpa(q, k, v)
+        return out if rows_plausible(code, out.data_ptr(), out.shape, out.stride()) else None
+    return run_cpu
 
 
 def peak_bytes(call: Call) -> int:
