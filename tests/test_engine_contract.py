@@ -320,6 +320,14 @@ def test_cached_fast_path_follows_the_signature():
         qkv.attention(q, k, v, causal=1)
     with pytest.raises(ValueError, match="batch sizes differ"):
         qkv.attention(q, k[:0], v[:0], causal=True)
+    for kk, vv in ((k.half(), v), (k, v.double()), (k.bfloat16(), v.bfloat16())):   # same shapes, other dtypes
+        with pytest.raises(TypeError, match="must share a dtype"):
+            qkv.attention(q, kk, vv, causal=True)
+    qkv.attention(q, k, v, causal=True)
+    q[0, 0, 3] = float("nan")                                   # the cached call still checks its output
+    v[0, 1, 9] = float("nan")                                   # ... (a NaN value SDPA leaks to earlier rows)
+    out = qkv.attention(q, k, v, causal=True)
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[0, 1, :9]).all()
 
 
 def test_transformers_llama_compiles_as_one_graph():

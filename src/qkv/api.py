@@ -12,7 +12,7 @@ import torch
 from . import dispatch
 from .core.call import Call, prepare
 from .core.finite import NonFiniteInputs
-from .core.options import get_options
+from .core.options import current as _options
 from .dispatch import Selection
 from .engines.reference import reference_weights
 from .engines.sdpa import direct
@@ -76,16 +76,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     "tiled", "sdpa", ...); an explicit backend that cannot serve the call raises ValueError giving every reason.
     """
     key = None
-    if (mask is None and bias is None and score_mod is None and alibi_slopes is None and softcap is None
-            and window is None and generator is None and return_lse is False and backend == "auto"
-            and (causal is True or causal is False) and (scale is None or type(scale) is float)
-            and type(dropout_p) in (int, float) and dropout_p == 0 and not torch.compiler.is_compiling()
+    if (mask is bias is score_mod is alibi_slopes is softcap is window is generator is None and return_lse is False
+            and backend == "auto" and (causal is True or causal is False) and (scale is None or type(scale) is float)
+            and type(dropout_p) in (int, float) and dropout_p == 0 and not _compiling()
             and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         # The common call (causal or nothing, default everything else): validated and dispatched once per
-        # signature, then run directly.
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal, scale,
-               torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-               get_options().serial)
+        # signature, then run directly. The key holds what dispatch reads; k's and v's dtypes are left out
+        # because SDPA refuses a dtype that differs from q's (the run then returns None: the full path raises).
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, k.device, v.device, causal, scale,
+               _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), _options().serial)
         run = _FAST.get(key)
         if run is not None:
             out = run(q, k, v)
@@ -112,12 +111,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 _FAST: dict = {}
+_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 
 def _remember(key, call: Call) -> None:
     """Cache the direct SDPA call for this signature (what dispatch chose; SDPA reads any strides). An output
     SDPA may have got wrong from NaN/inf inputs (sdpa.plausible) makes it return None: the full path instead."""
-    run = direct(call, default_scale=key[10] is None)
+    run = direct(call, default_scale=key[8] is None)
     if run is not None:
         if len(_FAST) >= 4096:
             _FAST.clear()

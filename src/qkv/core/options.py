@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["Options", "options", "get_options"]
+__all__ = ["Options", "options", "get_options", "current"]
 
 _SERIALS = itertools.count(1)
 
@@ -52,6 +52,10 @@ _current: contextvars.ContextVar[Options] = contextvars.ContextVar(  # Options i
 # torch.compile cannot trace ContextVar.get: while tracing, the options come from this mirror of the most
 # recent value set (a global, so the compiled graph is guarded on it and retraced when it changes).
 _traced = [_current.get()]
+
+
+#: The options in force, for eager code on a per-call path (no check for tracing; :func:`get_options` has it).
+current = _current.get
 
 
 def get_options() -> Options:

@@ -91,7 +91,8 @@ def direct(call: Call, *, default_scale: bool):
     """For callers that cache what depends only on a call's signature (its shapes, dtypes, devices and flags): a
     function ``run(q, k, v) -> out | None`` that computes any call of the same signature as this engine's forward
     would — SDPA with no mask — and returns None instead of an output that fails :func:`plausible` (the caller
-    then takes the full path, where the inputs are checked). None when the signature needs a mask (only no
+    then takes the full path, where the inputs are checked), or when SDPA refuses the tensors (k or v of another
+    dtype than q: the full path's validation says so). None when the signature needs a mask (only no
     mask and plain causal run this way). default_scale: the call's scale was not given (SDPA's default is the
     same 1/sqrt(D)), so the function serves any D of the same shape."""
     kw = {} if default_scale else {"scale": call.scale}
@@ -105,14 +106,21 @@ def direct(call: Call, *, default_scale: bool):
     check = _native.row_check(call.q.dtype) if call.device.type == "cpu" else None
     if check is None:
         def run(q, k, v):
-            out = sdpa(q, k, v)
+            try:
+                out = sdpa(q, k, v)
+            except RuntimeError:        # e.g. k or v of another dtype than q: the caller's full path says so
+                return None
             return out if plausible(out) else None
         return run
     rows_plausible, code = check      # the C check inline: this runs on every call of a tiny model
+    shape = (call.B, call.Hq, call.Nq, call.Dv)
 
     def run_cpu(q, k, v):
-        out = sdpa(q, k, v)
-        return out if rows_plausible(code, out.data_ptr(), out.shape, out.stride()) else None
+        try:
+            out = sdpa(q, k, v)
+        except RuntimeError:
+            return None
+        return out if rows_plausible(code, out.data_ptr(), shape, out.stride()) else None
     return run_cpu
 
 
