@@ -402,23 +402,40 @@ def test_rows_plausible(dtype):
     assert _native.rows_plausible(o.double()) is None          # not a type the kernel takes: the caller checks
 
 
-def test_rows_plausible_through_the_python_api_agrees_with_ctypes():
-    # the check SDPA's output gets on every call is the library's CPython entry point; the ctypes one is the same C
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_plausible_vector_loop_and_python_entry(dtype):
+    # the check SDPA's output gets on every call: the library's CPython entry point, whose unit-stride rows take
+    # a vector loop (main part + scalar tail) and strided rows the plain one, against the rule computed in torch
     if not _native.available()[0]:
         pytest.skip("the CPU kernel library is not built")
-    f, code = _native.row_check(torch.float32)
+    f, code = _native.row_check(dtype)
     lib = _native._load()
+    ints, magnitude = (torch.int32, 0x7FFFFFFF) if dtype == torch.float32 else (torch.int16, 0x7FFF)
     g = torch.Generator().manual_seed(1)
-    for shape in ((1, 8, 16, 64), (2, 4, 128, 160)):           # the second is read without the GIL
-        o = torch.randn(shape, generator=g)
-        for view in (lambda t: t, lambda t: t.transpose(1, 2), lambda t: t[..., 1::3]):
-            for bad in (None, 0.0, float("nan"), float("inf")):
-                x = view(o.clone())
-                if bad is not None:
-                    x[0, 1, 3] = bad                            # a whole row, through the view
-                got = f(code, x.data_ptr(), x.shape, x.stride())
-                assert got is (bad is None)
-                assert got == bool(lib.qkv_rows_plausible(code, x.data_ptr(), *x.shape, *x.stride()))
+    for D in (7, 8, 13, 16, 17, 33, 64, 100):
+        o = torch.randn(2, 3, 5, D, generator=g).to(dtype)
+        for kind in ("clean", "nan", "-inf", "zeros", "-zeros", "tiny"):
+            x = o.clone()
+            b, h, r, d = (int(torch.randint(0, n, (1,), generator=g)) for n in x.shape)
+            if kind in ("nan", "-inf"):
+                x[b, h, r, d] = float(kind)
+            elif kind != "clean":
+                x[b, h, r] = -0.0 if kind == "-zeros" else 0.0
+                if kind == "tiny":
+                    x[b, h, r, d] = -torch.finfo(dtype).tiny                 # one non-zero entry: plausible
+            want = bool(torch.isfinite(x.float()).all()) and bool(((x.view(ints) & magnitude) != 0).any(-1).all())
+            assert want == (kind in ("clean", "tiny"))
+            wide = torch.ones(*x.shape[:-1], 2 * D, dtype=dtype)
+            wide[..., ::2] = x
+            for view in (x, x.transpose(1, 2).contiguous().transpose(1, 2), x.transpose(0, 2)[..., :],
+                         wide[..., ::2]):                                     # the last: strided rows
+                got = f(code, view.data_ptr(), view.shape, view.stride())
+                assert got is want, (D, kind, view.stride())
+                assert got == bool(lib.qkv_rows_plausible(code, view.data_ptr(), *view.shape, *view.stride()))
+    big = torch.randn(2, 4, 128, 160).to(dtype)                                 # read without the GIL
+    assert f(code, big.data_ptr(), big.shape, big.stride()) is True
+    big[1, 3, 127, 159] = float("nan")
+    assert f(code, big.data_ptr(), big.shape, big.stride()) is False
     assert _native.row_check(torch.float64) is None
     with pytest.raises(TypeError, match="4 arguments"):
         f(code, o.data_ptr(), o.shape)
