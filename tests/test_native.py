@@ -2,6 +2,7 @@
 the tiled engine (which runs its forward on the kernel) and directly, for every instruction-set variant this
 CPU runs (qkv.options(cpu_isa=...) forces each); the decoding path; the calls it must decline. The kernel's C tests
 (tests/csrc, `make test-c` / `make test-arm`) cover the same shapes per variant, ARM64 NEON under qemu."""
+import itertools
 import platform
 
 import pytest
@@ -414,9 +415,9 @@ def test_rows_plausible_vector_loop_and_python_entry(dtype):
     g = torch.Generator().manual_seed(1)
     for D in (7, 8, 13, 16, 17, 33, 64, 100):
         o = torch.randn(2, 3, 5, D, generator=g).to(dtype)
-        for kind in ("clean", "nan", "-inf", "zeros", "-zeros", "tiny"):
-            x = o.clone()
-            b, h, r, d = (int(torch.randint(0, n, (1,), generator=g)) for n in x.shape)
+        for kind, d in itertools.product(("clean", "nan", "-inf", "zeros", "-zeros", "tiny"), (0, D // 2, D - 1)):
+            x = o.clone()                      # d: the vector part's first entry, the middle, the tail's last
+            b, h, r = (int(torch.randint(0, n, (1,), generator=g)) for n in x.shape[:3])
             if kind in ("nan", "-inf"):
                 x[b, h, r, d] = float(kind)
             elif kind != "clean":
