@@ -330,6 +330,35 @@ def test_cached_fast_path_follows_the_signature():
     assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[0, 1, :9]).all()
 
 
+def test_cached_fast_path_reads_grad_mode_where_auto_does(monkeypatch):
+    """A signature whose auto pick depends on autograd (unmasked, >= 256 query rows: the CPU kernel in inference,
+    SDPA in training) keeps the grad flag in its cache entry; one whose pick does not serves both modes."""
+    from qkv.engines.cpu_kernel import serves
+    ran = []
+    tiled = dispatch.engine("tiled")
+    forward = tiled.forward
+    monkeypatch.setattr(tiled, "forward", lambda call: ran.append("tiled") or forward(call))
+    if not serves(qkv.core.prepare(*make_qkv(1, 2, 2, 256, 256, 16))):
+        pytest.skip("the CPU kernel does not run here")
+    for n, order in ((256, (True, False, True, False)), (272, (False, True, False, True))):   # the cache filled
+        q, k, v = make_qkv(1, 2, 2, n, n, 16, seed=3)                                          # either way first
+        for training in order:
+            ql = q.clone().requires_grad_(training)
+            ran.clear()
+            out = qkv.attention(ql, k, v)
+            assert ran == ([] if training else ["tiled"]), (order, training)
+            if training:
+                out.sum().backward()
+                assert ql.grad is not None
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 8, seed=4)                  # SDPA either way: served in both modes
+    for training in (False, True, False):
+        ql = q.clone().requires_grad_(training)
+        ran.clear()
+        torch.testing.assert_close(qkv.attention(ql, k, v, causal=True),
+                                   qkv.attention(q, k, v, causal=True, backend="reference"), rtol=0, atol=1e-5)
+        assert ran == []
+
+
 def test_transformers_llama_compiles_as_one_graph():
     pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -5,6 +5,7 @@ engine runs the call, and runs it. Every engine computes the same semantics (see
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -82,12 +83,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         # The common call (causal or nothing, default everything else): validated and dispatched once per
         # signature, then run directly. The key holds what dispatch reads; k's and v's dtypes are left out
-        # because SDPA refuses a dtype that differs from q's (the run then returns None: the full path raises).
-        key = (q.shape, k.shape, v.shape, q.dtype, q.device, k.device, v.device, causal, scale,
-               _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), _options().serial)
+        # because SDPA refuses a dtype that differs from q's (the run then returns None: the full path raises),
+        # and whether autograd records the call is read only for the signatures where auto's pick depends on it.
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, k.device, v.device, causal, scale, _options().serial)
         run = _FAST.get(key)
         if run is not None:
-            out = run(q, k, v)
+            if run.__class__ is tuple:
+                run = run[_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)]
+            out = None if run is None else run(q, k, v)
             if out is not None:
                 return out
     call = prepare(q, k, v, causal=causal, window=window, mask=mask, bias=bias, score_mod=score_mod,
@@ -117,12 +120,32 @@ _grad_enabled = torch.is_grad_enabled
 
 def _remember(key, call: Call) -> None:
     """Cache the direct SDPA call for this signature (what dispatch chose; SDPA reads any strides). An output
-    SDPA may have got wrong from NaN/inf inputs (sdpa.plausible) makes it return None: the full path instead."""
+    SDPA may have got wrong from NaN/inf inputs (sdpa.plausible) makes it return None: the full path instead.
+    The entry is the run when auto picks SDPA with and without autograd, else a pair (without, with) holding
+    None where the pick is not known to be SDPA."""
     run = direct(call, default_scale=key[8] is None)
-    if run is not None:
-        if len(_FAST) >= 4096:
-            _FAST.clear()
+    if run is None:
+        return
+    if len(_FAST) >= 4096:
+        _FAST.clear()
+    if _sdpa_either_way(call):
         _FAST[key] = run
+    else:
+        pair = list(_FAST.get(key) or (None, None))
+        pair[call.training] = run
+        _FAST[key] = tuple(pair)
+
+
+def _sdpa_either_way(call: Call) -> bool:
+    """Whether auto would pick SDPA for this call (which it did) also with autograd the other way round."""
+    try:
+        if call.training:
+            with torch.no_grad():
+                return dispatch.auto(call).name == "sdpa"
+        with torch.enable_grad():
+            return dispatch.auto(dataclasses.replace(call, q=call.q.detach().requires_grad_())).name == "sdpa"
+    except RuntimeError:      # e.g. an inference-mode tensor cannot require grad: the key keeps the grad flag
+        return False
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> Selection:
