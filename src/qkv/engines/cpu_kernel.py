@@ -250,9 +250,8 @@ def row_check(dtype: torch.dtype):
     built or does not take this dtype."""
     global _rows_fn
     if _rows_fn is False:
-        try:
-            from .. import _attn_cpu
-            _rows_fn = getattr(_attn_cpu, "rows_plausible", None)
+        try:                           # the compiled library, imported as a Python module
+            _rows_fn = getattr(importlib.import_module("qkv._attn_cpu"), "rows_plausible", None)
         except ImportError:            # not built, or a build that is a ctypes library only
             _rows_fn = None
     if _rows_fn is None or dtype not in _DT:
