@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from ._validate import DeltaCall, LinearCall, finish_linear
 
 __all__ = ["BACKENDS", "MAX_DIM", "reasons", "resolve", "run_linear", "run_delta", "recording", "kernels",
-           "interpreting", "chunk_of"]
+           "interpreting", "chunk_of", "REPORT_KERNELS", "report_items", "report_launches"]
 
 BACKENDS = ("auto", "torch", "triton")
 #: The largest head dim (D or Dv, features included) the kernels take; one state block holds all of D.
@@ -186,14 +186,17 @@ def _prec(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
-def _config(D: int, Dv: int, arch: int | None):
-    """(value columns per state/output program, D block of the chunk-parallel kernels, warps of the state kernel,
-    warps of the others). Chosen so that ``qkv kernels`` reports no spill on sm_80/sm_90."""
+def _config(D: int, arch: int | None, elem: int, delta: bool):
+    """(value columns per state/output program, D block of the chunk-parallel kernels, rows per step of the state
+    kernel, warps of the state kernel, the most tokens per chunk). Chosen so that ``qkv kernels`` reports no spill
+    on sm_80/sm_90 (fp32 inputs take exact fp32 products on CUDA cores: smaller tiles, 32-token chunks). Under the
+    interpreter: small blocks, so that the tests' shapes span several."""
     bd = _pow2(D)
     if arch is None:
-        return 16, 16, 4, 4
-    bv = 64 if bd <= 64 else 32
-    return bv, min(bd, 64), 8 if bd >= 128 else 4, 4
+        return 16, 16, 8, 4, 64
+    if elem == 4:
+        return (32 if bd <= 64 else 16), min(bd, 32), 16, 4 if bd >= 256 and not delta else 8 if bd >= 128 else 4, 32
+    return (64 if bd <= 64 else 32), min(bd, 64), 32 if bd <= 128 else 16, 8 if bd >= 128 else 4, 64
 
 
 def _strides3(t):
@@ -204,7 +207,7 @@ def _scan_and_out(K, q, k, v, U, W, g, s0, out, *, H, rep, N, D, Dv, BT, fmap, l
     """The state kernel then the output kernel; returns the final state (B·H, D, Dv) fp32."""
     BH = out.shape[0] * out.shape[1]
     NC = -(-N // BT)
-    bv, bk, w_state, w_out = _config(D, Dv, arch)
+    bv, bk, bs, w_state, _ = _config(D, arch, q.element_size(), delta)
     bd = _pow2(D)
     dev = q.device
     Hs = torch.empty(BH, NC, D, Dv, dtype=torch.float32, device=dev)
@@ -218,10 +221,10 @@ def _scan_and_out(K, q, k, v, U, W, g, s0, out, *, H, rep, N, D, Dv, BT, fmap, l
     flags = dict(FMAP=fmap, GATED=g is not None, L2=l2, DELTA=delta, ONES=ones, PREC=prec)
     K._state_kernel[(nv, BH)](
         k, v, Wz, Uz, gz, s0z, Hs, S, *k.stride(), *v.stride(), *gs, H, rep, N, D, Dv, NC,
-        BT=BT, BD=bd, BV=bv, HAS_S0=s0 is not None, **flags, num_warps=w_state)
+        BT=BT, BS=min(bs, BT), BD=bd, BV=bv, HAS_S0=s0 is not None, **flags, num_warps=w_state)
     K._out_kernel[(NC, nv, BH)](
         q, k, v, Uz, gz, Hs, out, *q.stride(), *k.stride(), *v.stride(), *gs, *out.stride(),
-        H, rep, N, D, Dv, NC, float(scale), BT=BT, BK=bk, BV=bv, **flags, num_warps=w_out)
+        H, rep, N, D, Dv, NC, float(scale), BT=BT, BK=bk, BV=bv, **flags, num_warps=4)
     return S
 
 
@@ -232,10 +235,10 @@ def _run_delta_kernels(c: DeltaCall, chunk: int):
     B, H, N, Dv = v.shape
     D = q.shape[-1]
     arch = _arch(v)
-    BT = chunk
+    bv, bk, _, _, most = _config(D, arch, q.element_size(), True)
+    BT = min(chunk, most)
     NC = -(-N // BT)
     BH = B * H
-    bv, bk, _, w_out = _config(D, Dv, arch)
     prec = _prec(q)
     W = torch.empty(BH, N, D, dtype=torch.float32, device=v.device)
     U = torch.empty(BH, N, Dv, dtype=torch.float32, device=v.device)
@@ -244,7 +247,7 @@ def _run_delta_kernels(c: DeltaCall, chunk: int):
         k, v, beta, gz, W, U, *k.stride(), *v.stride(), *_strides3(beta), *(_strides3(g) if g is not None else
                                                                            (0, 0, 0)),
         H, H // q.shape[1], N, D, Dv, BT=BT, BK=bk, BV=bv, GATED=g is not None, L2=c.qk_l2norm, PREC=prec,
-        num_warps=w_out)
+        num_warps=4 if arch is None else 8)
     out = torch.empty(B, H, N, Dv, dtype=c.out_dtype, device=v.device)
     s0 = None if c.state is None else c.state.contiguous()
     S = _scan_and_out(K, q, k, v, U, W, g, s0, out, H=H, rep=H // q.shape[1], N=N, D=D, Dv=Dv, BT=BT, fmap=0,
@@ -268,7 +271,8 @@ def _run_linear_kernels(c: LinearCall, feature_map, chunk: int):
     arch = _arch(c.v)
     out = torch.empty(B, H, N, Dv1, dtype=torch.float32 if c.normalize else c.out_dtype, device=c.v.device)
     s0 = None if c.state is None else c.state.contiguous()
-    S = _scan_and_out(K, q, k, v, None, None, g, s0, out, H=H, rep=H // q.shape[1], N=N, D=D, Dv=Dv1, BT=chunk,
+    BT = min(chunk, _config(D, arch, c.q.element_size(), False)[-1])
+    S = _scan_and_out(K, q, k, v, None, None, g, s0, out, H=H, rep=H // q.shape[1], N=N, D=D, Dv=Dv1, BT=BT,
                       fmap=fmap, l2=False, delta=False, ones=c.normalize, scale=scale, prec=_prec(c.q), arch=arch)
     o = finish_linear(c, out) if c.normalize else out
     return o, S.view(B, H, D, Dv1)
@@ -345,3 +349,35 @@ def run_delta(c: DeltaCall, *, scale, chunk_size, return_state: bool):
         out = recompute(*tensors)
         return out if return_state else out[0]
     return _apply(lambda: _run_delta_kernels(c, chunk_of(c.chunk_size)), recompute, tensors, return_state)
+
+
+# ------------------------------------------------------------------------------------------------ qkv kernels
+
+#: The kernels in ``qkv kernels``' report and the variants each is compiled in: "delta" (gated, l2-normalised
+#: keys: the most registers of the delta rule) and "linear" (per-token decays, elu + 1 features, the normaliser).
+REPORT_KERNELS = {"lin_wy": ("delta",), "lin_state": ("delta", "linear"), "lin_out": ("delta", "linear")}
+_KERNEL_NAMES = {"lin_wy": "_wy_kernel", "lin_state": "_state_kernel", "lin_out": "_out_kernel"}
+
+
+def report_items(archs, head_dims, dtypes, kernels_=tuple(REPORT_KERNELS)):
+    """``qkv kernels``' items for these kernels: (kernel, arch, head dim, element bytes, variant, launches)."""
+    return [(kern, arch, bd, elem, var, report_launches) for arch in archs for kern in kernels_
+            if kern in REPORT_KERNELS for bd in head_dims for elem in dtypes for var in REPORT_KERNELS[kern]]
+
+
+def report_launches(kernel: str, arch: int, block_d: int, elem: int, variant: str, config=None):
+    """The launches of ``kernel`` for a GPU of ``arch`` at head dims D = Dv = ``block_d`` (``elem``: input bytes,
+    2 = bf16, 4 = fp32), recorded on small CPU tensors: [(name, JITFunction, args, kwargs)]."""
+    from .chunked import delta_rule, linear_attention
+
+    dt = torch.bfloat16 if elem == 2 else torch.float32
+    B, H, N = 1, 2, 256
+    q, k = torch.zeros(B, H, N, block_d, dtype=dt), torch.zeros(B, H, N, block_d, dtype=dt)
+    g = torch.zeros(B, H, N, dtype=dt)
+    with torch.no_grad(), recording(arch) as calls:
+        if variant == "delta":
+            delta_rule(q, k, torch.zeros(B, H, N, block_d, dtype=dt), g, g=g, qk_l2norm=True, backend="triton")
+        else:           # with the normaliser's column: Dv + 1 = block_d
+            linear_attention(q, k, torch.zeros(B, H, N, block_d - 1, dtype=dt), decay=g.float(), normalize=True,
+                             backend="triton")
+    return [c for c in calls if c[0] == _KERNEL_NAMES[kernel]]

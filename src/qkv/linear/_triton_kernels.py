@@ -181,12 +181,13 @@ def _wy_kernel(K, V, Beta, G, W, U,
 def _state_kernel(K, V, W, U, G, S0, Hs, Sout,
                   skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn,
                   H, REP, N, D, Dv, NC,
-                  BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, GATED: tl.constexpr,
-                  L2: tl.constexpr, DELTA: tl.constexpr, ONES: tl.constexpr, HAS_S0: tl.constexpr,
-                  PREC: tl.constexpr):
+                  BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr,
+                  GATED: tl.constexpr, L2: tl.constexpr, DELTA: tl.constexpr, ONES: tl.constexpr,
+                  HAS_S0: tl.constexpr, PREC: tl.constexpr):
     """The scan over chunks for one block of BV state columns of one head: writes the state at every chunk's start
     into Hs (B·H, NC, D, Dv), the corrected values over U (DELTA), and the final state into Sout (B·H, D, Dv).
-    Dv counts the virtual column of ones when ONES. States are fp32."""
+    Dv counts the virtual column of ones when ONES. States are fp32. A chunk is taken BS rows at a time (every row
+    reads the state at the chunk's start; their contributions are summed, then added): fewer registers."""
     iv = tl.program_id(0)
     ibh = tl.program_id(1)
     b = ibh // H
@@ -206,27 +207,37 @@ def _state_kernel(K, V, W, U, G, S0, Hs, Sout,
     Wb = W + ibh.to(tl.int64) * N * D
     Ub = U + ibh.to(tl.int64) * N * Dv
     Hb = Hs + ibh.to(tl.int64) * NC * D * Dv
-    r = tl.arange(0, BT)
+    rc = tl.arange(0, BT)
+    rs = tl.arange(0, BS)
     for ic in range(0, NC):
         t0 = ic * BT
-        rows = t0 + r
         tl.store(Hb + ic * (D * Dv) + soff, S, mask=smask)
-        k = _load_feat(Kb, skn, skd, t0, N, 0, D, BT, BD, FMAP)
-        if L2:
-            k = k * tl.rsqrt(_rsum(k * k, 1) + 1e-6)[:, None]
-        if DELTA:
-            w = _load_rows(Wb, D, 1, t0, N, 0, D, BT, BD)
-            u = _load_rows(Ub, Dv, 1, t0, N, v0, Dv, BT, BV)
-            u = u - _dot(w, S, None, PREC)
-            tl.store(Ub + rows[:, None].to(tl.int64) * Dv + cv[None, :], u,
-                     mask=(rows[:, None] < N) & (cv[None, :] < Dv))
-        else:
-            u = _load_v(Vb, svn, svd, t0, N, v0, Dv - ONES, BT, BV, ONES)
         if GATED:
-            bb, bl = _chunk_decay(Gb, sgn, t0, N, BT)
-            k = k * tl.exp(bl - bb)[:, None]
+            gc = tl.load(Gb + (t0 + rc).to(tl.int64) * sgn, mask=t0 + rc < N, other=0.0).to(tl.float32)
+            bl = _rsum(gc, 0)
+        dS = tl.full((BD, BV), 0.0, tl.float32)
+        for j in range(0, BT, BS):
+            r0 = t0 + j
+            rows = r0 + rs
+            k = _load_feat(Kb, skn, skd, r0, N, 0, D, BS, BD, FMAP)
+            if L2:
+                k = k * tl.rsqrt(_rsum(k * k, 1) + 1e-6)[:, None]
+            if DELTA:
+                w = _load_rows(Wb, D, 1, r0, N, 0, D, BS, BD)
+                u = _load_rows(Ub, Dv, 1, r0, N, v0, Dv, BS, BV)
+                u = u - _dot(w, S, None, PREC)
+                tl.store(Ub + rows[:, None].to(tl.int64) * Dv + cv[None, :], u,
+                         mask=(rows[:, None] < N) & (cv[None, :] < Dv))
+            else:
+                u = _load_v(Vb, svn, svd, r0, N, v0, Dv - ONES, BS, BV, ONES)
+            if GATED:
+                # e^{b_last − b_r} = e^{Σ g_s over the chunk's tokens s after r}
+                after = _rsum(tl.where(rc[None, :] > (j + rs)[:, None], gc[None, :], 0.0), 1)
+                k = k * tl.exp(after)[:, None]
+            dS = _dot(tl.trans(k), u, dS, PREC)
+        if GATED:
             S = S * tl.exp(bl)
-        S = _dot(tl.trans(k), u, S, PREC)
+        S += dS
     tl.store(Sout + ibh.to(tl.int64) * D * Dv + soff, S, mask=smask)
 
 
