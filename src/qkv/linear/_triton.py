@@ -188,15 +188,27 @@ def _prec(t: torch.Tensor) -> str:
 
 def _config(D: int, arch: int | None, elem: int, delta: bool):
     """(value columns per state/output program, D block of the chunk-parallel kernels, rows per step of the state
-    kernel, warps of the state kernel, the most tokens per chunk). Chosen so that ``qkv kernels`` reports no spill
-    on sm_80/sm_90 (fp32 inputs take exact fp32 products on CUDA cores: smaller tiles, 32-token chunks). Under the
-    interpreter: small blocks, so that the tests' shapes span several."""
+    kernel, warps of the state kernel, warps of the output kernel, the most tokens per chunk). Chosen so that
+    ``qkv kernels`` reports no spill on sm_80/sm_90 (fp32 inputs take exact fp32 products on CUDA cores: smaller
+    tiles, 32-token chunks); speed unmeasured beyond benchmarks/gpu_linear.py's sizes. Under the interpreter: small
+    blocks, so that the tests' shapes span several."""
     bd = _pow2(D)
     if arch is None:
-        return 16, 16, 8, 4, 64
+        return 16, 16, 8, 4, 4, 64
     if elem == 4:
-        return (32 if bd <= 64 else 16), min(bd, 32), 16, 4 if bd >= 256 and not delta else 8 if bd >= 128 else 4, 32
-    return (64 if bd <= 64 else 32), min(bd, 64), 32 if bd <= 128 else 16, 8 if bd >= 128 else 4, 64
+        w_state = 8 if bd >= 128 else 4
+        if not delta:
+            w_state = 8 if bd <= 64 or (bd >= 256 and arch < 90) else 4
+        return (32 if bd <= 64 else 16), min(bd, 32), 16, w_state, 4, 32
+    w_state = 8 if bd >= 128 else 4
+    if not delta and bd == 128 and arch < 90:
+        w_state = 4
+    return (64 if bd <= 64 else 32), min(bd, 64), 32 if bd <= 128 else 16, w_state, 8 if bd <= 64 else 4, 64
+
+
+def _opts(arch):
+    """Compile options on a GPU: FMA contraction on (Triton's default today, stated so that it stays)."""
+    return {} if arch is None else {"enable_fp_fusion": True}
 
 
 def _strides3(t):
@@ -207,7 +219,7 @@ def _scan_and_out(K, q, k, v, U, W, g, s0, out, *, H, rep, N, D, Dv, BT, fmap, l
     """The state kernel then the output kernel; returns the final state (B·H, D, Dv) fp32."""
     BH = out.shape[0] * out.shape[1]
     NC = -(-N // BT)
-    bv, bk, bs, w_state, _ = _config(D, arch, q.element_size(), delta)
+    bv, bk, bs, w_state, w_out, _ = _config(D, arch, q.element_size(), delta)
     bd = _pow2(D)
     dev = q.device
     Hs = torch.empty(BH, NC, D, Dv, dtype=torch.float32, device=dev)
@@ -221,10 +233,10 @@ def _scan_and_out(K, q, k, v, U, W, g, s0, out, *, H, rep, N, D, Dv, BT, fmap, l
     flags = dict(FMAP=fmap, GATED=g is not None, L2=l2, DELTA=delta, ONES=ones, PREC=prec)
     K._state_kernel[(nv, BH)](
         k, v, Wz, Uz, gz, s0z, Hs, S, *k.stride(), *v.stride(), *gs, H, rep, N, D, Dv, NC,
-        BT=BT, BS=min(bs, BT), BD=bd, BV=bv, HAS_S0=s0 is not None, **flags, num_warps=w_state)
+        BT=BT, BS=min(bs, BT), BD=bd, BV=bv, HAS_S0=s0 is not None, **flags, num_warps=w_state, **_opts(arch))
     K._out_kernel[(NC, nv, BH)](
         q, k, v, Uz, gz, Hs, out, *q.stride(), *k.stride(), *v.stride(), *gs, *out.stride(),
-        H, rep, N, D, Dv, NC, float(scale), BT=BT, BK=bk, BV=bv, **flags, num_warps=4)
+        H, rep, N, D, Dv, NC, float(scale), BT=BT, BK=bk, BV=bv, **flags, num_warps=w_out, **_opts(arch))
     return S
 
 
@@ -235,7 +247,7 @@ def _run_delta_kernels(c: DeltaCall, chunk: int):
     B, H, N, Dv = v.shape
     D = q.shape[-1]
     arch = _arch(v)
-    bv, bk, _, _, most = _config(D, arch, q.element_size(), True)
+    bv, bk, _, _, _, most = _config(D, arch, q.element_size(), True)
     BT = min(chunk, most)
     NC = -(-N // BT)
     BH = B * H
@@ -247,7 +259,7 @@ def _run_delta_kernels(c: DeltaCall, chunk: int):
         k, v, beta, gz, W, U, *k.stride(), *v.stride(), *_strides3(beta), *(_strides3(g) if g is not None else
                                                                            (0, 0, 0)),
         H, H // q.shape[1], N, D, Dv, BT=BT, BK=bk, BV=bv, GATED=g is not None, L2=c.qk_l2norm, PREC=prec,
-        num_warps=4 if arch is None else 8)
+        num_warps=4 if arch is None else 8, **_opts(arch))
     out = torch.empty(B, H, N, Dv, dtype=c.out_dtype, device=v.device)
     s0 = None if c.state is None else c.state.contiguous()
     S = _scan_and_out(K, q, k, v, U, W, g, s0, out, H=H, rep=H // q.shape[1], N=N, D=D, Dv=Dv, BT=BT, fmap=0,
