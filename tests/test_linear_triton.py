@@ -238,3 +238,21 @@ def test_empty_sequence():
     assert o.shape == (1, 1, 0, 8) and S.shape == (1, 1, 8, 8) and not S.any()
     o = linear_attention(q, k, v, backend="triton", decay=F.logsigmoid(torch.zeros(1, 1, 0)))
     assert o.shape == (1, 1, 0, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qkv kernels: the kernels compile for GPU targets without spills (no GPU needed)
+# ----------------------------------------------------------------------------------------------------------------
+def test_kernels_compile_for_sm90_without_spills(tmp_path, capsys):
+    """D = 128, bf16, Hopper, the WY and state kernels (the most registers), on tensor cores (the full report —
+    sm_80 and sm_90, every head dim, bf16 and fp32 — is benchmarks/results/linear_triton_kernels.txt)."""
+    import json
+
+    from qkv.tools import cli
+    out = tmp_path / "kernels.json"
+    rc = cli.main(["kernels", "--arch", "sm_90", "--head-dim", "128", "--dtype", "bf16", "--kernel",
+                   "lin_wy", "lin_state", "--jobs", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert rc == 0 and len(rows) == 3 and all(r["ok"] for r in rows), capsys.readouterr().out
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["mma"] == ("wgmma" if r["arch"] == 90 else "mma"), r
