@@ -93,8 +93,8 @@ def direct(call: Call, *, default_scale: bool):
     would — SDPA with no mask — and returns None instead of an output that fails :func:`plausible` (the caller
     then takes the full path, where the inputs are checked), or when SDPA refuses the tensors (k or v of another
     dtype than q: the full path's validation says so). None when the signature needs a mask (only no
-    mask and plain causal run this way). default_scale: the call's scale was not given (SDPA's default is the
-    same 1/sqrt(D)), so the function serves any D of the same shape."""
+    mask and plain causal run this way). default_scale: the call's scale was not given, so SDPA is left its
+    default, the same 1/sqrt(D)."""
     kw = {} if default_scale else {"scale": call.scale}
     if call.G > 1:
         kw["enable_gqa"] = True
