@@ -20,6 +20,10 @@ over all chunks at once.
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -454,51 +458,65 @@ def _chunk_rows(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.unflatten(2, (x.shape[2] // C, C)).permute(2, 0, 1, 3, 4).unsqueeze(3)
 
 
-def _delta_infer(c, C: int):
-    """The delta rule's forward without autograd (nothing to save for a backward): ``(o (B, H, N, Dv), S (B, H, D,
-    Dv))`` in the compute dtype, from the validated call ``c``.
+def _inv_norms(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale / sqrt(Σx² + 1e-6) per row of x (B, Hs, N, D): (B, Hs, N), from one reduction that reads x in place."""
+    r = torch.linalg.vector_norm(x, dim=-1).square_().add_(1e-6).rsqrt_()
+    return r.mul_(scale) if scale != 1.0 else r
+
+
+def _delta_infer_heads(q, k, v, beta, g, s0, out, s_out, scale: float, l2: bool, C: int) -> None:
+    """The delta rule's forward without autograd for a group of heads: q, k ``(B, Hk, N, D)``, v ``(B, H, N, Dv)``,
+    beta and g ``(B, H, N)`` (g may be None), s0 ``(B, H, D, Dv)`` or None, all in the compute dtype and any strides;
+    writes the outputs into ``out`` ``(B, H, N, Dv)`` and the final state into ``s_out`` ``(B, H, D, Dv)``.
 
     The chunks run in blocks of a few (``_block_chunks``): per block, every chunk-parallel quantity (features, decay
     factors, ``A``, ``T``, ``W``, ``U0``, ``(Q·Kᵀ)∘E``) is computed for the block's chunks at once into buffers
     allocated once per call, then the scan corrects ``u`` and carries the state chunk by chunk, then the block's
     outputs are two batched products. Nothing full-length is made besides the output and per-token scalars; the
-    inputs are read in place (any strides) and the l2 normalisation, ``scale``, ``β`` and the decays enter as
-    per-row factors of the single pass that copies q, k, v into a block. The views of the buffers are made once per
-    block length (the per-op overhead is a fair share of the time at these sizes)."""
-    B, H, N, Dv = c.v.shape
-    Hk, D = c.q.shape[1], c.q.shape[-1]
-    rep, BH, cd, dev = H // Hk, B * H, c.cd, c.v.device
+    inputs are read in place and the l2 normalisation, ``scale``, ``β`` and the decays enter as per-row factors
+    (computed for the whole call at once) of the single pass that copies q, k, v into a block. The views of the
+    buffers are made once per block length (the per-op overhead is a fair share of the time at these sizes)."""
+    B, H, N, Dv = v.shape
+    Hk, D = q.shape[1], q.shape[-1]
+    rep, BH, cd, dev = H // Hk, B * H, v.dtype, v.device
     nc, full = -(-N // C), N // C
-    q, k, v = c.q.to(cd), c.k.to(cd), c.v.to(cd)
-    gated, l2 = c.g is not None, c.qk_l2norm
-    # per-token scalars (nc, B, H, C, 1) for the whole call (small); grouped by key head (nc, B, Hk, rep, C, 1)
-    beta = _chunk_scalars(c.beta.to(cd), C, nc)
+    gated = g is not None
+
+    def grouped(x):
+        """(nc, B, H, C, 1) value-head scalars -> (nc, B, Hk, rep, C, 1) view."""
+        return x.view(x.shape[0], B, Hk, rep, C, 1)
+
+    # per-row factors for the whole call (small: one scalar per token and head); key-head ones (nc, B, Hk, 1, C, 1)
+    bt = _chunk_scalars(beta, C, nc)                                 # (nc, B, H, C, 1)
+    if l2:
+        rq = _chunk_scalars(_inv_norms(q, scale), C, nc).unsqueeze(3)
+        rk = _chunk_scalars(_inv_norms(k, 1.0), C, nc).unsqueeze(3)
+    else:
+        rq, rk = scale, None
+    f_kb = grouped(bt) if rk is None else grouped(bt) * rk          # β∘K (A's rows)
+    f_y = bt.unsqueeze(3)                                            # Y = β∘V
     if gated:
-        b = _chunk_scalars(c.g.to(cd), C, nc).cumsum(-2)              # b_r: log-decay from the chunk start
+        b = _chunk_scalars(g, C, nc).cumsum(-2)                      # b_r: log-decay from the chunk start
         bl = b[..., -1:, :]
-        eb, ekd = b.exp(), (bl - b).exp_()
-        s_x = beta * eb                                              # X = β∘e^b∘K
-        a = bl.exp().view(nc, BH, 1, 1).unbind(0)                   # the chunks' decays
+        eb, ekd = grouped(b.exp()), grouped((bl - b).exp_())
+        f_qd = eb * rq                                               # Q∘e^b
+        f_x = f_kb * eb                                              # X = β∘e^b∘K
+        f_kd = ekd if rk is None else ekd * rk                       # K∘e^{b_last − b}
+        a = bl.exp().view(nc, BH, 1, 1).unbind(0)                    # the chunks' decays
         bcol = b.view(nc, BH, C, 1)
     nb = min(nc, _block_chunks(BH, C, D, Dv))
 
     def emp(*shape):
         return torch.empty(*shape, dtype=cd, device=dev)
 
-    def grouped(x):
-        return x.view(x.shape[0], B, Hk, rep, C, 1)
-
-    out = emp(B, H, N, Dv)
     bufs = {n: emp(nb, B, Hk, rep, C, D) for n in (("q", "k", "kb", "qd", "x", "kd") if gated else ("q", "k", "kb"))}
     bufs.update(y=emp(nb, B, H, 1, C, Dv), u=emp(nb * BH, C, Dv), o=emp(nb * BH, C, Dv), w=emp(nb * BH, C, D))
     bufs.update({n: emp(nb * BH, C, C) for n in (("A", "QK", "T", "E") if gated else ("A", "QK", "T"))})
-    if l2:
-        bufs.update(sq=emp(nb, B, Hk, 1, C, D), rq=emp(nb, B, Hk, 1, C, 1), rk=emp(nb, B, Hk, 1, C, 1))
     Ss = emp(nb + 1, BH, D, Dv)
-    if c.state is None:
+    if s0 is None:
         Ss[0].zero_()
     else:
-        Ss[0].copy_(c.state.reshape(BH, D, Dv))
+        Ss[0].view(B, H, D, Dv).copy_(s0)
     eye = torch.eye(C, dtype=cd, device=dev).expand(nb * BH, C, C)
     views = {}
 
@@ -528,36 +546,23 @@ def _delta_infer(c, C: int):
             return _chunk_rows(x[:, :, t0:t0 + n * C], C)
         return _chunk_rows(torch.nn.functional.pad(x[:, :, t0:], (0, 0, 0, t0 + n * C - N)), C)
 
-    def inv_norm(x, w, r, scale):
-        """scale / sqrt(Σx² + eps) per row of x (n, B, Hk, 1, C, D), into r (n, B, Hk, 1, C, 1)."""
-        torch.mul(x, x, out=w["sq"])
-        torch.sum(w["sq"], -1, keepdim=True, out=r)
-        r.add_(1e-6).rsqrt_()
-        return r.mul_(scale) if scale != 1.0 else r
-
     # blocks: the full chunks in groups of nb, then the last, partial chunk (if any) alone
     starts = [(c0, min(full, c0 + nb) - c0) for c0 in range(0, full, nb)] + ([(full, 1)] if full < nc else [])
     for c0, n in starts:
         w, t0, c1 = block_views(n), c0 * C, c0 + n
         qs, ks, vs = rows(q, t0, n), rows(k, t0, n), rows(v, t0, n)
-        bt = grouped(beta[c0:c1])
-        if l2:
-            rq, rk = inv_norm(qs, w, w["rq"], c.scale), inv_norm(ks, w, w["rk"], 1.0)
-        else:
-            rq, rk = c.scale, None
         qs, ks = (x.expand(n, B, Hk, rep, C, D) for x in (qs, ks))    # a key head read by its value heads
-        torch.mul(qs, rq, out=w["q"])
+        torch.mul(qs, rq if rk is None else rq[c0:c1], out=w["q"])
         if rk is None:
             w["k"].copy_(ks)
         else:
-            torch.mul(ks, rk, out=w["k"])
-        torch.mul(ks, bt if rk is None else rk * bt, out=w["kb"])   # β∘K (A's rows)
-        torch.mul(vs, beta[c0:c1].unsqueeze(3), out=w["y"])          # Y = β∘V
+            torch.mul(ks, rk[c0:c1], out=w["k"])
+        torch.mul(ks, f_kb[c0:c1], out=w["kb"])
+        torch.mul(vs, f_y[c0:c1], out=w["y"])
         if gated:
-            torch.mul(qs, grouped(eb[c0:c1]) * rq, out=w["qd"])      # Q∘e^b
-            sx, skd = grouped(s_x[c0:c1]), grouped(ekd[c0:c1])
-            torch.mul(ks, sx if rk is None else sx * rk, out=w["x"])                 # X = β∘e^b∘K
-            torch.mul(ks, skd if rk is None else skd * rk, out=w["kd"])              # K∘e^{b_last − b}
+            torch.mul(qs, f_qd[c0:c1], out=w["qd"])
+            torch.mul(ks, f_x[c0:c1], out=w["x"])
+            torch.mul(ks, f_kd[c0:c1], out=w["kd"])
             bc_ = bcol[c0:c1].reshape(n * BH, C, 1)
             E = torch.sub(bc_, _t(bc_), out=w["E"])
             E.tril_().exp_().tril_()                                 # 0 above the diagonal; no exp(+large)
@@ -586,7 +591,112 @@ def _delta_infer(c, C: int):
         else:
             out[:, :, t0:].copy_(w["on"][0, :, :, :m])
         Ss[0].copy_(Ss[n])
-    return out, Ss[0].reshape(B, H, D, Dv).clone()
+    s_out.copy_(Ss[0].view(B, H, D, Dv))
+
+
+def _head_groups(B: int, Hk: int, H: int, parts: int) -> list:
+    """Up to ``parts`` independent groups of heads as (key-side index, value-side index) pairs of slices for dims
+    (0, 1): key heads with their value heads, else value heads sharing the one key head, else batch entries."""
+    def bounds(n):
+        p = min(parts, n)
+        return [(i * n // p, (i + 1) * n // p) for i in range(p)]
+    if Hk >= 2:
+        rep = H // Hk
+        return [((slice(None), slice(j0, j1)), (slice(None), slice(j0 * rep, j1 * rep))) for j0, j1 in bounds(Hk)]
+    if H >= 2:
+        return [((slice(None), slice(None)), (slice(None), slice(h0, h1))) for h0, h1 in bounds(H)]
+    return [((slice(b0, b1),), (slice(b0, b1),)) for b0, b1 in bounds(B)]
+
+
+def _split_parts(dev: torch.device, work: int) -> int:
+    """How many threads the inference path splits its heads across: torch's intra-op threads on a CPU with the
+    OpenMP backend, for a call of at least ``_SPLIT_MIN_ELEMS`` (B·H·N·max(D, Dv)); else 1."""
+    if dev.type != "cpu" or work < _SPLIT_MIN_ELEMS or not _openmp_backend():
+        return 1
+    return torch.get_num_threads()
+
+
+# Smallest call (B·H·N·max(D, Dv) elements) whose heads are split across threads.
+_SPLIT_MIN_ELEMS = 1 << 18
+_SPLIT_LOCK = threading.Lock()
+_POOL: list = [None, 0, 0]                                           # executor, its workers, the pid that made it
+
+
+def _openmp_backend() -> bool:
+    if _OPENMP[0] is None:
+        _OPENMP[0] = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return _OPENMP[0]
+
+
+_OPENMP: list = [None]
+
+
+def _workers(n: int) -> ThreadPoolExecutor:
+    """A pool of at least n threads, made anew in a forked child (whose copy of the parent's has no threads)."""
+    ex, have, pid = _POOL
+    if ex is None or have < n or pid != os.getpid():
+        if ex is not None and pid == os.getpid():
+            ex.shutdown(wait=False)
+        ex = ThreadPoolExecutor(max_workers=n, thread_name_prefix="qkv-linear")
+        _POOL[:] = [ex, n, os.getpid()]
+    return ex
+
+
+def _single_threaded(job, grad: bool, inference: bool) -> None:
+    torch.set_num_threads(1)            # this worker's own OpenMP and MKL settings (the caller set the global one)
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        job()
+
+
+def _run_split(jobs: list) -> None:
+    """Run independent jobs, each single-threaded, the first in this thread and the others in the pool; or one
+    after the other (with torch's threads) if there is one job or another call holds the pool. A chunked engine
+    issues ~1000 small ops per call; run with torch's threads, each op waits at an OpenMP barrier for the other
+    cores (and for any that other processes keep descheduled), while separate heads on separate threads never
+    wait for each other. torch's thread count is a process-wide setting: during the split it reads 1."""
+    if len(jobs) == 1 or not _SPLIT_LOCK.acquire(blocking=False):
+        for job in jobs:
+            job()
+        return
+    try:
+        threads = torch.get_num_threads()
+        pool = _workers(len(jobs) - 1)
+        torch.set_num_threads(1)
+        try:
+            mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+            futures = [pool.submit(_single_threaded, job, *mode) for job in jobs[1:]]
+            try:
+                jobs[0]()
+            finally:
+                wait(futures)
+            for f in futures:
+                f.result()
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        _SPLIT_LOCK.release()
+
+
+def _delta_infer(c, C: int):
+    """The delta rule's forward without autograd (nothing to save for a backward): ``(o (B, H, N, Dv), S (B, H, D,
+    Dv))`` in the compute dtype, from the validated call ``c``. On a CPU with several threads the heads are split
+    into groups, one per thread, each run single-threaded (``_run_split``)."""
+    B, H, N, Dv = c.v.shape
+    Hk, D = c.q.shape[1], c.q.shape[-1]
+    cd, dev = c.cd, c.v.device
+    q, k, v, beta = c.q.to(cd), c.k.to(cd), c.v.to(cd), c.beta.to(cd)
+    g = None if c.g is None else c.g.to(cd)
+    s0 = None if c.state is None else c.state.to(cd)
+    out = torch.empty(B, H, N, Dv, dtype=cd, device=dev)
+    S = torch.empty(B, H, D, Dv, dtype=cd, device=dev)
+
+    def job(ik, iv):
+        return lambda: _delta_infer_heads(q[ik], k[ik], v[iv], beta[iv], None if g is None else g[iv],
+                                          None if s0 is None else s0[iv], out[iv], S[iv], c.scale, c.qk_l2norm, C)
+
+    groups = _head_groups(B, Hk, H, _split_parts(dev, B * H * N * max(D, Dv)))
+    _run_split([job(ik, iv) for ik, iv in groups])
+    return out, S
 
 
 class _GatedDelta(torch.autograd.Function):
