@@ -2,8 +2,8 @@
 another git revision (and transformers' ``torch_chunk_gated_delta_rule``), in one process, alternated.
 
 ``python benchmarks/delta_infer_ab.py --old main --threads 2``: B=1 H=8 N=4096 D=64 fp32, Qwen3-Next's gates, qk
-l2 norm (the bar's row 1 forward). Prints wall-clock medians with p25-p75 in ms (and the
-median process CPU time), the ratios, the load average, and the largest
+l2 norm (the bar's row 1 forward). Prints wall-clock medians with p25-p75 in ms (the minimum
+and the median process CPU time), the ratios, the load average, and the largest
 difference between the two qkv versions and transformers. Run under ``flock /tmp/qkv-bench.lock``.
 """
 from __future__ import annotations
@@ -41,6 +41,23 @@ def _old_module(rev: str):
     return mod
 
 
+def _variant(sets: str):
+    """this tree's delta_rule with constants of qkv.linear.chunked set (and restored) around each call"""
+    import qkv.linear.chunked as chunked
+    pairs = [(n, eval(v)) for n, v in (kv.split("=") for kv in sets.split(",") if kv)]
+
+    def call(*args, **kw):
+        saved = [(n, getattr(chunked, n)) for n, _ in pairs]
+        for n, v in pairs:
+            setattr(chunked, n, v)
+        try:
+            return delta_rule(*args, **kw)
+        finally:
+            for n, v in saved:
+                setattr(chunked, n, v)
+    return call
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old", default="main", help="git revision to compare with (default main)")
@@ -48,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison this many times")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:ATTR=VALUE[,ATTR=VALUE]: also time this tree with module constants of "
+                         "qkv.linear.chunked changed (e.g. C64:_INFER_CHUNK=64); repeatable")
     ap.add_argument("--shape", default="1,8,8,4096,64,64", help="B,Hk,H,N,D,Dv")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -65,6 +85,9 @@ def main(argv=None) -> int:
 
     fns = {"old": lambda: old.delta_rule(t(q), t(k), t(v), t(beta), g=t(gg), qk_l2norm=True),
            "new": lambda: delta_rule(t(q), t(k), t(v), t(beta), g=t(gg), qk_l2norm=True)}
+    for spec in a.variant:
+        name, _, sets = spec.partition(":")
+        fns[name] = (lambda f: lambda: f(t(q), t(k), t(v), t(beta), g=t(gg), qk_l2norm=True))(_variant(sets))
     if not a.no_transformers:
         from transformers.models.qwen3_next import modeling_qwen3_next as mq
         fns["transformers"] = lambda: t(mq.torch_chunk_gated_delta_rule(q, k, v, gg, beta,
@@ -94,7 +117,7 @@ def main(argv=None) -> int:
         for n, ts in times.items():
             qs = statistics.quantiles(ts, n=4)
             parts.append(f"{n} {med[n] * 1e3:.1f} [{qs[0] * 1e3:.1f}-{qs[2] * 1e3:.1f}] "
-                         f"(cpu {statistics.median(cpu[n]) * 1e3:.1f})")
+                         f"(min {min(ts) * 1e3:.1f}, cpu {statistics.median(cpu[n]) * 1e3:.1f})")
         ratio = f"old/new {med['old'] / med['new']:.2f}x"
         if "transformers" in med:
             ratio += (f", transformers/new {med['transformers'] / med['new']:.2f}x, "

@@ -431,15 +431,15 @@ def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
 
 
 def _block_chunks(BH: int, C: int, D: int, Dv: int) -> int:
-    """Chunks per block of the inference path: each of its ~15 buffers holds ~_BLOCK_ELEMS elements (512 KiB in
-    fp32), so that a block's working set stays near the cores' L2 and the buffers, reused from block to block, are
-    paged in once per call. Measured (delta rule fwd, B=1 H=8 N=4096 D=64, 2-core AVX-512 Xeon, medians of 25):
-    2^16 38.5 ms, 2^17 31.5 ms, 2^18 32.6 ms, 2^19 38.7 ms at 2 threads (fewer, larger ops split better across
-    threads); 43.0 / 43.9 / 55.8 / 65.2 ms at 1 thread."""
+    """Chunks per block of the inference path (BH: the heads one thread runs): each of its buffers (~7.5 of (C, D)
+    per chunk and head) holds ~_BLOCK_ELEMS elements (256 KiB in fp32), so that a block's working set stays in the
+    core's L2 and the buffers, reused from block to block, are paged in once per call. Measured (delta rule fwd,
+    B=1 H=8 N=4096 D=64, 2-core AVX-512 Xeon, process CPU time, other jobs on the machine): 2^16 against 2^17 33.3 vs
+    35.9 ms at 1 thread, 38 vs 40 ms with the heads split across 2 threads (2^15: 40 ms)."""
     return max(1, _BLOCK_ELEMS // (BH * C * max(C, D, Dv)))
 
 
-_BLOCK_ELEMS = 1 << 17
+_BLOCK_ELEMS = 1 << 16
 # Chunk size cap of the inference path: with C = 32 instead of 64 the chunk-quadratic work (A, T, W, U0, Q·Kᵀ)
 # halves while the state work stays; measured ~12% faster at D = 64 on a 2-core AVX-512 Xeon, equal at D = 128.
 _INFER_CHUNK = 32
@@ -472,9 +472,11 @@ def _delta_infer_heads(q, k, v, beta, g, s0, out, s_out, scale: float, l2: bool,
     The chunks run in blocks of a few (``_block_chunks``): per block, every chunk-parallel quantity (features, decay
     factors, ``A``, ``T``, ``W``, ``U0``, ``(Q·Kᵀ)∘E``) is computed for the block's chunks at once into buffers
     allocated once per call, then the scan corrects ``u`` and carries the state chunk by chunk, then the block's
-    outputs are two batched products. Nothing full-length is made besides the output and per-token scalars; the
-    inputs are read in place and the l2 normalisation, ``scale``, ``β`` and the decays enter as per-row factors
-    (computed for the whole call at once) of the single pass that copies q, k, v into a block. The views of the
+    outputs are two batched products. Nothing full-length is made besides the output and per-token scalars. The
+    inputs are read in place, once per block: q, k and v are copied into the block with the l2 normalisation,
+    ``scale`` and ``β`` as per-row factors (computed for the whole call at once); the decays then enter in place
+    (Q becomes Q∘e^b and K becomes K∘e^{b_last − b} once Q·Kᵀ and A are made; the output takes Y's buffer, T takes
+    E's), so that a block keeps ~7.5 buffers of (C, D) per chunk and head in the core's cache. The views of the
     buffers are made once per block length (the per-op overhead is a fair share of the time at these sizes)."""
     B, H, N, Dv = v.shape
     Hk, D = q.shape[1], q.shape[-1]
@@ -488,30 +490,32 @@ def _delta_infer_heads(q, k, v, beta, g, s0, out, s_out, scale: float, l2: bool,
 
     # per-row factors for the whole call (small: one scalar per token and head); key-head ones (nc, B, Hk, 1, C, 1)
     bt = _chunk_scalars(beta, C, nc)                                 # (nc, B, H, C, 1)
-    if l2:
-        rq = _chunk_scalars(_inv_norms(q, scale), C, nc).unsqueeze(3)
-        rk = _chunk_scalars(_inv_norms(k, 1.0), C, nc).unsqueeze(3)
-    else:
-        rq, rk = scale, None
-    f_kb = grouped(bt) if rk is None else grouped(bt) * rk          # β∘K (A's rows)
     f_y = bt.unsqueeze(3)                                            # Y = β∘V
+    if l2:
+        f_q = _chunk_scalars(_inv_norms(q, scale), C, nc).unsqueeze(3)   # Q = scale·q/|q|
+        f_k = _chunk_scalars(_inv_norms(k, 1.0), C, nc).unsqueeze(3)     # K = k/|k|
+    else:
+        f_q, f_k = scale, None
     if gated:
         b = _chunk_scalars(g, C, nc).cumsum(-2)                      # b_r: log-decay from the chunk start
         bl = b[..., -1:, :]
-        eb, ekd = grouped(b.exp()), grouped((bl - b).exp_())
-        f_qd = eb * rq                                               # Q∘e^b
-        f_x = f_kb * eb                                              # X = β∘e^b∘K
-        f_kd = ekd if rk is None else ekd * rk                       # K∘e^{b_last − b}
+        eb = b.exp()
+        f_qd = grouped(eb)                                           # Q -> Q∘e^b
+        f_x = grouped(bt * eb)                                       # X = β∘e^b∘K
+        f_kd = grouped((bl - b).exp_())                              # K -> K∘e^{b_last − b}
         a = bl.exp().view(nc, BH, 1, 1).unbind(0)                    # the chunks' decays
         bcol = b.view(nc, BH, C, 1)
+        brow = bt.view(nc, BH, C, 1)                                 # β_r: A = β_r·(k_r·k_s)·E_rs
+    else:
+        f_x = grouped(bt)                                            # X = β∘K
     nb = min(nc, _block_chunks(BH, C, D, Dv))
 
     def emp(*shape):
         return torch.empty(*shape, dtype=cd, device=dev)
 
-    bufs = {n: emp(nb, B, Hk, rep, C, D) for n in (("q", "k", "kb", "qd", "x", "kd") if gated else ("q", "k", "kb"))}
-    bufs.update(y=emp(nb, B, H, 1, C, Dv), u=emp(nb * BH, C, Dv), o=emp(nb * BH, C, Dv), w=emp(nb * BH, C, D))
-    bufs.update({n: emp(nb * BH, C, C) for n in (("A", "QK", "T", "E") if gated else ("A", "QK", "T"))})
+    bufs = {n: emp(nb, B, Hk, rep, C, D) for n in ("q", "k", "x")}
+    bufs.update(y=emp(nb, B, H, 1, C, Dv), u=emp(nb * BH, C, Dv), w=emp(nb * BH, C, D))
+    bufs.update({n: emp(nb * BH, C, C) for n in ("A", "QK", "E")})  # E: the decays, then T (without decay: T)
     Ss = emp(nb + 1, BH, D, Dv)
     if s0 is None:
         Ss[0].zero_()
@@ -526,16 +530,15 @@ def _delta_infer_heads(q, k, v, beta, g, s0, out, s_out, scale: float, l2: bool,
             M = n * BH
             w = {name: t[:n] for name, t in bufs.items() if t.shape[0] == nb}     # (n, B, Hk, rep|1, C, ·)
             w.update({name: t[:M] for name, t in bufs.items() if t.shape[0] == nb * BH})
-            for name in ("q", "k", "kb", "qd", "x", "kd", "y"):
-                if name in w:
-                    w["f" + name] = w[name].view(M, C, w[name].shape[-1])  # as a batch of matrices
+            for name in ("q", "k", "x", "y"):
+                w["f" + name] = w[name].view(M, C, w[name].shape[-1])  # as a batch of matrices
             w["fkT"] = _t(w["fk"])
             w["eye"] = eye[:M]
             U4, W4 = w["u"].view(n, BH, C, Dv), w["w"].view(n, BH, C, D)
-            kdT = _t((w["fkd"] if gated else w["fk"]).view(n, BH, C, D))
+            kdT = _t(w["fk"].view(n, BH, C, D))                        # Kd once the decays are in (K without)
             w["scan"] = list(zip(U4.unbind(0), W4.unbind(0), kdT.unbind(0), Ss[:n].unbind(0), Ss[1:n + 1].unbind(0)))
             w["Sn"] = Ss[:n].view(M, D, Dv)
-            w["on"] = w["o"].view(n, B, H, C, Dv)
+            w["on"] = w["y"].view(n, B, H, C, Dv)                       # the outputs, in Y's buffer
             views[n] = w
         return views[n]
 
@@ -552,29 +555,27 @@ def _delta_infer_heads(q, k, v, beta, g, s0, out, s_out, scale: float, l2: bool,
         w, t0, c1 = block_views(n), c0 * C, c0 + n
         qs, ks, vs = rows(q, t0, n), rows(k, t0, n), rows(v, t0, n)
         qs, ks = (x.expand(n, B, Hk, rep, C, D) for x in (qs, ks))    # a key head read by its value heads
-        torch.mul(qs, rq if rk is None else rq[c0:c1], out=w["q"])
-        if rk is None:
+        torch.mul(qs, f_q if f_k is None else f_q[c0:c1], out=w["q"])
+        if f_k is None:
             w["k"].copy_(ks)
         else:
-            torch.mul(ks, rk[c0:c1], out=w["k"])
-        torch.mul(ks, f_kb[c0:c1], out=w["kb"])
+            torch.mul(ks, f_k[c0:c1], out=w["k"])
         torch.mul(vs, f_y[c0:c1], out=w["y"])
+        torch.mul(w["k"], f_x[c0:c1], out=w["x"])
+        QK = torch.bmm(w["fq"], w["fkT"], out=w["QK"])
         if gated:
-            torch.mul(qs, f_qd[c0:c1], out=w["qd"])
-            torch.mul(ks, f_x[c0:c1], out=w["x"])
-            torch.mul(ks, f_kd[c0:c1], out=w["kd"])
             bc_ = bcol[c0:c1].reshape(n * BH, C, 1)
             E = torch.sub(bc_, _t(bc_), out=w["E"])
             E.tril_().exp_().tril_()                                 # 0 above the diagonal; no exp(+large)
-        A = torch.bmm(w["fkb"], w["fkT"], out=w["A"])
-        QK = torch.bmm(w["fq"], w["fkT"], out=w["QK"])
-        if gated:
-            A.mul_(E)
             QK.mul_(E)
+            A = torch.bmm(w["fk"], w["fkT"], out=w["A"]).mul_(E.mul_(brow[c0:c1].reshape(n * BH, C, 1)))
+            w["q"].mul_(f_qd[c0:c1])                                 # Q∘e^b
+            w["k"].mul_(f_kd[c0:c1])                                 # Kd = K∘e^{b_last − b}
         else:
             QK.tril_()
-        T = torch.linalg.solve_triangular(A, w["eye"], upper=False, unitriangular=True, out=w["T"])  # (out=: ~2.5×
-        torch.bmm(T, w["fx"] if gated else w["fkb"], out=w["w"])                                  # faster)
+            A = torch.bmm(w["fx"], w["fkT"], out=w["A"])
+        T = torch.linalg.solve_triangular(A, w["eye"], upper=False, unitriangular=True, out=w["E"])  # (out=: ~2.5×
+        torch.bmm(T, w["fx"], out=w["w"])                                                         # faster)
         U = torch.bmm(T, w["fy"], out=w["u"])                        # U0 = T·Y, corrected in place by the scan
         for i, (u, Wc, kdT, S, S1) in enumerate(w["scan"]):
             u.baddbmm_(Wc, S, alpha=-1.0)                            # u = U0 − W·S
@@ -583,8 +584,8 @@ def _delta_infer_heads(q, k, v, beta, g, s0, out, s_out, scale: float, l2: bool,
             else:
                 S1.copy_(S)
             S1.baddbmm_(kdT, u)                                      # S' = a·S + Kdᵀ·u
-        O = torch.bmm(QK, U, out=w["o"])
-        O.baddbmm_(w["fqd"] if gated else w["fq"], w["Sn"])         # o = ((Q·Kᵀ)∘E)·u + (Q∘e^b)·S
+        O = torch.bmm(QK, U, out=w["fy"])
+        O.baddbmm_(w["fq"], w["Sn"])                                 # o = ((Q·Kᵀ)∘E)·u + (Q∘e^b)·S
         m = min(n * C, N - t0)
         if m == n * C:
             out[:, :, t0:t0 + m].unflatten(2, (n, C)).copy_(w["on"].permute(1, 2, 0, 3, 4))
