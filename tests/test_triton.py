@@ -356,12 +356,98 @@ def test_auto_rules_on_cuda():
     assert pick(qd, k, v, window=(8, 0)) == "triton"                  # a window: split-KV
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_nonfinite_inputs_are_refused_not_leaked(grad):
-    """A NaN in a key a row cannot see would reach that row through 0·NaN in the kernels: refused with a reason
-    naming the tensor (NonFiniteInputs, a ValueError), so auto reruns such a call on tiled."""
+def test_nonfinite_inputs_refused_for_training():
+    """The backward kernels multiply zero probabilities with values, keys and queries (0·NaN): a call that needs a
+    backward with NaN/inf inputs is refused with a reason naming the tensor (NonFiniteInputs, a ValueError), so
+    auto reruns such a call on tiled."""
     from qkv.core.finite import NonFiniteInputs
     q, k, v = make_qkv(1, 2, 2, 40, 40, 16)
     v[:, :, 30] = float("nan")
     with pytest.raises(NonFiniteInputs, match=r"\bv\b.*NaN"):
-        qkv.attention(q.requires_grad_(grad), k, v, causal=True, backend="triton")
+        qkv.attention(q.requires_grad_(), k, v, causal=True, backend="triton")
+
+
+def _poisoned_oracle(q, k, v, hidden, **kw):
+    """fp64 oracle; with ``hidden`` the poison must change nothing, so the oracle runs on the values with it
+    zeroed."""
+    if hidden:
+        q, k, v = (t.nan_to_num(0.0, 0.0, 0.0) for t in (q, k, v))
+    okw = dict(kw)
+    if isinstance(okw.get("mask"), qkv.masks.MaskMod):
+        okw["mask"] = okw["mask"].bind(q.shape[2], k.shape[2])
+    return naive_attention(q, k, v, compute_dtype=torch.float64, **okw)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("case", ["causal-diagonal", "window-edge", "bitmap", "bias-inf-full-tile", "visible",
+                                  "q-row-unseen", "decode-hidden", "decode-visible-v", "decode-visible-k",
+                                  "decode-lengths", "decode-q"])
+def test_nonfinite_inputs_inference(case, value):
+    """Inference with NaN/inf inputs: the oracle's answer or NonFiniteInputs, never a third value. The split-KV
+    decoding kernel needs no check (a split that ends with a NaN is computed again through a product in which
+    zero probabilities contribute nothing): it always gives the oracle's answer. Compared with the fp64 oracle:
+    NaN exactly where it has NaN, equal infinities, close elsewhere."""
+    from qkv.core.finite import NonFiniteInputs
+    decode = case.startswith("decode")
+    Nq, Nk = (1, 200) if decode else (70, 70)
+    q, k, v = make_qkv(1, 4, 2, Nq, Nk, 16, dtype=torch.float32)
+    kw = dict(causal=True)
+    hidden = True
+    if case == "causal-diagonal":          # key 41 is hidden from rows 0..40, which share its diagonal block
+        v[0, 0, 41, 3] = value
+        k[0, 1, 41, 5] = value
+        hidden = False
+    elif case == "window-edge":
+        kw = dict(window=(8, 0))
+        v[0, :, 20, 0] = value             # seen by rows 20..28 only
+        hidden = False
+    elif case == "bitmap":
+        kw = dict(mask=lambda b, h, i, j: (i + j) % 3 != 0)
+        v[0, 1, 9, 2] = value              # hidden from the rows with (i + 9) % 3 == 0
+        hidden = False
+    elif case == "bias-inf-full-tile":     # a -inf score inside an unmasked tile hides that key
+        kw = dict(bias=torch.zeros(1, 1, Nq, Nk))
+        kw["bias"][..., 5] = float("-inf")
+        v[0, :, 5, 1] = value
+    elif case == "visible":
+        v[0, 1, 2, 4] = value
+        hidden = False
+    elif case == "q-row-unseen":           # Nq > Nk bottom-right: the first rows see no key
+        q, k, v = make_qkv(1, 4, 2, 70, 30, 16, dtype=torch.float32)
+        q[0, 2, 5, 0] = value
+    elif case == "decode-hidden":          # a window: keys before 149 are hidden
+        kw = dict(window=(50, 0))
+        v[0, 1, 100, 7] = value
+        k[0, 0, 120, 1] = value
+    elif case == "decode-visible-v":
+        v[0, 1, 180, 7] = value
+        hidden = False
+    elif case == "decode-visible-k":
+        k[0, 0, 150, 2] = value
+        hidden = False
+    elif case == "decode-lengths":         # key lengths: keys from 90 on are hidden in batch 0
+        kw = dict(mask=qkv.masks.padding(torch.tensor([90])))
+        v[0, 1, 95, 0] = value
+        k[0, 0, 150, 2] = value
+    elif case == "decode-q":
+        q[0, 3, 0, 1] = value
+        hidden = False
+    assert decode == ENGINE.decodes(prepare(q, k, v, **kw), training=False)
+    want, wlse = _poisoned_oracle(q, k, v, hidden, **kw)
+    try:
+        with torch.no_grad():
+            out, lse = qkv.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    except NonFiniteInputs:
+        assert not decode, "the decoding kernel refused a call it computes exactly"
+        return
+    for name, got, ref in (("out", out, want), ("lse", lse, wlse)):
+        got = got.double()
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), f"{name}: NaN at {int(torch.isnan(got).sum())} " \
+            f"places, the oracle at {int(torch.isnan(ref).sum())}"
+        fin = torch.isfinite(ref)
+        assert torch.equal(torch.isinf(got) & ~fin, torch.isinf(ref) & ~fin) and \
+            torch.equal(got[torch.isinf(ref)], ref[torch.isinf(ref)]), f"{name}: infinities differ"
+        assert torch.allclose(got[fin], ref[fin], atol=1e-4, rtol=1e-4), f"{name}: max err " \
+            f"{(got[fin] - ref[fin]).abs().max():.3g}"
+    if hidden:
+        assert torch.isfinite(out).all()

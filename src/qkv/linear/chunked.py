@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._triton import resolve, run_delta, run_linear
 from ._validate import finish_linear, prepare_delta, prepare_linear
 
 __all__ = ["linear_attention", "delta_rule"]
@@ -252,7 +253,8 @@ def _linear_noncausal(q, k, v, s0):
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, feature_map="elu1",
                      decay=None, normalize: bool | None = None, scale: float | None = None, chunk_size: int = 64,
-                     initial_state: torch.Tensor | None = None, return_state: bool = False, eps: float = 1e-6):
+                     initial_state: torch.Tensor | None = None, return_state: bool = False, eps: float = 1e-6,
+                     backend: str = "auto"):
     """Linear attention ``φ(Q)·(φ(K)ᵀ·V)`` and its decayed forms (RetNet retention, Mamba-2 SSD, gated linear
     attention with scalar gates, lightning attention), chunked: O(N) time, O(1) state.
 
@@ -275,6 +277,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
             for fp64 inputs): the state left by a previous call's ``return_state``.
         return_state: also return the final state (same layout), so that a stream can be processed in pieces.
         eps: the normaliser's guard.
+        backend: ``"auto"`` (the Triton kernels for CUDA tensors when triton is installed and they serve the call,
+            else torch ops), ``"torch"`` or ``"triton"`` (a ValueError naming every reason when the kernels cannot
+            serve the call: CPU tensors without ``TRITON_INTERPRET=1``, fp64, ``causal=False``, head dims over
+            256). See docs/linear.md.
 
     Returns:
         ``o`` ``(B, H, N, Dv)`` in q's dtype, or ``(o, state)``. The computation runs in fp32 (fp64 for fp64 inputs).
@@ -283,6 +289,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     """
     c = prepare_linear(q, k, v, causal=causal, feature_map=feature_map, decay=decay, normalize=normalize,
                        scale=scale, chunk_size=chunk_size, initial_state=initial_state, eps=eps)
+    if resolve(backend, c) == "triton":
+        return run_linear(c, feature_map=feature_map, decay=decay, normalize=normalize, scale=scale,
+                          chunk_size=chunk_size, eps=eps, return_state=return_state)
     B, H, N = c.v.shape[:3]
     Dv1 = c.dv + c.normalize
     if N == 0 or B == 0:
@@ -739,7 +748,7 @@ class _GatedDelta(torch.autograd.Function):
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, g: torch.Tensor | None = None,
                scale: float | None = None, chunk_size: int = 64, initial_state: torch.Tensor | None = None,
-               return_state: bool = False, qk_l2norm: bool = False):
+               return_state: bool = False, qk_l2norm: bool = False, backend: str = "auto"):
     """The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet, the linear layers of Qwen3-Next), causal,
     chunked: O(N) time, O(1) state.
 
@@ -757,6 +766,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         initial_state: ``(B, H, D, Dv)``, fp32 (fp64 for fp64 inputs).
         return_state: also return the final state ``(B, H, D, Dv)``.
         qk_l2norm: l2-normalise q and k over D first (``x/sqrt(Σx² + 1e-6)``).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``, as for :func:`linear_attention`.
 
     Returns ``o`` ``(B, H, N, Dv)`` in q's dtype, or ``(o, state)``. Same meaning as transformers'
     ``torch_chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=qk_l2norm)`` in the (B, H, N, D)
@@ -765,6 +775,8 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     """
     c = prepare_delta(q, k, v, beta, g=g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
                       qk_l2norm=qk_l2norm)
+    if resolve(backend, c) == "triton":
+        return run_delta(c, scale=scale, chunk_size=chunk_size, return_state=return_state)
     B, H, N, Dv = c.v.shape
     D = c.q.shape[-1]
     if N == 0 or B == 0:

@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", nargs="+", default=None, choices=["bf16", "fp16", "fp32"],
                    help="input dtypes (default bf16 fp32; fp16 compiles like bf16)")
     k.add_argument("--kernel", nargs="+", default=None,
-                   choices=["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "merge"])
+                   choices=["fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "merge", "lin_wy", "lin_state",
+                            "lin_out"],
+                   help="kernels (default all); lin_*: the linear-attention family's (qkv.linear), compiled in "
+                        "their own variants (delta, linear) whatever --variant says")
     k.add_argument("--variant", nargs="+", default=None, choices=["plain", "masked", "all"])
     k.add_argument("--jobs", type=_pos_int, default=None, help="compile processes (default: CPU count)")
     k.add_argument("--json", metavar="FILE")

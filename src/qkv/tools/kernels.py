@@ -23,10 +23,13 @@ def main(archs=DEFAULT_ARCHS, *, head_dims=None, dtypes=None, kernels=None, vari
         print("qkv kernels: triton is not installed (pip install triton)", file=sys.stderr)
         return 2
     from ..engines.triton import report
-    items = report.plan(list(archs), head_dims=tuple(head_dims or (16, 32, 64, 128, 256)),
-                        dtypes=tuple(sorted({DTYPES[d] for d in (dtypes or ("bf16", "fp32"))})),
-                        variants=tuple(variants or ("plain", "masked", "all")),
-                        kernels_=tuple(kernels or ("fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "merge")))
+    from ..linear._triton import REPORT_KERNELS, report_items
+    kernels = tuple(kernels or ("fwd", "bwd_dq", "bwd_dkdv", "bwd_delta", "decode", "merge", *REPORT_KERNELS))
+    hd = tuple(head_dims or (16, 32, 64, 128, 256))
+    dts = tuple(sorted({DTYPES[d] for d in (dtypes or ("bf16", "fp32"))}))
+    items = report.plan(list(archs), head_dims=hd, dtypes=dts, variants=tuple(variants or ("plain", "masked", "all")),
+                        kernels_=tuple(k for k in kernels if k not in REPORT_KERNELS))
+    items += report_items([report.ARCHS[a] for a in archs], hd, dts, tuple(k for k in kernels if k in REPORT_KERNELS))
     jobs = jobs or min(len(items), os.cpu_count() or 1)
     print(f"compiling {len(items)} kernel configurations for {', '.join(archs)} ({jobs} processes)...",
           file=out, flush=True)

@@ -284,8 +284,8 @@ class TritonEngine(KernelEngine):
         else:
             out, lse, stats = launch.forward(call.q, call.k, call.v, bias=call.bias, return_stats=True,
                                              plan=lists, alibi=alibi, **_launch_args(call, r))
-        if checking and not plan.stats and not finite_result(out, lse):
-            _refuse_nonfinite(call, "its result")
+            if checking and not plan.stats and not finite_result(out, lse):
+                _refuse_nonfinite(call, "its result")
         return out, lse, ([stats] if plan.stats else [])
 
     def bwd(self, call: Call, plan: _Plan, out, lse, aux, dout, dlse, needs):
@@ -320,8 +320,11 @@ def _launch_args(call: Call, r: _Rules) -> dict:
 
 
 def _refuse_nonfinite(call: Call, what: str) -> None:
-    """Raise NonFiniteInputs when the inputs hold NaN/inf: the kernels multiply the zero probabilities of
-    hidden keys with their values (0·NaN), so a hidden NaN could reach {what}. ``auto`` then runs tiled."""
+    """Raise NonFiniteInputs when the inputs hold NaN/inf: the backward kernels multiply zero probabilities
+    with values, keys and queries (0·NaN), and so do the forward kernel's p·v, so a hidden NaN could reach
+    {what}. ``auto`` then runs tiled. The split-KV decoding kernel needs no check: a split that ends with a NaN is
+    computed again through a product in which zero probabilities contribute nothing, so only the NaN its rows
+    see stays, and a decoding step costs no device-to-host wait."""
     refuse_nonfinite("triton", f"which its kernels may let reach rows that cannot see them ({what}: 0·NaN)",
                      call.q, call.k, call.v, call.bias)
 

@@ -156,7 +156,7 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn
               MASKED: tl.constexpr, W: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr, DOC: tl.constexpr,
               BITS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
-              EVEN_DV: tl.constexpr):
+              EVEN_DV: tl.constexpr, EXACT: tl.constexpr = False):
     kj = n0 + offs_n
     kt_ptrs = Kb + kj[None, :] * skn + offs_d[:, None] * skd
     v_ptrs = Vb + kj[:, None] * svn + offs_dv[None, :] * svd
@@ -175,7 +175,7 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn
                        W, HAS_LO, HAS_HI, DOC, BITS)
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_use = tl.where(m_new * 0.0 == 0.0, m_new, 0.0)    # -inf (nothing seen), +inf or NaN: shift by 0 (the oracle's)
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
@@ -189,8 +189,38 @@ def _fwd_tile(acc, l_i, m_i, q, Kb, Vb, n0, offs_m, offs_n, offs_d, offs_dv, skn
     else:
         v = tl.load(v_ptrs, mask=offs_dv[None, :] < Dv, other=0.0)
     acc = acc * alpha[:, None]
-    acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
+    if EXACT:
+        acc = _exact_pv(acc, p, v, DOT_PREC)
+    else:
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
     return acc, l_i, m_new
+
+
+@_jit
+def _exact_pv(acc, p, v, DOT_PREC: tl.constexpr):
+    """acc + p·v in which a zero probability contributes nothing, even against a NaN or infinite value (the plain
+    product makes 0·NaN = NaN there): the finite values through one product; then one product of 0/1 (p != 0)
+    with a code per value (NaN 1, +inf 128, -inf 16384: exact in every input dtype, and exact counts in the fp32
+    sum while a tile has fewer than 128 keys) says per output element whether a key it sees holds NaN, +inf or
+    -inf in that column."""
+    tl.static_assert(v.shape[0] < 128)
+    fin = v * 0.0 == 0.0
+    acc = _dot(p.to(v.dtype), tl.where(fin, v, 0.0).to(v.dtype), acc, DOT_PREC)
+    code = tl.where(fin, 0.0, tl.where(v != v, 1.0, tl.where(v > 0.0, 128.0, 16384.0))).to(v.dtype)
+    c = _dot(tl.where(p != 0.0, 1.0, 0.0).to(v.dtype), code, None, DOT_PREC)
+    n_minus = tl.floor(c * (1.0 / 16384.0))
+    c = c - n_minus * 16384.0
+    n_plus = tl.floor(c * (1.0 / 128.0))
+    n_nan = c - n_plus * 128.0
+    fix = tl.where((n_nan > 0.0) | ((n_plus > 0.0) & (n_minus > 0.0)), float("nan"),
+                   tl.where(n_plus > 0.0, float("inf"), tl.where(n_minus > 0.0, float("-inf"), 0.0)))
+    return acc + fix
+
+
+@_jit
+def _any_nan(acc):
+    """Whether a 2-D fp32 tile holds a NaN (as an int32 scalar)."""
+    return tl.reduce(tl.reduce(tl.where(acc != acc, 1, 0), 1, _MAX), 0, _MAX)
 
 
 @_jit
@@ -782,6 +812,20 @@ def _decode_kernel(Q, K, V, OP, LP,
             acc, l_i, m_i, q, Kb, Vb, n0, i, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
             Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0, 0, 0,
             True, 1, HAS_LO, HAS_HI, SOFTCAP, ALIBI, False, False, False, False, DOT_PREC, EVEN_D, EVEN_DV)
+    if _any_nan(acc) > 0:
+        # A NaN in the rows: a NaN they see, or a NaN/inf value behind a zero probability (0·NaN). The split
+        # again, every tile through the exact product: only the first kind stays. (Decoding is memory-bound and
+        # its row blocks small, so this costs one reduction per program; the forward kernel's result is checked
+        # by the engine instead.)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_M], 0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_DV], 0, tl.float32)
+        for n0 in tl.range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, Kb, Vb, n0, i, offs_n, offs_d, offs_dv, skn, skd, svn, svd, D, Dv,
+                Nq, Nk, kv_end, off, scale, softcap, slope, K, 0, 0, lo_off, hi_off, i, K, K, -1, 0, n0, 0, 0.0, 0,
+                0, True, 1, HAS_LO, HAS_HI, SOFTCAP, ALIBI, False, False, False, False, DOT_PREC, EVEN_D, EVEN_DV,
+                True)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -804,7 +848,7 @@ def _merge_kernel(OP, LP, O, L, sob, soh, som, sod, Hq, Nq, Dv, num_splits,
     offs_dv = tl.arange(0, BLOCK_DV)
     l2 = tl.load(LP + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
     m = tl.reduce(l2, 0, _MAX)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
+    m_use = tl.where(m * 0.0 == 0.0, m, 0.0)
     w = tl.exp2(l2 - m_use)
     tot = tl.reduce(w, 0, _SUM)
     o = tl.load(OP + (row * num_splits + s[:, None]) * Dv + offs_dv[None, :],

@@ -32,6 +32,7 @@ __all__ = ["forward", "backward", "decode", "make_plan", "needs_lists", "tile_si
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 _MAX_SPLITS = 128
+_PROGRAMS_PER_SM = 8
 
 
 # (arch, calls) while recording launches for a compile target (see recording), else None
@@ -334,7 +335,9 @@ def decode(q, k, v, *, scale, lo_off=None, hi_off=None, softcap=None, alibi=None
     cfg = config or configs.decode_config(bd, G * Nq, q.element_size(), arch)
     if num_splits is None:
         sms = 4 if arch is None else torch.cuda.get_device_properties(q.device).multi_processor_count
-        want = -(-2 * sms // max(1, B * Hkv))            # about two programs per SM
+        # about eight programs per SM: on an H200 (B=8, 8 kv heads, 32k keys) 8–32 per SM ran within 3% of the
+        # best of 36 launches, two per SM 12% slower (benchmarks/NOTES.md)
+        want = -(-_PROGRAMS_PER_SM * sms // max(1, B * Hkv))
         num_splits = max(1, min(want, -(-Nk // (4 * cfg.block_n)), _MAX_SPLITS))
     per_split = -(-Nk // num_splits)                   # ceil divisions, rounded up to whole kv blocks
     split_len = -(-per_split // cfg.block_n) * cfg.block_n

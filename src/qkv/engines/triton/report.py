@@ -182,7 +182,9 @@ def plan(archs=("sm_80", "sm_90"), *, head_dims=(16, 32, 64, 128, 256), dtypes=(
 
 def _config_text(kw) -> str:
     """'128x64 w8 s3': rows x keys per block (or the splits merged), warps, pipeline stages."""
-    if "BLOCK_N" in kw:
+    if "BT" in kw:                                         # the linear-attention kernels: chunk x value columns
+        tile = f"{kw['BT']}x{kw['BV']}"
+    elif "BLOCK_N" in kw:
         tile = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}"
     elif "BLOCK_S" in kw:
         tile = f"{kw['BLOCK_S']} splits"
@@ -192,10 +194,12 @@ def _config_text(kw) -> str:
 
 
 def compile_one(kernel: str, arch: int, block_d: int, elem: int, variant: str, config=None,
-                cache_dir: str | None = None) -> Row:
-    """Compile one configuration (``config``: a :class:`~.configs.Config` instead of the table's) and measure it."""
+                cache_dir: str | None = None, launches=None) -> Row:
+    """Compile one configuration (``config``: a :class:`~.configs.Config` instead of the table's) and measure it.
+    ``launches``: the function recording the launch (same arguments as this module's own, for this engine's
+    kernels), for kernels kept elsewhere (the linear-attention family's)."""
     t = time.perf_counter()
-    (name, fn, args, kw), = _launches(kernel, arch, block_d, elem, variant, config)
+    (name, fn, args, kw), = (launches or _launches)(kernel, arch, block_d, elem, variant, config)
     ck, log = _compile(fn, args, kw, arch, cache_dir)
     regs, spills = _usage(log) or _ptxas_usage(ck.asm["ptx"], arch)
     md = ck.metadata
@@ -224,9 +228,10 @@ def _one(item) -> Row:
 
 
 def run(items, jobs: int = 1, cache_dir: str | None = None, on_row=None) -> list[Row]:
-    """Compile every ``(kernel, arch, head_dim, elem_bytes, variant)`` item (``plan()``), in ``jobs`` processes;
-    ``on_row(row)`` is called as each finishes. Rows come back in the items' order."""
-    items = [tuple(it) + (None, cache_dir) for it in items]
+    """Compile every ``(kernel, arch, head_dim, elem_bytes, variant)`` item (``plan()``; a sixth element: the
+    ``launches`` function of :func:`compile_one`), in ``jobs`` processes; ``on_row(row)`` is called as each
+    finishes. Rows come back in the items' order."""
+    items = [tuple(it[:5]) + (None, cache_dir) + tuple(it[5:]) for it in items]
     if jobs <= 1:
         rows = []
         for it in items:
