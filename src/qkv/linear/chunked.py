@@ -619,7 +619,7 @@ def _head_groups(B: int, Hk: int, H: int, parts: int) -> list:
 
 
 def _split_parts(dev: torch.device, work: int) -> int:
-    """How many threads the inference path splits its heads across: torch's intra-op threads on a CPU with the
+    """Into how many groups the inference path splits its heads (at most): torch's intra-op threads on a CPU with the
     OpenMP backend, for a call of at least ``_SPLIT_MIN_ELEMS`` (B·H·N·max(D, Dv)); else 1."""
     if dev.type != "cpu" or work < _SPLIT_MIN_ELEMS or not _openmp_backend():
         return 1
@@ -652,29 +652,31 @@ def _workers(n: int) -> ThreadPoolExecutor:
     return ex
 
 
-def _single_threaded(job, grad: bool, inference: bool) -> None:
-    torch.set_num_threads(1)            # this worker's own OpenMP and MKL settings (the caller set the global one)
+def _with_threads(job, threads: int, grad: bool, inference: bool) -> None:
+    torch.set_num_threads(threads)      # this worker's own OpenMP and MKL settings (the caller set the global one)
     with torch.inference_mode(inference), torch.set_grad_enabled(grad):
         job()
 
 
 def _run_split(jobs: list) -> None:
-    """Run independent jobs, each single-threaded, the first in this thread and the others in the pool; or one
-    after the other (with torch's threads) if there is one job or another call holds the pool. A chunked engine
-    issues ~1000 small ops per call; run with torch's threads, each op waits at an OpenMP barrier for the other
-    cores (and for any that other processes keep descheduled), while separate heads on separate threads never
-    wait for each other. torch's thread count is a process-wide setting: during the split it reads 1."""
+    """Run independent jobs in parallel, the first in this thread and the others in the pool, each with torch's
+    threads divided among the jobs (1 each on 2 cores); or one after the other, with all of torch's threads, if
+    there is one job or another call holds the pool. A chunked engine issues ~1000 small ops per call: run with
+    several threads, each op waits at an OpenMP barrier for the other cores (and for any that other processes keep
+    descheduled), while separate heads on separate threads never wait for each other. torch's thread count is a
+    process-wide setting: during the split it reads the per-job count."""
     if len(jobs) == 1 or not _SPLIT_LOCK.acquire(blocking=False):
         for job in jobs:
             job()
         return
     try:
         threads = torch.get_num_threads()
+        per = max(1, threads // len(jobs))
         pool = _workers(len(jobs) - 1)
-        torch.set_num_threads(1)
+        torch.set_num_threads(per)
         try:
             mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-            futures = [pool.submit(_single_threaded, job, *mode) for job in jobs[1:]]
+            futures = [pool.submit(_with_threads, job, per, *mode) for job in jobs[1:]]
             try:
                 jobs[0]()
             finally:
