@@ -352,7 +352,8 @@ def test_auto_rules_on_cuda():
     assert pick(q, k, v, causal=True, alibi_slopes=torch.rand(4)) == "triton"
     assert pick(q, k, v, score_mod=lambda s, b, h, i, j: s) == "tiled"
     qd = q[:, :, -1:]
-    assert pick(qd, k, v, causal=True) == "sdpa"                      # a plain decoding step: SDPA's kernels
+    assert pick(qd, k, v, causal=True) == "triton"                    # decoding: split-KV, no device-to-host wait
+    assert pick(qd, k, v, causal=True, bias=torch.zeros(1, 1, 1, 64)) == "sdpa"   # a bias: not the split-KV kernel
     assert pick(qd, k, v, window=(8, 0)) == "triton"                  # a window: split-KV
 
 

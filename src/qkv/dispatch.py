@@ -93,20 +93,22 @@ def choose(call: Call, backend: str) -> Engine:
 
 def _auto_cuda(call: Call) -> Selection | None:
     """auto on a CUDA device, or None to fall through to the device-independent rules. Measured on an H200
-    (bf16; benchmarks/gpu_bar.py, benchmarks/NOTES.md): SDPA's fused kernels (cuDNN on Hopper, FlashAttention-2)
-    are the fastest on the calls they serve natively — no mask, or plain causal — by 1.4–2.5× over the triton
-    engine, decoding steps included (SDPA 0.30 ms vs triton's split-KV 0.60 ms, 32k cached keys); so they keep
-    those calls unless the logsumexp is asked for. The triton engine takes every other mask and mod it supports
-    (SDPA would run them as dense masked attention), decoding steps with such masks too; score_mod callables go
-    to tiled."""
+    (bf16; benchmarks/gpu_bar.py, benchmarks/gpu_tune.py, benchmarks/NOTES.md): decoding steps go to triton's
+    split-KV kernel, which needs no device-to-host wait (32k cached keys: 0.264 ms through ``qkv.attention``,
+    SDPA through qkv 0.330 ms, SDPA-cuDNN called alone 0.248 ms). Otherwise SDPA's fused kernels (cuDNN on
+    Hopper, FlashAttention-2) are the fastest on the calls they serve natively — no mask, or plain causal — by
+    1.4–2.5× over the triton engine, so they keep those calls unless the logsumexp is asked for. The triton engine
+    takes every other mask and mod it supports (SDPA would run them as dense masked attention); score_mod
+    callables go to tiled."""
     if _TRITON.supports(call):
         return None
+    if TritonEngine.decodes(call):
+        return Selection("triton", f"decoding ({call.Nq} query rows x {call.G} heads per kv head, {call.Nk} keys): "
+                                   f"triton's split-KV kernel reads each kv head once for its query heads, with no "
+                                   f"device-to-host wait")
     if not _SDPA.supports(call) and (not call.has_mask or call.plain_causal or call.every_key_visible):
         return Selection("sdpa", "no mask or plain causal on CUDA: SDPA's fused kernels (cuDNN, FlashAttention-2) "
                                  "are the fastest here (measured on an H200)")
-    if TritonEngine.decodes(call):
-        return Selection("triton", f"decoding ({call.Nq} query rows x {call.G} heads per kv head, {call.Nk} keys) "
-                                   f"with a mask SDPA has no fused kernel for: triton's split-KV kernel")
     return Selection("triton", "a mask or mod SDPA has no fused kernel for: triton computes it in its kernels and "
                                "skips the empty tiles")
 

@@ -2,7 +2,7 @@
 
 Keyed by (arch, kernel, padded head dim, element bytes). The tables follow what the public Triton/FlashAttention
 kernels use on these GPUs, trimmed until ``qkv kernels`` reports no register spills and shared memory within the
-target's limit; their speed is unmeasured until a GPU run (benchmarks/gpu_bar.py). ``TILE`` is the tile of the
+target's limit, then timed on a GPU where one was at hand (benchmarks/gpu_tune.py). ``TILE`` is the tile of the
 block lists (every BLOCK size divides it). Under Triton's interpreter small tiles keep the tests' shapes multi-tile.
 """
 from __future__ import annotations
@@ -38,16 +38,18 @@ def _table(rows):
 
 C = Config
 # 16-bit inputs: (kernel, padded head dim, class) -> Config. Found by `qkv kernels`' compiler, largest tiles first,
-# the first with no register spill and within shared memory (benchmarks/NOTES.md); speed unmeasured.
+# the first with no register spill and within shared memory (benchmarks/NOTES.md). The sm_90 "plain" entries at
+# head dims 64 and 128 are the fastest of the spill-free candidates timed on an H200 (benchmarks/gpu_tune.py:
+# geometric mean over no mask/causal at N = 2k and 16k); the other entries' speed is unmeasured.
 _HALF = {
     90: _table([
-        ("fwd", 64, (C(128, 64, 8, 3), C(128, 64, 8, 3), C(128, 64, 8, 3))),
-        ("fwd", 128, (C(128, 64, 8, 3), C(128, 64, 8, 3), C(128, 32, 8, 2))),
+        ("fwd", 64, (C(64, 64, 4, 3), C(128, 64, 8, 3), C(128, 64, 8, 3))),
+        ("fwd", 128, (C(128, 128, 8, 3), C(128, 64, 8, 3), C(128, 32, 8, 2))),
         ("fwd", 256, (C(128, 64, 8, 2), C(64, 32, 8, 2), C(128, 32, 8, 2))),
-        ("bwd_dq", 64, (C(128, 64, 8, 2), C(128, 32, 8, 2), C(128, 32, 8, 2))),
-        ("bwd_dq", 128, (C(128, 64, 8, 2), C(128, 32, 8, 2), C(128, 32, 8, 2))),
+        ("bwd_dq", 64, (C(64, 64, 4, 3), C(128, 32, 8, 2), C(128, 32, 8, 2))),
+        ("bwd_dq", 128, (C(128, 64, 8, 3), C(128, 32, 8, 2), C(128, 32, 8, 2))),
         ("bwd_dq", 256, (C(128, 32, 8, 2), C(32, 32, 4, 2), C(32, 32, 4, 2))),
-        ("bwd_dkdv", 64, (C(32, 128, 8, 2), C(32, 128, 8, 2), C(16, 128, 8, 2))),
+        ("bwd_dkdv", 64, (C(32, 64, 4, 2), C(32, 128, 8, 2), C(16, 128, 8, 2))),
         ("bwd_dkdv", 128, (C(16, 128, 8, 2), C(16, 64, 8, 2), C(16, 32, 8, 2))),
         ("bwd_dkdv", 256, (C(16, 32, 8, 2), C(16, 32, 8, 2), C(16, 16, 4, 1))),
     ]),
