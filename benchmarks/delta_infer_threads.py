@@ -2,8 +2,8 @@
 
 B=1 H=8 N=4096 D=64 fp32 (the bar's row 1 forward), 30 calls; prints the wall-clock and process CPU time per call
 and each thread's user/system CPU per call (from ``/proc/self/task``, Linux only). On a loaded machine the wall
-clock says little, but the CPU per thread does: with the heads split across 2 threads each thread's share is what
-the call would take on two idle cores. ``--no-split`` runs the same call with torch's OpenMP threads instead.
+clock says little, but the CPU per thread does: with torch's OpenMP threads it shows the time the threads spend
+waiting at the barrier after each op (spinning, so counted as CPU).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import time
 
 import torch
 
-import qkv.linear.chunked as chunked
 from qkv.linear import delta_rule
 
 
@@ -31,11 +30,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calls", type=int, default=30)
-    ap.add_argument("--no-split", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    if a.no_split:
-        chunked._SPLIT_MIN_ELEMS = 1 << 62
     g = torch.Generator().manual_seed(0)
     B, H, N, D = 1, 8, 4096, 64
     q, k, v = (torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3))
@@ -49,7 +45,7 @@ def main(argv=None) -> int:
         for _ in range(a.calls):
             delta_rule(q, k, v, beta, g=gg, qk_l2norm=True)
         wall, cpu, after = time.perf_counter() - t0, time.process_time() - c0, _ticks()
-    print(f"{a.threads} threads{' (no split)' if a.no_split else ''}, load {os.getloadavg()[0]:.1f}: "
+    print(f"{a.threads} threads, load {os.getloadavg()[0]:.1f}: "
           f"wall {wall / a.calls * 1e3:.1f} ms, process CPU {cpu / a.calls * 1e3:.1f} ms per call")
     for t, (u, s) in after.items():
         u0, s0 = before.get(t, (0, 0))

@@ -194,46 +194,6 @@ def test_delta_inference_equals_recurrent(monkeypatch, N, chunk, gated, l2, bloc
     _assert_close({"o": o, "state": S}, {"o": ro, "state": rS}, what=f"N={N} C={chunk} gated={gated} l2={l2}")
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("heads", [(2, 3, 6), (1, 1, 4), (3, 1, 1)])     # (B, Hk, H)
-def test_delta_inference_split_across_threads(monkeypatch, heads, threads):
-    # with several threads the inference path runs groups of heads on separate threads, each single-threaded:
-    # key heads with their value heads, value heads sharing the one key head, or batch entries; uneven groups
-    import qkv.linear.chunked as chunked
-    monkeypatch.setattr(chunked, "_SPLIT_MIN_ELEMS", 0)
-    monkeypatch.setattr(chunked, "_BLOCK_ELEMS", 1)
-    torch.set_num_threads(threads)
-    B, Hk, H = heads
-    groups = chunked._head_groups(B, Hk, H, threads)
-    assert len(groups) == min(threads, Hk if Hk > 1 else H if H > 1 else B)
-    N, D, Dv, s = 70, 6, 5, 11
-    q = _randn(B, N, Hk, D, seed=s).transpose(1, 2)
-    k = _randn(B, N, Hk, D, seed=s + 1).transpose(1, 2)
-    v = _randn(B, H, N, Dv, seed=s + 2)
-    beta = 2 * torch.rand(B, H, N, generator=_gen(s + 3), dtype=F64)
-    g = -torch.rand(B, H, N, generator=_gen(s + 5), dtype=F64)
-    kw = dict(g=g, chunk_size=16, qk_l2norm=True, initial_state=_randn(B, H, D, Dv, seed=s + 4), return_state=True)
-    with torch.inference_mode():                # the workers run in the caller's mode (writes to inference tensors)
-        o, S = delta_rule(q, k, v, beta, **kw)
-    assert torch.get_num_threads() == threads
-    ro, rS = recurrent_delta_rule(q, k, v, beta, **kw)
-    _assert_close({"o": o, "state": S}, {"o": ro, "state": rS}, what=f"heads={heads} threads={threads}")
-
-
-def test_split_jobs_raise_and_restore_threads():
-    import qkv.linear.chunked as chunked
-    torch.set_num_threads(2)
-    ran = []
-
-    def fail():
-        raise ValueError("boom")
-    for jobs in ([lambda: ran.append(1), fail], [fail, lambda: ran.append(1)]):
-        with pytest.raises(ValueError, match="boom"):
-            chunked._run_split(jobs)
-        assert torch.get_num_threads() == 2
-    assert ran == [1, 1]
-
-
 def test_gradients_of_state_only_and_output_only():
     t = _lin_inputs(N=50, decay="tokens")
     for fn_c, fn_r, tt, kw in ((linear_attention, recurrent_linear_attention, t, dict(chunk_size=16)),

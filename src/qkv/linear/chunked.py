@@ -20,10 +20,6 @@ over all chunks at once.
 """
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -440,12 +436,13 @@ def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
 
 
 def _block_chunks(BH: int, C: int, D: int, Dv: int) -> int:
-    """Chunks per block of the inference path (BH: the heads one thread runs): each of its buffers (~7.5 of (C, D)
-    per chunk and head) holds ~_BLOCK_ELEMS elements (256 KiB in fp32), so that a block's working set stays in the
-    core's L2 and the buffers, reused from block to block, are paged in once per call. Measured (delta rule fwd,
-    B=1 H=8 N=4096 D=64, 2-core AVX-512 Xeon, process CPU time, other jobs on the machine): 2^16 against 2^17 33.3 vs
-    35.9 ms at 1 thread, 38 vs 40 ms with the heads split across 2 threads (2^15: 40 ms)."""
-    return max(1, _BLOCK_ELEMS // (BH * C * max(C, D, Dv)))
+    """Chunks per block of the inference path: each of its buffers (~7.5 of (C, D) per chunk and head) holds
+    ~_BLOCK_ELEMS elements (256 KiB in fp32) per intra-op thread (up to 4), so that each core's share of a block
+    stays in its L2, and the buffers, reused from block to block, are paged in once per call. Measured (delta rule
+    fwd, B=1 H=8 N=4096 D=64, 2-core AVX-512 Xeon): 1 thread, 2^16 against 2^17 elements: 33.1 vs 35.9 ms of CPU;
+    2 threads, 2^17 against 2^16: 23.9 / 25.4 vs 27.7 / 31.0 ms (fewer ops, fewer OpenMP barriers)."""
+    per = _BLOCK_ELEMS * max(1, min(torch.get_num_threads(), 4))
+    return max(1, per // (BH * C * max(C, D, Dv)))
 
 
 _BLOCK_ELEMS = 1 << 16
@@ -604,110 +601,15 @@ def _delta_infer_heads(q, k, v, beta, g, s0, out, s_out, scale: float, l2: bool,
     s_out.copy_(Ss[0].view(B, H, D, Dv))
 
 
-def _head_groups(B: int, Hk: int, H: int, parts: int) -> list:
-    """Up to ``parts`` independent groups of heads as (key-side index, value-side index) pairs of slices for dims
-    (0, 1): key heads with their value heads, else value heads sharing the one key head, else batch entries."""
-    def bounds(n):
-        p = min(parts, n)
-        return [(i * n // p, (i + 1) * n // p) for i in range(p)]
-    if Hk >= 2:
-        rep = H // Hk
-        return [((slice(None), slice(j0, j1)), (slice(None), slice(j0 * rep, j1 * rep))) for j0, j1 in bounds(Hk)]
-    if H >= 2:
-        return [((slice(None), slice(None)), (slice(None), slice(h0, h1))) for h0, h1 in bounds(H)]
-    return [((slice(b0, b1),), (slice(b0, b1),)) for b0, b1 in bounds(B)]
-
-
-def _split_parts(dev: torch.device, work: int) -> int:
-    """Into how many groups the inference path splits its heads (at most): torch's intra-op threads on a CPU with the
-    OpenMP backend, for a call of at least ``_SPLIT_MIN_ELEMS`` (B·H·N·max(D, Dv)); else 1."""
-    if dev.type != "cpu" or work < _SPLIT_MIN_ELEMS or not _openmp_backend():
-        return 1
-    return torch.get_num_threads()
-
-
-# Smallest call (B·H·N·max(D, Dv) elements) whose heads are split across threads.
-_SPLIT_MIN_ELEMS = 1 << 18
-_SPLIT_LOCK = threading.Lock()
-_POOL: list = [None, 0, 0]                                           # executor, its workers, the pid that made it
-
-
-def _openmp_backend() -> bool:
-    if _OPENMP[0] is None:
-        _OPENMP[0] = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-    return _OPENMP[0]
-
-
-_OPENMP: list = [None]
-
-
-def _workers(n: int) -> ThreadPoolExecutor:
-    """A pool of at least n threads, made anew in a forked child (whose copy of the parent's has no threads)."""
-    ex, have, pid = _POOL
-    if ex is None or have < n or pid != os.getpid():
-        if ex is not None and pid == os.getpid():
-            ex.shutdown(wait=False)
-        ex = ThreadPoolExecutor(max_workers=n, thread_name_prefix="qkv-linear")
-        _POOL[:] = [ex, n, os.getpid()]
-    return ex
-
-
-def _with_threads(job, threads: int, grad: bool, inference: bool) -> None:
-    torch.set_num_threads(threads)      # this worker's own OpenMP and MKL settings (the caller set the global one)
-    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        job()
-
-
-def _run_split(jobs: list) -> None:
-    """Run independent jobs in parallel, the first in this thread and the others in the pool, each with torch's
-    threads divided among the jobs (1 each on 2 cores); or one after the other, with all of torch's threads, if
-    there is one job or another call holds the pool. A chunked engine issues ~1000 small ops per call: run with
-    several threads, each op waits at an OpenMP barrier for the other cores (and for any that other processes keep
-    descheduled), while separate heads on separate threads never wait for each other. torch's thread count is a
-    process-wide setting: during the split it reads the per-job count."""
-    if len(jobs) == 1 or not _SPLIT_LOCK.acquire(blocking=False):
-        for job in jobs:
-            job()
-        return
-    try:
-        threads = torch.get_num_threads()
-        per = max(1, threads // len(jobs))
-        pool = _workers(len(jobs) - 1)
-        torch.set_num_threads(per)
-        try:
-            mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-            futures = [pool.submit(_with_threads, job, per, *mode) for job in jobs[1:]]
-            try:
-                jobs[0]()
-            finally:
-                wait(futures)
-            for f in futures:
-                f.result()
-        finally:
-            torch.set_num_threads(threads)
-    finally:
-        _SPLIT_LOCK.release()
-
-
 def _delta_infer(c, C: int):
     """The delta rule's forward without autograd (nothing to save for a backward): ``(o (B, H, N, Dv), S (B, H, D,
-    Dv))`` in the compute dtype, from the validated call ``c``. On a CPU with several threads the heads are split
-    into groups, one per thread, each run single-threaded (``_run_split``)."""
+    Dv))`` in the compute dtype, from the validated call ``c``."""
     B, H, N, Dv = c.v.shape
-    Hk, D = c.q.shape[1], c.q.shape[-1]
-    cd, dev = c.cd, c.v.device
-    q, k, v, beta = c.q.to(cd), c.k.to(cd), c.v.to(cd), c.beta.to(cd)
-    g = None if c.g is None else c.g.to(cd)
-    s0 = None if c.state is None else c.state.to(cd)
+    D, cd, dev = c.q.shape[-1], c.cd, c.v.device
     out = torch.empty(B, H, N, Dv, dtype=cd, device=dev)
     S = torch.empty(B, H, D, Dv, dtype=cd, device=dev)
-
-    def job(ik, iv):
-        return lambda: _delta_infer_heads(q[ik], k[ik], v[iv], beta[iv], None if g is None else g[iv],
-                                          None if s0 is None else s0[iv], out[iv], S[iv], c.scale, c.qk_l2norm, C)
-
-    groups = _head_groups(B, Hk, H, _split_parts(dev, B * H * N * max(D, Dv)))
-    _run_split([job(ik, iv) for ik, iv in groups])
+    _delta_infer_heads(c.q.to(cd), c.k.to(cd), c.v.to(cd), c.beta.to(cd), None if c.g is None else c.g.to(cd),
+                       None if c.state is None else c.state.to(cd), out, S, c.scale, c.qk_l2norm, C)
     return out, S
 
 
