@@ -437,15 +437,17 @@ def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
 
 def _block_chunks(BH: int, C: int, D: int, Dv: int) -> int:
     """Chunks per block of the inference path: each of its buffers (~7.5 of (C, D) per chunk and head) holds
-    ~_BLOCK_ELEMS elements (256 KiB in fp32) per intra-op thread (up to 4), so that each core's share of a block
-    stays in its L2, and the buffers, reused from block to block, are paged in once per call. Measured (delta rule
-    fwd, B=1 H=8 N=4096 D=64, 2-core AVX-512 Xeon): 1 thread, 2^16 against 2^17 elements: 33.1 vs 35.9 ms of CPU;
-    2 threads, 2^17 against 2^16: 23.9 / 25.4 vs 27.7 / 31.0 ms (fewer ops, fewer OpenMP barriers)."""
-    per = _BLOCK_ELEMS * max(1, min(torch.get_num_threads(), 4))
+    ~_BLOCK_ELEMS elements (256 KiB in fp32) on 1 thread, so that the block's working set stays in the core's L2, and
+    ~_BLOCK_ELEMS_THREADS with several intra-op threads, where each op's fixed cost (an OpenMP hand-off and barrier)
+    outweighs the cache; the buffers, reused from block to block, are paged in once per call. Measured (delta rule
+    fwd, B=1 H=8 N=4096 D=64, 2-core AVX-512 Xeon): 1 thread, 2^16 against 2^17: 33.1 vs 35.9 ms of CPU; 2 threads,
+    2^18 against 2^17: 23.0 / 21.7 vs 26.5 / 25.6 ms (2^19: 24.8 / 25.1; 2^16: 27.7 / 31.0)."""
+    per = _BLOCK_ELEMS if torch.get_num_threads() == 1 else _BLOCK_ELEMS_THREADS
     return max(1, per // (BH * C * max(C, D, Dv)))
 
 
 _BLOCK_ELEMS = 1 << 16
+_BLOCK_ELEMS_THREADS = 1 << 18
 # Chunk size cap of the inference path: with C = 32 instead of 64 the chunk-quadratic work (A, T, W, U0, Q·Kᵀ)
 # halves while the state work stays; measured ~12% faster at D = 64 on a 2-core AVX-512 Xeon, equal at D = 128.
 _INFER_CHUNK = 32
