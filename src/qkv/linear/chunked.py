@@ -436,15 +436,18 @@ def _delta_bwd(qc, kc, vc, bc, gc, S, us, doc, dS, dq, dk, dv, dbeta, db):
 
 
 def _block_chunks(BH: int, C: int, D: int, Dv: int) -> int:
-    """Chunks per block of the inference path: each of its ~15 buffers holds ~_BLOCK_ELEMS elements (512 KiB in
-    fp32), so that a block's working set stays near the cores' L2 and the buffers, reused from block to block, are
-    paged in once per call. Measured (delta rule fwd, B=1 H=8 N=4096 D=64, 2-core AVX-512 Xeon, medians of 25):
-    2^16 38.5 ms, 2^17 31.5 ms, 2^18 32.6 ms, 2^19 38.7 ms at 2 threads (fewer, larger ops split better across
-    threads); 43.0 / 43.9 / 55.8 / 65.2 ms at 1 thread."""
-    return max(1, _BLOCK_ELEMS // (BH * C * max(C, D, Dv)))
+    """Chunks per block of the inference path: each of its buffers (~7.5 of (C, D) per chunk and head) holds
+    ~_BLOCK_ELEMS elements (256 KiB in fp32) on 1 thread, so that the block's working set stays in the core's L2, and
+    ~_BLOCK_ELEMS_THREADS with several intra-op threads, where each op's fixed cost (an OpenMP hand-off and barrier)
+    outweighs the cache; the buffers, reused from block to block, are paged in once per call. Measured (delta rule
+    fwd, B=1 H=8 N=4096 D=64, 2-core AVX-512 Xeon): 1 thread, 2^16 against 2^17: 33.1 vs 35.9 ms of CPU; 2 threads,
+    2^18 against 2^17: 23.0 / 21.7 vs 26.5 / 25.6 ms (2^19: 24.8 / 25.1; 2^16: 27.7 / 31.0)."""
+    per = _BLOCK_ELEMS if torch.get_num_threads() == 1 else _BLOCK_ELEMS_THREADS
+    return max(1, per // (BH * C * max(C, D, Dv)))
 
 
-_BLOCK_ELEMS = 1 << 17
+_BLOCK_ELEMS = 1 << 16
+_BLOCK_ELEMS_THREADS = 1 << 18
 # Chunk size cap of the inference path: with C = 32 instead of 64 the chunk-quadratic work (A, T, W, U0, Q·Kᵀ)
 # halves while the state work stays; measured ~12% faster at D = 64 on a 2-core AVX-512 Xeon, equal at D = 128.
 _INFER_CHUNK = 32
@@ -463,51 +466,69 @@ def _chunk_rows(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.unflatten(2, (x.shape[2] // C, C)).permute(2, 0, 1, 3, 4).unsqueeze(3)
 
 
-def _delta_infer(c, C: int):
-    """The delta rule's forward without autograd (nothing to save for a backward): ``(o (B, H, N, Dv), S (B, H, D,
-    Dv))`` in the compute dtype, from the validated call ``c``.
+def _inv_norms(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale / sqrt(Σx² + 1e-6) per row of x (B, Hs, N, D): (B, Hs, N), from one reduction that reads x in place."""
+    r = torch.linalg.vector_norm(x, dim=-1).square_().add_(1e-6).rsqrt_()
+    return r.mul_(scale) if scale != 1.0 else r
+
+
+def _delta_infer_heads(q, k, v, beta, g, s0, out, s_out, scale: float, l2: bool, C: int) -> None:
+    """The delta rule's forward without autograd for a group of heads: q, k ``(B, Hk, N, D)``, v ``(B, H, N, Dv)``,
+    beta and g ``(B, H, N)`` (g may be None), s0 ``(B, H, D, Dv)`` or None, all in the compute dtype and any strides;
+    writes the outputs into ``out`` ``(B, H, N, Dv)`` and the final state into ``s_out`` ``(B, H, D, Dv)``.
 
     The chunks run in blocks of a few (``_block_chunks``): per block, every chunk-parallel quantity (features, decay
     factors, ``A``, ``T``, ``W``, ``U0``, ``(Q·Kᵀ)∘E``) is computed for the block's chunks at once into buffers
     allocated once per call, then the scan corrects ``u`` and carries the state chunk by chunk, then the block's
-    outputs are two batched products. Nothing full-length is made besides the output and per-token scalars; the
-    inputs are read in place (any strides) and the l2 normalisation, ``scale``, ``β`` and the decays enter as
-    per-row factors of the single pass that copies q, k, v into a block. The views of the buffers are made once per
-    block length (the per-op overhead is a fair share of the time at these sizes)."""
-    B, H, N, Dv = c.v.shape
-    Hk, D = c.q.shape[1], c.q.shape[-1]
-    rep, BH, cd, dev = H // Hk, B * H, c.cd, c.v.device
+    outputs are two batched products. Nothing full-length is made besides the output and per-token scalars. The
+    inputs are read in place, once per block: q, k and v are copied into the block with the l2 normalisation,
+    ``scale`` and ``β`` as per-row factors (computed for the whole call at once); the decays then enter in place
+    (Q becomes Q∘e^b and K becomes K∘e^{b_last − b} once Q·Kᵀ and A are made; the output takes Y's buffer, T takes
+    E's), so that a block keeps ~7.5 buffers of (C, D) per chunk and head in the core's cache. The views of the
+    buffers are made once per block length (the per-op overhead is a fair share of the time at these sizes)."""
+    B, H, N, Dv = v.shape
+    Hk, D = q.shape[1], q.shape[-1]
+    rep, BH, cd, dev = H // Hk, B * H, v.dtype, v.device
     nc, full = -(-N // C), N // C
-    q, k, v = c.q.to(cd), c.k.to(cd), c.v.to(cd)
-    gated, l2 = c.g is not None, c.qk_l2norm
-    # per-token scalars (nc, B, H, C, 1) for the whole call (small); grouped by key head (nc, B, Hk, rep, C, 1)
-    beta = _chunk_scalars(c.beta.to(cd), C, nc)
+    gated = g is not None
+
+    def grouped(x):
+        """(nc, B, H, C, 1) value-head scalars -> (nc, B, Hk, rep, C, 1) view."""
+        return x.view(x.shape[0], B, Hk, rep, C, 1)
+
+    # per-row factors for the whole call (small: one scalar per token and head); key-head ones (nc, B, Hk, 1, C, 1)
+    bt = _chunk_scalars(beta, C, nc)                                 # (nc, B, H, C, 1)
+    f_y = bt.unsqueeze(3)                                            # Y = β∘V
+    if l2:
+        f_q = _chunk_scalars(_inv_norms(q, scale), C, nc).unsqueeze(3)   # Q = scale·q/|q|
+        f_k = _chunk_scalars(_inv_norms(k, 1.0), C, nc).unsqueeze(3)     # K = k/|k|
+    else:
+        f_q, f_k = scale, None
     if gated:
-        b = _chunk_scalars(c.g.to(cd), C, nc).cumsum(-2)              # b_r: log-decay from the chunk start
+        b = _chunk_scalars(g, C, nc).cumsum(-2)                      # b_r: log-decay from the chunk start
         bl = b[..., -1:, :]
-        eb, ekd = b.exp(), (bl - b).exp_()
-        s_x = beta * eb                                              # X = β∘e^b∘K
-        a = bl.exp().view(nc, BH, 1, 1).unbind(0)                   # the chunks' decays
+        eb = b.exp()
+        f_qd = grouped(eb)                                           # Q -> Q∘e^b
+        f_x = grouped(bt * eb)                                       # X = β∘e^b∘K
+        f_kd = grouped((bl - b).exp_())                              # K -> K∘e^{b_last − b}
+        a = bl.exp().view(nc, BH, 1, 1).unbind(0)                    # the chunks' decays
         bcol = b.view(nc, BH, C, 1)
+        brow = bt.view(nc, BH, C, 1)                                 # β_r: A = β_r·(k_r·k_s)·E_rs
+    else:
+        f_x = grouped(bt)                                            # X = β∘K
     nb = min(nc, _block_chunks(BH, C, D, Dv))
 
     def emp(*shape):
         return torch.empty(*shape, dtype=cd, device=dev)
 
-    def grouped(x):
-        return x.view(x.shape[0], B, Hk, rep, C, 1)
-
-    out = emp(B, H, N, Dv)
-    bufs = {n: emp(nb, B, Hk, rep, C, D) for n in (("q", "k", "kb", "qd", "x", "kd") if gated else ("q", "k", "kb"))}
-    bufs.update(y=emp(nb, B, H, 1, C, Dv), u=emp(nb * BH, C, Dv), o=emp(nb * BH, C, Dv), w=emp(nb * BH, C, D))
-    bufs.update({n: emp(nb * BH, C, C) for n in (("A", "QK", "T", "E") if gated else ("A", "QK", "T"))})
-    if l2:
-        bufs.update(sq=emp(nb, B, Hk, 1, C, D), rq=emp(nb, B, Hk, 1, C, 1), rk=emp(nb, B, Hk, 1, C, 1))
+    bufs = {n: emp(nb, B, Hk, rep, C, D) for n in ("q", "k", "x")}
+    bufs.update(y=emp(nb, B, H, 1, C, Dv), u=emp(nb * BH, C, Dv), w=emp(nb * BH, C, D))
+    bufs.update({n: emp(nb * BH, C, C) for n in ("A", "QK", "E")})  # E: the decays, then T (without decay: T)
     Ss = emp(nb + 1, BH, D, Dv)
-    if c.state is None:
+    if s0 is None:
         Ss[0].zero_()
     else:
-        Ss[0].copy_(c.state.reshape(BH, D, Dv))
+        Ss[0].view(B, H, D, Dv).copy_(s0)
     eye = torch.eye(C, dtype=cd, device=dev).expand(nb * BH, C, C)
     views = {}
 
@@ -517,16 +538,15 @@ def _delta_infer(c, C: int):
             M = n * BH
             w = {name: t[:n] for name, t in bufs.items() if t.shape[0] == nb}     # (n, B, Hk, rep|1, C, ·)
             w.update({name: t[:M] for name, t in bufs.items() if t.shape[0] == nb * BH})
-            for name in ("q", "k", "kb", "qd", "x", "kd", "y"):
-                if name in w:
-                    w["f" + name] = w[name].view(M, C, w[name].shape[-1])  # as a batch of matrices
+            for name in ("q", "k", "x", "y"):
+                w["f" + name] = w[name].view(M, C, w[name].shape[-1])  # as a batch of matrices
             w["fkT"] = _t(w["fk"])
             w["eye"] = eye[:M]
             U4, W4 = w["u"].view(n, BH, C, Dv), w["w"].view(n, BH, C, D)
-            kdT = _t((w["fkd"] if gated else w["fk"]).view(n, BH, C, D))
+            kdT = _t(w["fk"].view(n, BH, C, D))                        # Kd once the decays are in (K without)
             w["scan"] = list(zip(U4.unbind(0), W4.unbind(0), kdT.unbind(0), Ss[:n].unbind(0), Ss[1:n + 1].unbind(0)))
             w["Sn"] = Ss[:n].view(M, D, Dv)
-            w["on"] = w["o"].view(n, B, H, C, Dv)
+            w["on"] = w["y"].view(n, B, H, C, Dv)                       # the outputs, in Y's buffer
             views[n] = w
         return views[n]
 
@@ -537,48 +557,33 @@ def _delta_infer(c, C: int):
             return _chunk_rows(x[:, :, t0:t0 + n * C], C)
         return _chunk_rows(torch.nn.functional.pad(x[:, :, t0:], (0, 0, 0, t0 + n * C - N)), C)
 
-    def inv_norm(x, w, r, scale):
-        """scale / sqrt(Σx² + eps) per row of x (n, B, Hk, 1, C, D), into r (n, B, Hk, 1, C, 1)."""
-        torch.mul(x, x, out=w["sq"])
-        torch.sum(w["sq"], -1, keepdim=True, out=r)
-        r.add_(1e-6).rsqrt_()
-        return r.mul_(scale) if scale != 1.0 else r
-
     # blocks: the full chunks in groups of nb, then the last, partial chunk (if any) alone
     starts = [(c0, min(full, c0 + nb) - c0) for c0 in range(0, full, nb)] + ([(full, 1)] if full < nc else [])
     for c0, n in starts:
         w, t0, c1 = block_views(n), c0 * C, c0 + n
         qs, ks, vs = rows(q, t0, n), rows(k, t0, n), rows(v, t0, n)
-        bt = grouped(beta[c0:c1])
-        if l2:
-            rq, rk = inv_norm(qs, w, w["rq"], c.scale), inv_norm(ks, w, w["rk"], 1.0)
-        else:
-            rq, rk = c.scale, None
         qs, ks = (x.expand(n, B, Hk, rep, C, D) for x in (qs, ks))    # a key head read by its value heads
-        torch.mul(qs, rq, out=w["q"])
-        if rk is None:
+        torch.mul(qs, f_q if f_k is None else f_q[c0:c1], out=w["q"])
+        if f_k is None:
             w["k"].copy_(ks)
         else:
-            torch.mul(ks, rk, out=w["k"])
-        torch.mul(ks, bt if rk is None else rk * bt, out=w["kb"])   # β∘K (A's rows)
-        torch.mul(vs, beta[c0:c1].unsqueeze(3), out=w["y"])          # Y = β∘V
+            torch.mul(ks, f_k[c0:c1], out=w["k"])
+        torch.mul(vs, f_y[c0:c1], out=w["y"])
+        torch.mul(w["k"], f_x[c0:c1], out=w["x"])
+        QK = torch.bmm(w["fq"], w["fkT"], out=w["QK"])
         if gated:
-            torch.mul(qs, grouped(eb[c0:c1]) * rq, out=w["qd"])      # Q∘e^b
-            sx, skd = grouped(s_x[c0:c1]), grouped(ekd[c0:c1])
-            torch.mul(ks, sx if rk is None else sx * rk, out=w["x"])                 # X = β∘e^b∘K
-            torch.mul(ks, skd if rk is None else skd * rk, out=w["kd"])              # K∘e^{b_last − b}
             bc_ = bcol[c0:c1].reshape(n * BH, C, 1)
             E = torch.sub(bc_, _t(bc_), out=w["E"])
             E.tril_().exp_().tril_()                                 # 0 above the diagonal; no exp(+large)
-        A = torch.bmm(w["fkb"], w["fkT"], out=w["A"])
-        QK = torch.bmm(w["fq"], w["fkT"], out=w["QK"])
-        if gated:
-            A.mul_(E)
             QK.mul_(E)
+            A = torch.bmm(w["fk"], w["fkT"], out=w["A"]).mul_(E.mul_(brow[c0:c1].reshape(n * BH, C, 1)))
+            w["q"].mul_(f_qd[c0:c1])                                 # Q∘e^b
+            w["k"].mul_(f_kd[c0:c1])                                 # Kd = K∘e^{b_last − b}
         else:
             QK.tril_()
-        T = torch.linalg.solve_triangular(A, w["eye"], upper=False, unitriangular=True, out=w["T"])  # (out=: ~2.5×
-        torch.bmm(T, w["fx"] if gated else w["fkb"], out=w["w"])                                  # faster)
+            A = torch.bmm(w["fx"], w["fkT"], out=w["A"])
+        T = torch.linalg.solve_triangular(A, w["eye"], upper=False, unitriangular=True, out=w["E"])  # (out=: ~2.5×
+        torch.bmm(T, w["fx"], out=w["w"])                                                         # faster)
         U = torch.bmm(T, w["fy"], out=w["u"])                        # U0 = T·Y, corrected in place by the scan
         for i, (u, Wc, kdT, S, S1) in enumerate(w["scan"]):
             u.baddbmm_(Wc, S, alpha=-1.0)                            # u = U0 − W·S
@@ -587,15 +592,27 @@ def _delta_infer(c, C: int):
             else:
                 S1.copy_(S)
             S1.baddbmm_(kdT, u)                                      # S' = a·S + Kdᵀ·u
-        O = torch.bmm(QK, U, out=w["o"])
-        O.baddbmm_(w["fqd"] if gated else w["fq"], w["Sn"])         # o = ((Q·Kᵀ)∘E)·u + (Q∘e^b)·S
+        O = torch.bmm(QK, U, out=w["fy"])
+        O.baddbmm_(w["fq"], w["Sn"])                                 # o = ((Q·Kᵀ)∘E)·u + (Q∘e^b)·S
         m = min(n * C, N - t0)
         if m == n * C:
             out[:, :, t0:t0 + m].unflatten(2, (n, C)).copy_(w["on"].permute(1, 2, 0, 3, 4))
         else:
             out[:, :, t0:].copy_(w["on"][0, :, :, :m])
         Ss[0].copy_(Ss[n])
-    return out, Ss[0].reshape(B, H, D, Dv).clone()
+    s_out.copy_(Ss[0].view(B, H, D, Dv))
+
+
+def _delta_infer(c, C: int):
+    """The delta rule's forward without autograd (nothing to save for a backward): ``(o (B, H, N, Dv), S (B, H, D,
+    Dv))`` in the compute dtype, from the validated call ``c``."""
+    B, H, N, Dv = c.v.shape
+    D, cd, dev = c.q.shape[-1], c.cd, c.v.device
+    out = torch.empty(B, H, N, Dv, dtype=cd, device=dev)
+    S = torch.empty(B, H, D, Dv, dtype=cd, device=dev)
+    _delta_infer_heads(c.q.to(cd), c.k.to(cd), c.v.to(cd), c.beta.to(cd), None if c.g is None else c.g.to(cd),
+                       None if c.state is None else c.state.to(cd), out, S, c.scale, c.qk_l2norm, C)
+    return out, S
 
 
 class _GatedDelta(torch.autograd.Function):
