@@ -29,13 +29,19 @@
 
 #include "attn_common.h"
 
-#if NV > 4 || OG > 8 || PW > 4
-#error "the micro-kernel dispatch below covers NV <= 4, OG <= 8, PW <= 4"
+#ifndef OPW
+#define OPW PW           /* value vectors per dK/dV outer-product block (KG keys at a time) */
+#endif
+#if NV > 4 || OG > 8 || PW > 4 || OPW > PW
+#error "the micro-kernel dispatch below covers NV <= 4, OG <= 8, OPW <= PW <= 4"
 #endif
 
 #define QT (NV * VL)     /* query rows per tile */
-#define CW (PW * VL)     /* columns per PV / outer-product block */
+#define CW (PW * VL)     /* columns per PV / dQ outer-product block */
+#define OCW (OPW * VL)   /* columns per dK/dV outer-product block */
+#ifndef KC
 #define KC 512           /* keys per chunk of the online softmax */
+#endif
 #define TTMAX 4          /* tiles per pass, at most */
 #define DEC_ROWS_MAX 16  /* decoding: query rows per head, at most */
 #define DEC_RG 8         /* decoding: rows per group of the score pass */
@@ -368,12 +374,13 @@ INL void outer_kern(const int no, const int nv, const int tail, const float *a, 
     default: CALL(OG >= 8 ? 8 : 1); break;                                                                   \
     }
 
-/* outer_kern over all ncol columns of b and out, in blocks of CW, for no outputs (any count). */
+/* outer_kern over all ncol columns of b and out, in blocks of cw (a multiple of VL, at most CW), for no
+ * outputs (any count). */
 static void outer_any(int no, const float *a, int64_t lao, int64_t lar, const float *b, int64_t ldb, int64_t ra,
-                      int64_t rb, float *out, int64_t ldo, int64_t ncol) {
+                      int64_t rb, float *out, int64_t ldo, int64_t ncol, int64_t cw) {
     if (ra >= rb) return;
-    for (int64_t c = 0; c < ncol; c += CW) {
-        const int64_t w = min64(CW, ncol - c);
+    for (int64_t c = 0; c < ncol; c += cw) {
+        const int64_t w = min64(cw, ncol - c);
         const int nv = (int)((w + VL - 1) / VL), wl = (int)(w - (nv - 1) * VL);
         for (int o0 = 0; o0 < no; o0 += OG) {
             const int n = (int)min64(OG, no - o0);
@@ -598,7 +605,7 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
         for (int r0 = 0; r0 < QT; r0 += RB) {
             int64_t a, e;
             block_keys(&R, r0, c0, c1, &a, &e);
-            if (a < e) outer_any(RB, dst + r0, 1, QT, kc, ldk, a - c0, e - c0, acc + r0 * dp, dp, D);
+            if (a < e) outer_any(RB, dst + r0, 1, QT, kc, ldk, a - c0, e - c0, acc + r0 * dp, dp, D, CW);
         }
         /* dK += dSᵀ·q and dV += pᵀ·dO, by KG-key groups over the rows that see them */
         for (int64_t j = c0; j < c1; j += KG) {
@@ -608,8 +615,8 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
             rb = ra;
             while (rb < QT && lo[rb] < j + nk && lo[rb] < hi[rb]) rb++;   /* ... through the last that sees < j+nk */
             if (ra >= rb) continue;
-            outer_any(nk, dst + (j - c0) * QT, QT, 1, qrows, ldq, ra, rb, dk + j * D, D, D);
-            outer_any(nk, st + (j - c0) * QT, QT, 1, grows, ldg, ra, rb, dv + j * Dv, Dv, Dv);
+            outer_any(nk, dst + (j - c0) * QT, QT, 1, qrows, ldq, ra, rb, dk + j * D, D, D, OCW);
+            outer_any(nk, st + (j - c0) * QT, QT, 1, grows, ldg, ra, rb, dv + j * Dv, Dv, Dv, OCW);
         }
     }
     for (int r = 0; r < nr; r++) memcpy(dq + r * D, acc + r * dp, sizeof(float) * D);
