@@ -29,6 +29,9 @@
 
 #include "attn_common.h"
 
+#ifndef PVT
+#define PVT 0            /* 1: the forward's P·V transposed (pvt_kern); 0: by RB-row blocks (pv_kern) */
+#endif
 #ifndef OPW
 #define OPW PW           /* value vectors per dK/dV outer-product block (KG keys at a time) */
 #endif
@@ -303,6 +306,7 @@ INL void pv_kern(const int nv, const int tail, const int dt, const float *pt, co
     default: CALL(PW >= 4 ? 4 : 1); break;                                                                   \
     }
 
+#if !PVT
 /* pv_kern over w <= CW columns. */
 static void pv_any(int64_t w, int dt, const float *pt, const void *v, int64_t voff, int64_t ldv, int64_t ja,
                    int64_t jb, float *acc, int64_t ldacc, const float *alpha) {
@@ -323,6 +327,7 @@ static void pv_any(int64_t w, int dt, const float *pt, const void *v, int64_t vo
 #undef PV
 #undef PV_NV
 }
+#endif
 
 /* out[o][c..] += Σ_{r in [ra, rb)} a[o·lao + r·lar] · b[r·ldb + c..], for o < no (<= OG) and nv vectors of
  * columns (the last with wl lanes when tail): scalar broadcasts of a against fp32 rows of b. */
@@ -405,6 +410,75 @@ static void outer_any(int no, const float *a, int64_t lao, int64_t lar, const fl
     }
 }
 
+/* P·V transposed (PVT): acc[c·QT + s·VL ..] = alpha[s·VL ..]·acc + Σ_j p[j·QT + s·VL ..] · v[j·ldv + c], for nc
+ * columns c (<= KG) and ns row vectors: the QK micro-kernel's shape (p rows loaded, v scalars broadcast), so
+ * the accumulators hold columns of the output for a vector of rows, and the rescale by alpha is per lane. */
+INL void pvt_kern(const int nc, const int ns, const float *pt, const float *v, int64_t ldv, int64_t n, float *acc,
+                  const float *alpha) {
+    V a[KG][NV];
+#pragma GCC unroll 4
+    for (int s = 0; s < NV; s++) {
+        const V al = s < ns ? vld(alpha + s * VL) : vzero();
+#pragma GCC unroll 8
+        for (int r = 0; r < KG; r++) a[r][s] = r < nc && s < ns ? vmul(vld(acc + r * QT + s * VL), al) : vzero();
+    }
+    for (int64_t j = 0; j < n; j++) {
+        V x[NV];
+#pragma GCC unroll 4
+        for (int s = 0; s < NV; s++) x[s] = s < ns ? vld(pt + j * QT + s * VL) : vzero();
+        const float *vj = v + j * ldv;
+#pragma GCC unroll 8
+        for (int r = 0; r < KG; r++) {
+            if (r < nc) {
+                const V vb = vset1(vj[r]);
+#pragma GCC unroll 4
+                for (int s = 0; s < NV; s++)
+                    if (s < ns) a[r][s] = vfma(x[s], vb, a[r][s]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < KG; r++)
+#pragma GCC unroll 4
+        for (int s = 0; s < NV; s++)
+            if (r < nc && s < ns) vst(acc + r * QT + s * VL, a[r][s]);
+}
+
+#define NC_SWITCH(nc, CALL)                                                                                  \
+    switch (nc) {                                                                                            \
+    case 1: CALL(1); break;                                                                                  \
+    case 2: CALL(KG >= 2 ? 2 : 1); break;                                                                    \
+    case 3: CALL(KG >= 3 ? 3 : 1); break;                                                                    \
+    case 4: CALL(KG >= 4 ? 4 : 1); break;                                                                    \
+    case 5: CALL(KG >= 5 ? 5 : 1); break;                                                                    \
+    case 6: CALL(KG >= 6 ? 6 : 1); break;                                                                    \
+    case 7: CALL(KG >= 7 ? 7 : 1); break;                                                                    \
+    default: CALL(KG >= 8 ? 8 : 1); break;                                                                   \
+    }
+
+/* pvt_kern over all Dv columns (v: fp32 rows, stride ldv, key 0 at v) for row vectors s0 .. s0+ns over n keys. */
+static void pvt_any(int64_t Dv, int s0, int ns, const float *pt, const float *v, int64_t ldv, int64_t n, float *acc,
+                    const float *alpha) {
+#if KG > 8
+#error "pvt_any covers KG <= 8"
+#endif
+    pt += s0 * VL, acc += s0 * VL, alpha += s0 * VL;
+    for (int64_t c = 0; c < Dv; c += KG) {
+        const int nc = (int)min64(KG, Dv - c);
+#define PVT_NS(NC, NS) pvt_kern(NC, NS, pt, v + c, ldv, n, acc + c * QT, alpha)
+#define PVT_NC(NC)                                                                                           \
+    do {                                                                                                     \
+        if (ns == 1) PVT_NS(NC, 1);                                                                          \
+        else if (ns == 2) PVT_NS(NC, NV >= 2 ? 2 : 1);                                                       \
+        else if (ns == 3) PVT_NS(NC, NV >= 3 ? 3 : 1);                                                       \
+        else PVT_NS(NC, NV >= 4 ? 4 : 1);                                                                    \
+    } while (0)
+        NC_SWITCH(nc, PVT_NC)
+#undef PVT_NC
+#undef PVT_NS
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------ forward */
 /* One sub-tile's state between chunks: its rows, packed q, accumulator, row maxima and sums. */
 typedef struct {
@@ -424,9 +498,10 @@ INL V masked_score(const rows_t *R, int s, int64_t j, float *p) {
 }
 
 /* The keys [c0, c1) (inside the sub-tile's range) of one sub-tile: scores, online softmax, P·V.
- * y: fp32 rows of k from key c0 on, stride ldy; v typed, key c0 at element voff. */
+ * y: fp32 rows of k from key c0 on, stride ldy; v typed, key c0 at element voff; with PVT, vf: fp32 rows of v
+ * from key c0 on, stride ldvf. */
 static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const float *y, int64_t ldy, int64_t voff,
-                      float *st) {
+                      const float *vf, int64_t ldvf, float *st) {
     const rows_t *R = &T->R;
     const int64_t *hl = R->hl, *hr = R->hr;
     const int64_t Dv = J->Dv, dvp = J->dvp, ldv = J->vs[2];
@@ -469,6 +544,25 @@ static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const fl
         vst(T->m + VL * s, mx);
         vst(alpha + VL * s, al);
     }
+#if PVT
+    /* P·V transposed, the row vectors that see a key here together over the union of their keys: p is 0 where a
+     * vector sees none of them */
+    (void)voff, (void)ldv, (void)dvp;
+    int64_t ua = c1, ue = c0;
+    int sa = NV, sb = 0;
+    for (int s = 0; s < NV; s++)
+        if (max64(hl[s], c0) < min64(hr[s], c1))
+            ua = min64(ua, max64(hl[s], c0)), ue = max64(ue, min64(hr[s], c1)), sa = s < sa ? s : sa, sb = s + 1;
+    if (ua >= ue) return;
+    for (int s = sa; s < sb; s++) {
+        int64_t a = max64(hl[s], ua), e = min64(hr[s], ue);
+        if (a >= e) a = e = ue;
+        for (int64_t j = ua; j < a; j++) vst(st + (j - c0) * QT + VL * s, vzero());
+        for (int64_t j = e; j < ue; j++) vst(st + (j - c0) * QT + VL * s, vzero());
+    }
+    pvt_any(Dv, sa, sb - sa, st + (ua - c0) * QT, vf + (ua - c0) * ldvf, ldvf, ue - ua, T->acc, alpha);
+#else
+    (void)vf, (void)ldvf;
     /* P·V, by RB-row blocks over the keys those rows see, by CW value columns */
     for (int r0 = 0; r0 < QT; r0 += RB) {
         int64_t a, e;
@@ -478,15 +572,18 @@ static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const fl
             pv_any(min64(CW, Dv - c), J->dt, st + r0, J->v, voff + c, ldv, a - c0, e - c0, T->acc + r0 * dvp + c,
                    dvp, alpha + r0);
     }
+#endif
 }
 
 /* Task: tiles p·tt .. p·tt+tt of (b, h), through the chunks of their key ranges' union together.
- * ws: KC·QT (scores) + KC·D (k chunk in fp32, half inputs) + tt × (QT·D + QT·dvp + 2·QT). */
+ * ws: KC·QT (scores) + KC·D (k chunk in fp32, half inputs; with PVT also KC·Dv, the v chunk) + tt × (QT·D +
+ * QT·dvp + 2·QT). */
 static void fwd_task(const job_t *J, int64_t task, float *ws) {
     const int64_t tt = J->tt, npass = (J->ntiles + tt - 1) / tt, per = J->Hq * npass;
     const int64_t b = task / per, h = task % per / npass, p = task % npass, hk = h / (J->Hq / J->Hk);
     const int64_t D = J->D, Dv = J->Dv, dvp = J->dvp, nt = min64(tt, J->ntiles - p * tt);
-    float *st = ws, *kst = st + (int64_t)KC * QT, *sub = kst + (J->dt == QKV_F32 ? 0 : (int64_t)KC * D);
+    const int64_t half = J->dt != QKV_F32;
+    float *st = ws, *kst = st + (int64_t)KC * QT, *vst_ = kst + half * KC * D, *sub = vst_ + half * PVT * KC * Dv;
     sub_t T[TTMAX];
     int64_t jmin = J->Nk, jmax = 0;
     for (int64_t u = 0; u < nt; u++) {
@@ -506,9 +603,14 @@ static void fwd_task(const job_t *J, int64_t task, float *ws) {
         const int64_t c1 = min64(c0 + KC, jmax);
         int64_t ldy;
         const float *y = rows_as_f32(J->k, ko + c0 * J->ks[2], J->ks[2], c1 - c0, D, J->dt, kst, &ldy);
+        int64_t ldvf = 0;
+        const float *vf = PVT ? rows_as_f32(J->v, vo + c0 * J->vs[2], J->vs[2], c1 - c0, Dv, J->dt, vst_, &ldvf)
+                              : NULL;
         for (int64_t u = 0; u < nt; u++) {
             const int64_t a = max64(c0, T[u].R.jmin), e = min64(c1, T[u].R.jmax);
-            if (a < e) fwd_chunk(J, &T[u], a, e, y + (a - c0) * ldy, ldy, vo + a * J->vs[2], st);
+            if (a < e)
+                fwd_chunk(J, &T[u], a, e, y + (a - c0) * ldy, ldy, vo + a * J->vs[2], vf ? vf + (a - c0) * ldvf : NULL,
+                          ldvf, st);
         }
     }
     for (int64_t u = 0; u < nt; u++) {
@@ -516,12 +618,16 @@ static void fwd_task(const job_t *J, int64_t task, float *ws) {
         float *o = J->o + at(J->xs, b, h, S->i0);
         for (int r = 0; r < S->nr; r++) {
             const float l = S->l[r], il = l > 0 ? 1.0f / l : 0.0f;
-            const V ilv = vset1(il);
             float *orow = o + r * J->xs[2];
+#if PVT
+            for (int64_t c = 0; c < Dv; c++) orow[c] = S->acc[c * QT + r] * il;   /* acc holds columns */
+#else
+            const V ilv = vset1(il);
             const float *arow = S->acc + r * dvp;
             int64_t c = 0;
             for (; c + VL <= Dv; c += VL) vst(orow + c, vmul(vld(arow + c), ilv));
             if (c < Dv) vst_n(orow + c, vmul(vld(arow + c), ilv), (int)(Dv - c));
+#endif
             if (J->lse) J->lse[b * J->ls[0] + h * J->ls[1] + S->i0 + r] = l > 0 ? S->m[r] + logf(l) : -INFINITY;
         }
     }
@@ -533,7 +639,7 @@ static int fwd_entry(job_t *J, int nthreads) {
     J->tt = clamp64(J->tt, 1, TTMAX);
     J->pf = min64(J->Nk, J->left + J->right + 1) > 2048;   /* long rows: values streamed from memory */
     J->ntasks = J->B * J->Hq * ((J->ntiles + J->tt - 1) / J->tt);
-    J->ws = (size_t)((int64_t)KC * QT + (J->dt == QKV_F32 ? 0 : (int64_t)KC * J->D)
+    J->ws = (size_t)((int64_t)KC * QT + (J->dt == QKV_F32 ? 0 : (int64_t)KC * (J->D + PVT * J->Dv))
                      + J->tt * (QT * J->D + QT * J->dvp + 2 * QT));
     J->task = fwd_task;
     return qkv_run_job(J, nthreads);
