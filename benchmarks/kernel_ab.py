@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     libs = {n: _open(p) for n, p in (x.split("=", 1) for x in a.lib)}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     dec = a.case.startswith("decode")
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
                         run(f)
                     samples[n].append((time.perf_counter() - t) / inner * 1e3)
         ref = statistics.median(samples["sdpa"]) if "sdpa" in samples else None
-        print(f"{a.case} {a.dtype} {mode} isa={a.isa or 'best'} torch={torch.backends.cpu.get_cpu_capability()}")
+        print(f"{a.case} {a.dtype} {mode} isa={a.isa or 'best'} torch={torch.backends.cpu.get_cpu_capability()} "
+              f"threads={torch.get_num_threads()}")
         for n, s in samples.items():
             med = statistics.median(s)
             qs = statistics.quantiles(s, n=4) if len(s) > 1 else [med, med, med]

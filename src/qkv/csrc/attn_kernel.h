@@ -410,6 +410,7 @@ static void outer_any(int no, const float *a, int64_t lao, int64_t lar, const fl
     }
 }
 
+#if PVT
 /* P·V transposed (PVT): acc[c·QT + s·VL ..] = alpha[s·VL ..]·acc + Σ_j p[j·QT + s·VL ..] · v[j·ldv + c], for nc
  * columns c (<= KG) and ns row vectors: the QK micro-kernel's shape (p rows loaded, v scalars broadcast), so
  * the accumulators hold columns of the output for a vector of rows, and the rescale by alpha is per lane. */
@@ -478,6 +479,7 @@ static void pvt_any(int64_t Dv, int s0, int ns, const float *pt, const float *v,
 #undef PVT_NS
     }
 }
+#endif
 
 /* ------------------------------------------------------------------------------------------------ forward */
 /* One sub-tile's state between chunks: its rows, packed q, accumulator, row maxima and sums. */
@@ -668,7 +670,8 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
     row_ranges(&R, i0, nr, J->Nq, J->Nk, J->left, J->right);
     const int32_t *lo = R.lo, *hi = R.hi;
     const int64_t *hl = R.hl, *hr = R.hr, *fl = R.fl, *fr = R.fr;
-    float lsev[QT], delv[QT];
+    float lsev[QT], delv[QT], ones[QT];
+    for (int r = 0; r < QT; r++) ones[r] = 1.0f;
     for (int r = 0; r < QT; r++) {
         const int sees_any = r < nr && lo[r] < hi[r];
         lsev[r] = sees_any ? J->lse[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
@@ -707,12 +710,23 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
                 vst(pd, ds);
             }
         }
+#if PVT
+        /* dQ, transposed in acc (acc[c·QT + r]), += dS·k over the union of the row vectors' keys here (dS is 0
+         * in the chunk wherever a row does not see a key) */
+        int64_t ua = c1, ue = c0;
+        int sa = NV, sb = 0;
+        for (int s = 0; s < NV; s++)
+            if (max64(hl[s], c0) < min64(hr[s], c1))
+                ua = min64(ua, max64(hl[s], c0)), ue = max64(ue, min64(hr[s], c1)), sa = s < sa ? s : sa, sb = s + 1;
+        if (ua < ue) pvt_any(D, sa, sb - sa, dst + (ua - c0) * QT, kc + (ua - c0) * ldk, ldk, ue - ua, acc, ones);
+#else
         /* dQ (tile rows, by RB-row blocks over the keys they see) += dS·k */
         for (int r0 = 0; r0 < QT; r0 += RB) {
             int64_t a, e;
             block_keys(&R, r0, c0, c1, &a, &e);
             if (a < e) outer_any(RB, dst + r0, 1, QT, kc, ldk, a - c0, e - c0, acc + r0 * dp, dp, D, CW);
         }
+#endif
         /* dK += dSᵀ·q and dV += pᵀ·dO, by KG-key groups over the rows that see them */
         for (int64_t j = c0; j < c1; j += KG) {
             const int nk = (int)min64(KG, c1 - j);
@@ -725,7 +739,12 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
             outer_any(nk, st + (j - c0) * QT, QT, 1, grows, ldg, ra, rb, dv + j * Dv, Dv, Dv, OCW);
         }
     }
+#if PVT
+    for (int r = 0; r < nr; r++)
+        for (int64_t c = 0; c < D; c++) dq[r * D + c] = acc[c * QT + r];
+#else
     for (int r = 0; r < nr; r++) memcpy(dq + r * D, acc + r * dp, sizeof(float) * D);
+#endif
 }
 
 /* Task: a share (part) of one kv head's query tiles, all its query heads, into that share's dK/dV. */
