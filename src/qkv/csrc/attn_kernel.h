@@ -48,6 +48,10 @@
 #define TTMAX 4          /* tiles per pass, at most */
 #define DEC_ROWS_MAX 16  /* decoding: query rows per head, at most */
 #define DEC_RG 8         /* decoding: rows per group of the score pass */
+#ifndef DEC_NV
+#define DEC_NV 4         /* decoding: key vectors (VL keys each) per block of the online softmax and P·V */
+#endif
+#define DEC_NB (DEC_NV * VL)
 #define LOG2E 1.4426950408889634f
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -831,7 +835,7 @@ INL void dec_pv_kern(const int nr, const int nv, const int tail, const int dt, f
 #pragma GCC unroll 4
         for (int c = 0; c < CWD; c++) a[r][c] = r < nr && c < nv ? vmul(vld(acc + (r0 + r) * dvpad + (c0 + c) * VL), s) : vzero();
     }
-    const float *p = pb + r0 * VL;
+    const float *p = pb + r0 * DEC_NB;
     for (int kk = 0; kk < nb; kk++) {
         const char *vr = v + kk * ldv;
         V x[CWD];
@@ -841,7 +845,7 @@ INL void dec_pv_kern(const int nr, const int nv, const int tail, const int dt, f
 #pragma GCC unroll 4
         for (int r = 0; r < RD; r++) {
             if (r < nr) {
-                const V pr = vset1(p[r * VL + kk]);
+                const V pr = vset1(p[r * DEC_NB + kk]);
 #pragma GCC unroll 4
                 for (int c = 0; c < CWD; c++)
                     if (c < nv) a[r][c] = vfma(pr, x[c], a[r][c]);
@@ -877,15 +881,18 @@ static void dec_pv(int dt, float *acc, int64_t dvpad, const float *pb, const flo
 #undef DP_DT
 }
 
-/* Task: split s of (b, hk): partial out and lse of its rows over the split's keys.
- * ws: R·dpad (q rows) + R·dvpad (acc) + DEC_RG·VL·VL (partial dot products) + R·VL (p) + R·VL (sums) + 2R. */
+/* Task: split s of (b, hk): partial out and lse of its rows over the split's keys, by blocks of DEC_NB keys
+ * (scores by VL keys, then one online-softmax step and one P·V pass per block: the accumulators are loaded and
+ * rescaled once per DEC_NB keys).
+ * ws: R·dpad (q rows) + R·dvpad (acc) + DEC_RG·VL·VL (partial dot products) + 2·R·DEC_NB (scores, p) + R·VL
+ * (sums) + 2R. */
 static void dec_task(const job_t *J, int64_t task, float *ws) {
     const int64_t G = J->Hq / J->Hk, Nq = J->Nq, R = G * Nq, D = J->D, Dv = J->Dv;
     const int64_t dpad = rup(D, VL), dvpad = rup(Dv, VL), ns = J->nsplit;
     const int64_t s = task % ns, bh = task / ns, b = bh / J->Hk, hk = bh % J->Hk;
     const int64_t j0 = J->jlo + s * J->split, j1 = min64(j0 + J->split, J->jhi), off = J->Nk - Nq;
-    float *qr = ws, *acc = qr + R * dpad, *A = acc + R * dvpad, *pb = A + DEC_RG * VL * VL, *lv = pb + R * VL;
-    float *mv = lv + R * VL, *al = mv + R;
+    float *qr = ws, *acc = qr + R * dpad, *A = acc + R * dvpad, *sb = A + DEC_RG * VL * VL, *pb = sb + R * DEC_NB;
+    float *lv = pb + R * DEC_NB, *mv = lv + R * VL, *al = mv + R;
     int64_t lo[DEC_ROWS_MAX], hi[DEC_ROWS_MAX];
     for (int64_t i = 0; i < Nq; i++) {
         lo[i] = clamp64(i + off - J->left, 0, J->Nk), hi[i] = clamp64(i + off + J->right + 1, 0, J->Nk);
@@ -902,37 +909,57 @@ static void dec_task(const job_t *J, int64_t task, float *ws) {
     const int64_t ko = at(J->ks, b, hk, 0), vo = at(J->vs, b, hk, 0);
     const V sc = vset1(J->scale), l2e = vset1(LOG2E), ninf = vset1(-INFINITY);
     const int64_t es = J->dt == QKV_F32 ? 4 : 2, kl = (D * es + 63) / 64, vl = (Dv * es + 63) / 64;
-    for (int64_t jb = j0; jb < j1; jb += VL) {
-        const int nb = (int)min64(VL, j1 - jb);
-        /* the keys and values of the block after next, to L1: two streams with rows ldk, ldv apart, which the
-         * hardware's prefetch alone leaves ~30% below a plain read's speed */
-        for (int64_t j = jb + 2 * VL; J->pf && j < min64(jb + 3 * VL, j1); j++) {
-            const char *kr = (const char *)J->k + (ko + j * J->ks[2]) * es, *vr = (const char *)J->v + (vo + j * J->vs[2]) * es;
-            for (int64_t l = 0; l < kl; l++) __builtin_prefetch(kr + 64 * l, 0, 3);
-            for (int64_t l = 0; l < vl; l++) __builtin_prefetch(vr + 64 * l, 0, 3);
-        }
-        for (int64_t r0 = 0; r0 < R; r0 += DEC_RG) {     /* rows by groups: their partial sums stay in L1 */
-            const int64_t rg = min64(DEC_RG, R - r0);
-            dec_scores(J->dt, A, qr + r0 * dpad, rg, dpad, (const char *)J->k + (ko + jb * J->ks[2]) * es,
-                       J->ks[2] * es, nb, D);
-            for (int64_t r = r0; r < r0 + rg; r++) {
-                const int64_t i = r % Nq, a = max64(lo[i], jb), e = min64(hi[i], jb + nb);
-                if (a >= e) {                     /* no key of this block: nothing moves */
-                    al[r] = 1.0f;
-                    vst(pb + r * VL, vzero());
-                    continue;
+    for (int64_t jb = j0; jb < j1; jb += DEC_NB) {
+        const int64_t nbb = min64(DEC_NB, j1 - jb);
+        for (int64_t u = 0; u < nbb; u += VL) {          /* scores, VL keys at a time */
+            const int64_t ju = jb + u;
+            const int nb = (int)min64(VL, nbb - u);
+            /* the keys and values of the vector after next, to L1: two streams with rows ldk, ldv apart, which
+             * the hardware's prefetch alone leaves ~30% below a plain read's speed */
+            for (int64_t j = ju + 2 * VL; J->pf && j < min64(ju + 3 * VL, j1); j++) {
+                const char *kr = (const char *)J->k + (ko + j * J->ks[2]) * es;
+                const char *vr = (const char *)J->v + (vo + j * J->vs[2]) * es;
+                for (int64_t l = 0; l < kl; l++) __builtin_prefetch(kr + 64 * l, 0, 3);
+                for (int64_t l = 0; l < vl; l++) __builtin_prefetch(vr + 64 * l, 0, 3);
+            }
+            for (int64_t r0 = 0; r0 < R; r0 += DEC_RG) {     /* rows by groups: their partial sums stay in L1 */
+                const int64_t rg = min64(DEC_RG, R - r0);
+                dec_scores(J->dt, A, qr + r0 * dpad, rg, dpad, (const char *)J->k + (ko + ju * J->ks[2]) * es,
+                           J->ks[2] * es, nb, D);
+                for (int64_t r = r0; r < r0 + rg; r++) {
+                    const int64_t i = r % Nq, a = max64(lo[i], ju), e = min64(hi[i], ju + nb);
+                    vst(sb + r * DEC_NB + u, a < e ? vsel(miota(ju, a, e), ninf, vsum_lanes(A + (r - r0) * VL * VL))
+                                                   : ninf);
                 }
-                const M vis = miota(jb, a, e);
-                const V x = vsel(vis, ninf, vsum_lanes(A + (r - r0) * VL * VL));
-                const float m0 = mv[r], m1 = fmaxf(m0, vhmax(x) * J->scale);   /* scale > 0 */
-                const float alpha = m0 == -INFINITY ? 0.0f : exp2f((m0 - m1) * LOG2E);
-                const V p = vmaskz(vis, vexp2(vmul(vfms(x, sc, vset1(m1)), l2e)));
-                vst(lv + r * VL, vfma(vld(lv + r * VL), vset1(alpha), p));
-                vst(pb + r * VL, p);
-                mv[r] = m1, al[r] = alpha;
             }
         }
-        dec_pv(J->dt, acc, dvpad, pb, al, R, (const char *)J->v + (vo + jb * J->vs[2]) * es, J->vs[2] * es, nb, Dv);
+        for (int64_t r = 0; r < R; r++) {                /* the online softmax, once per block */
+            const int64_t i = r % Nq;
+            float *pr = pb + r * DEC_NB;
+            const float *xr = sb + r * DEC_NB;
+            if (max64(lo[i], jb) >= min64(hi[i], jb + nbb)) {   /* no key of this block: nothing moves */
+                al[r] = 1.0f;
+                memset(pr, 0, sizeof(float) * DEC_NB);
+                continue;
+            }
+            V mx = ninf;
+            for (int64_t u = 0; u < nbb; u += VL) mx = vmax(mx, vld(xr + u));
+            const float m0 = mv[r], m1 = fmaxf(m0, vhmax(mx) * J->scale);   /* scale > 0 */
+            const float alpha = m0 == -INFINITY ? 0.0f : exp2f((m0 - m1) * LOG2E);
+            const V mv1 = vset1(m1);
+            V sum = vzero();
+            for (int64_t u = 0; u < nbb; u += VL) {
+                const V x = vld(xr + u);
+                /* a masked score (−inf) gives 0; a NaN score gives NaN (the caller sees it in the result) */
+                const V p = vmaskz(mseen(x), vexp2(vmul(vfms(x, sc, mv1), l2e)));
+                vst(pr + u, p);
+                sum = vadd(sum, p);
+            }
+            vst(lv + r * VL, vfma(vld(lv + r * VL), vset1(alpha), sum));
+            mv[r] = m1, al[r] = alpha;
+        }
+        dec_pv(J->dt, acc, dvpad, pb, al, R, (const char *)J->v + (vo + jb * J->vs[2]) * es, J->vs[2] * es,
+               (int)nbb, Dv);
     }
     for (int64_t r = 0; r < R; r++) {
         const int64_t g = r / Nq, i = r % Nq, row = (b * J->Hq + hk * G + g) * Nq + i;
@@ -951,7 +978,7 @@ static int dec_entry(job_t *J, int nthreads) {
     /* fetch ahead when K and V come from memory rather than from cache: 8 MiB and more (measured: ~20% faster
      * from memory, ~25% slower at 4 MiB, which stays in cache between calls) */
     J->pf = (double)J->B * J->Hk * (J->jhi - J->jlo) * (J->D + J->Dv) * (J->dt == QKV_F32 ? 4 : 2) >= 8 << 20;
-    J->ws = (size_t)(R * rup(J->D, VL) + R * rup(J->Dv, VL) + DEC_RG * VL * VL + 2 * R * VL + 2 * R);
+    J->ws = (size_t)(R * rup(J->D, VL) + R * rup(J->Dv, VL) + DEC_RG * VL * VL + 2 * R * DEC_NB + R * VL + 2 * R);
     J->task = dec_task;
     return qkv_run_job(J, nthreads);
 }
