@@ -11,8 +11,9 @@
  * Layout of the work (tiles): a tile is QT = NV·VL query rows of one (batch, head). Scores are computed
  * *transposed*, one vector per key and NV vectors per tile (st[j][r]), so only the query tile is packed
  * (transposed, qt[d][r]); keys and values are read in place with scalar broadcasts. The row softmax is then
- * vertical (lane-wise max and sum, no horizontal reductions), and P·V reads p[j][r] as broadcasts against value
- * rows. Keys are visited in chunks of KC with FlashAttention's online softmax, so any key range works. Work
+ * vertical (lane-wise max and sum, no horizontal reductions), and P·V either reads p[j][r] as broadcasts against
+ * value rows (pv_kern), or (PVT) loads p[j][·] as row vectors against value broadcasts, accumulating the output
+ * transposed (pvt_kern, which also computes the backward's dQ). Keys are visited in chunks of KC with FlashAttention's online softmax, so any key range works. Work
  * outside a row's range is skipped at the granularity of KG keys × VL rows (QK) and RB rows (PV). A task takes
  * `tt` consecutive tiles of one head through each chunk in turn, so that K and V come from memory once per pass
  * rather than once per tile (long unmasked rows at wide heads are bound by that stream otherwise).
@@ -774,7 +775,7 @@ static int bwd_entry(job_t *J, int nthreads) {
 }
 
 /* ----------------------------------------------------------------------------------------------- decoding
- * Rows r = g·Nq + i of kv head hk's G query heads, keys [j0, j1) of one split, in blocks of VL keys. Scores
+ * Rows r = g·Nq + i of kv head hk's G query heads, keys [j0, j1) of one split, in blocks of DEC_NB keys. Scores
  * run along the head dimension: per key, DCH vectors of k are loaded (and converted) once into registers and
  * multiplied with every row's q; the per-(row, key) partial vectors are summed across lanes afterwards, VL
  * keys at a time (vsum_lanes), giving a vector of VL keys per row for the online softmax. P·V broadcasts
