@@ -48,6 +48,11 @@ build/test_attn_cpu.arm64: $(CDEPS)
 	mkdir -p build
 	$(ARM_CC) $(CFLAGS_TEST) -static $(CTEST) $(KERNEL) -lm -o $@
 
+# The kernel alone, timed (benchmarks/csrc/kernel_bench.c: profiling and A/B of kernel builds).
+build/kernel_bench: $(CDEPS) benchmarks/csrc/kernel_bench.c
+	mkdir -p build
+	$(CC) -O3 -std=gnu11 -fno-math-errno -fopenmp -g -I$(CSRC) benchmarks/csrc/kernel_bench.c $(KERNEL) -lm -o $@
+
 test-c: build/test_attn_cpu
 	build/test_attn_cpu
 

@@ -11,8 +11,9 @@
  * Layout of the work (tiles): a tile is QT = NV·VL query rows of one (batch, head). Scores are computed
  * *transposed*, one vector per key and NV vectors per tile (st[j][r]), so only the query tile is packed
  * (transposed, qt[d][r]); keys and values are read in place with scalar broadcasts. The row softmax is then
- * vertical (lane-wise max and sum, no horizontal reductions), and P·V reads p[j][r] as broadcasts against value
- * rows. Keys are visited in chunks of KC with FlashAttention's online softmax, so any key range works. Work
+ * vertical (lane-wise max and sum, no horizontal reductions), and P·V either reads p[j][r] as broadcasts against
+ * value rows (pv_kern), or (PVT) loads p[j][·] as row vectors against value broadcasts, accumulating the output
+ * transposed (pvt_kern, which also computes the backward's dQ). Keys are visited in chunks of KC with FlashAttention's online softmax, so any key range works. Work
  * outside a row's range is skipped at the granularity of KG keys × VL rows (QK) and RB rows (PV). A task takes
  * `tt` consecutive tiles of one head through each chunk in turn, so that K and V come from memory once per pass
  * rather than once per tile (long unmasked rows at wide heads are bound by that stream otherwise).
@@ -26,19 +27,33 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "attn_common.h"
 
-#if NV > 4 || OG > 8 || PW > 4
-#error "the micro-kernel dispatch below covers NV <= 4, OG <= 8, PW <= 4"
+#ifndef PVT
+#define PVT 0            /* 1: the forward's P·V transposed (pvt_kern); 0: by RB-row blocks (pv_kern) */
+#endif
+#ifndef OPW
+#define OPW PW           /* value vectors per dK/dV outer-product block (KG keys at a time) */
+#endif
+#if NV > 4 || OG > 8 || PW > 4 || OPW > PW
+#error "the micro-kernel dispatch below covers NV <= 4, OG <= 8, OPW <= PW <= 4"
 #endif
 
 #define QT (NV * VL)     /* query rows per tile */
-#define CW (PW * VL)     /* columns per PV / outer-product block */
+#define CW (PW * VL)     /* columns per PV / dQ outer-product block */
+#define OCW (OPW * VL)   /* columns per dK/dV outer-product block */
+#ifndef KC
 #define KC 512           /* keys per chunk of the online softmax */
+#endif
 #define TTMAX 4          /* tiles per pass, at most */
 #define DEC_ROWS_MAX 16  /* decoding: query rows per head, at most */
 #define DEC_RG 8         /* decoding: rows per group of the score pass */
+#ifndef DEC_NV
+#define DEC_NV 4         /* decoding: key vectors (VL keys each) per block of the online softmax and P·V */
+#endif
+#define DEC_NB (DEC_NV * VL)
 #define LOG2E 1.4426950408889634f
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -297,6 +312,7 @@ INL void pv_kern(const int nv, const int tail, const int dt, const float *pt, co
     default: CALL(PW >= 4 ? 4 : 1); break;                                                                   \
     }
 
+#if !PVT
 /* pv_kern over w <= CW columns. */
 static void pv_any(int64_t w, int dt, const float *pt, const void *v, int64_t voff, int64_t ldv, int64_t ja,
                    int64_t jb, float *acc, int64_t ldacc, const float *alpha) {
@@ -317,6 +333,7 @@ static void pv_any(int64_t w, int dt, const float *pt, const void *v, int64_t vo
 #undef PV
 #undef PV_NV
 }
+#endif
 
 /* out[o][c..] += Σ_{r in [ra, rb)} a[o·lao + r·lar] · b[r·ldb + c..], for o < no (<= OG) and nv vectors of
  * columns (the last with wl lanes when tail): scalar broadcasts of a against fp32 rows of b. */
@@ -368,12 +385,13 @@ INL void outer_kern(const int no, const int nv, const int tail, const float *a, 
     default: CALL(OG >= 8 ? 8 : 1); break;                                                                   \
     }
 
-/* outer_kern over all ncol columns of b and out, in blocks of CW, for no outputs (any count). */
+/* outer_kern over all ncol columns of b and out, in blocks of cw (a multiple of VL, at most CW), for no
+ * outputs (any count). */
 static void outer_any(int no, const float *a, int64_t lao, int64_t lar, const float *b, int64_t ldb, int64_t ra,
-                      int64_t rb, float *out, int64_t ldo, int64_t ncol) {
+                      int64_t rb, float *out, int64_t ldo, int64_t ncol, int64_t cw) {
     if (ra >= rb) return;
-    for (int64_t c = 0; c < ncol; c += CW) {
-        const int64_t w = min64(CW, ncol - c);
+    for (int64_t c = 0; c < ncol; c += cw) {
+        const int64_t w = min64(cw, ncol - c);
         const int nv = (int)((w + VL - 1) / VL), wl = (int)(w - (nv - 1) * VL);
         for (int o0 = 0; o0 < no; o0 += OG) {
             const int n = (int)min64(OG, no - o0);
@@ -398,6 +416,77 @@ static void outer_any(int no, const float *a, int64_t lao, int64_t lar, const fl
     }
 }
 
+#if PVT
+/* P·V transposed (PVT): acc[c·QT + s·VL ..] = alpha[s·VL ..]·acc + Σ_j p[j·QT + s·VL ..] · v[j·ldv + c], for nc
+ * columns c (<= KG) and ns row vectors: the QK micro-kernel's shape (p rows loaded, v scalars broadcast), so
+ * the accumulators hold columns of the output for a vector of rows, and the rescale by alpha is per lane. */
+INL void pvt_kern(const int nc, const int ns, const float *pt, const float *v, int64_t ldv, int64_t n, float *acc,
+                  const float *alpha) {
+    V a[KG][NV];
+#pragma GCC unroll 4
+    for (int s = 0; s < NV; s++) {
+        const V al = s < ns ? vld(alpha + s * VL) : vzero();
+#pragma GCC unroll 8
+        for (int r = 0; r < KG; r++) a[r][s] = r < nc && s < ns ? vmul(vld(acc + r * QT + s * VL), al) : vzero();
+    }
+    for (int64_t j = 0; j < n; j++) {
+        V x[NV];
+#pragma GCC unroll 4
+        for (int s = 0; s < NV; s++) x[s] = s < ns ? vld(pt + j * QT + s * VL) : vzero();
+        const float *vj = v + j * ldv;
+#pragma GCC unroll 8
+        for (int r = 0; r < KG; r++) {
+            if (r < nc) {
+                const V vb = vset1(vj[r]);
+#pragma GCC unroll 4
+                for (int s = 0; s < NV; s++)
+                    if (s < ns) a[r][s] = vfma(x[s], vb, a[r][s]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < KG; r++)
+#pragma GCC unroll 4
+        for (int s = 0; s < NV; s++)
+            if (r < nc && s < ns) vst(acc + r * QT + s * VL, a[r][s]);
+}
+
+#define NC_SWITCH(nc, CALL)                                                                                  \
+    switch (nc) {                                                                                            \
+    case 1: CALL(1); break;                                                                                  \
+    case 2: CALL(KG >= 2 ? 2 : 1); break;                                                                    \
+    case 3: CALL(KG >= 3 ? 3 : 1); break;                                                                    \
+    case 4: CALL(KG >= 4 ? 4 : 1); break;                                                                    \
+    case 5: CALL(KG >= 5 ? 5 : 1); break;                                                                    \
+    case 6: CALL(KG >= 6 ? 6 : 1); break;                                                                    \
+    case 7: CALL(KG >= 7 ? 7 : 1); break;                                                                    \
+    default: CALL(KG >= 8 ? 8 : 1); break;                                                                   \
+    }
+
+/* pvt_kern over all Dv columns (v: fp32 rows, stride ldv, key 0 at v) for row vectors s0 .. s0+ns over n keys. */
+static void pvt_any(int64_t Dv, int s0, int ns, const float *pt, const float *v, int64_t ldv, int64_t n, float *acc,
+                    const float *alpha) {
+#if KG > 8
+#error "pvt_any covers KG <= 8"
+#endif
+    pt += s0 * VL, acc += s0 * VL, alpha += s0 * VL;
+    for (int64_t c = 0; c < Dv; c += KG) {
+        const int nc = (int)min64(KG, Dv - c);
+#define PVT_NS(NC, NS) pvt_kern(NC, NS, pt, v + c, ldv, n, acc + c * QT, alpha)
+#define PVT_NC(NC)                                                                                           \
+    do {                                                                                                     \
+        if (ns == 1) PVT_NS(NC, 1);                                                                          \
+        else if (ns == 2) PVT_NS(NC, NV >= 2 ? 2 : 1);                                                       \
+        else if (ns == 3) PVT_NS(NC, NV >= 3 ? 3 : 1);                                                       \
+        else PVT_NS(NC, NV >= 4 ? 4 : 1);                                                                    \
+    } while (0)
+        NC_SWITCH(nc, PVT_NC)
+#undef PVT_NC
+#undef PVT_NS
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------------------------------ forward */
 /* One sub-tile's state between chunks: its rows, packed q, accumulator, row maxima and sums. */
 typedef struct {
@@ -417,9 +506,10 @@ INL V masked_score(const rows_t *R, int s, int64_t j, float *p) {
 }
 
 /* The keys [c0, c1) (inside the sub-tile's range) of one sub-tile: scores, online softmax, P·V.
- * y: fp32 rows of k from key c0 on, stride ldy; v typed, key c0 at element voff. */
+ * y: fp32 rows of k from key c0 on, stride ldy; v typed, key c0 at element voff; with PVT, vf: fp32 rows of v
+ * from key c0 on, stride ldvf. */
 static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const float *y, int64_t ldy, int64_t voff,
-                      float *st) {
+                      const float *vf, int64_t ldvf, float *st) {
     const rows_t *R = &T->R;
     const int64_t *hl = R->hl, *hr = R->hr;
     const int64_t Dv = J->Dv, dvp = J->dvp, ldv = J->vs[2];
@@ -462,6 +552,25 @@ static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const fl
         vst(T->m + VL * s, mx);
         vst(alpha + VL * s, al);
     }
+#if PVT
+    /* P·V transposed, the row vectors that see a key here together over the union of their keys: p is 0 where a
+     * vector sees none of them */
+    (void)voff, (void)ldv, (void)dvp;
+    int64_t ua = c1, ue = c0;
+    int sa = NV, sb = 0;
+    for (int s = 0; s < NV; s++)
+        if (max64(hl[s], c0) < min64(hr[s], c1))
+            ua = min64(ua, max64(hl[s], c0)), ue = max64(ue, min64(hr[s], c1)), sa = s < sa ? s : sa, sb = s + 1;
+    if (ua >= ue) return;
+    for (int s = sa; s < sb; s++) {
+        int64_t a = max64(hl[s], ua), e = min64(hr[s], ue);
+        if (a >= e) a = e = ue;
+        for (int64_t j = ua; j < a; j++) vst(st + (j - c0) * QT + VL * s, vzero());
+        for (int64_t j = e; j < ue; j++) vst(st + (j - c0) * QT + VL * s, vzero());
+    }
+    pvt_any(Dv, sa, sb - sa, st + (ua - c0) * QT, vf + (ua - c0) * ldvf, ldvf, ue - ua, T->acc, alpha);
+#else
+    (void)vf, (void)ldvf;
     /* P·V, by RB-row blocks over the keys those rows see, by CW value columns */
     for (int r0 = 0; r0 < QT; r0 += RB) {
         int64_t a, e;
@@ -471,15 +580,18 @@ static void fwd_chunk(const job_t *J, sub_t *T, int64_t c0, int64_t c1, const fl
             pv_any(min64(CW, Dv - c), J->dt, st + r0, J->v, voff + c, ldv, a - c0, e - c0, T->acc + r0 * dvp + c,
                    dvp, alpha + r0);
     }
+#endif
 }
 
 /* Task: tiles p·tt .. p·tt+tt of (b, h), through the chunks of their key ranges' union together.
- * ws: KC·QT (scores) + KC·D (k chunk in fp32, half inputs) + tt × (QT·D + QT·dvp + 2·QT). */
+ * ws: KC·QT (scores) + KC·D (k chunk in fp32, half inputs; with PVT also KC·Dv, the v chunk) + tt × (QT·D +
+ * QT·dvp + 2·QT). */
 static void fwd_task(const job_t *J, int64_t task, float *ws) {
     const int64_t tt = J->tt, npass = (J->ntiles + tt - 1) / tt, per = J->Hq * npass;
     const int64_t b = task / per, h = task % per / npass, p = task % npass, hk = h / (J->Hq / J->Hk);
     const int64_t D = J->D, Dv = J->Dv, dvp = J->dvp, nt = min64(tt, J->ntiles - p * tt);
-    float *st = ws, *kst = st + (int64_t)KC * QT, *sub = kst + (J->dt == QKV_F32 ? 0 : (int64_t)KC * D);
+    const int64_t half = J->dt != QKV_F32;
+    float *st = ws, *kst = st + (int64_t)KC * QT, *vst_ = kst + half * KC * D, *sub = vst_ + half * PVT * KC * Dv;
     sub_t T[TTMAX];
     int64_t jmin = J->Nk, jmax = 0;
     for (int64_t u = 0; u < nt; u++) {
@@ -499,9 +611,14 @@ static void fwd_task(const job_t *J, int64_t task, float *ws) {
         const int64_t c1 = min64(c0 + KC, jmax);
         int64_t ldy;
         const float *y = rows_as_f32(J->k, ko + c0 * J->ks[2], J->ks[2], c1 - c0, D, J->dt, kst, &ldy);
+        int64_t ldvf = 0;
+        const float *vf = PVT ? rows_as_f32(J->v, vo + c0 * J->vs[2], J->vs[2], c1 - c0, Dv, J->dt, vst_, &ldvf)
+                              : NULL;
         for (int64_t u = 0; u < nt; u++) {
             const int64_t a = max64(c0, T[u].R.jmin), e = min64(c1, T[u].R.jmax);
-            if (a < e) fwd_chunk(J, &T[u], a, e, y + (a - c0) * ldy, ldy, vo + a * J->vs[2], st);
+            if (a < e)
+                fwd_chunk(J, &T[u], a, e, y + (a - c0) * ldy, ldy, vo + a * J->vs[2], vf ? vf + (a - c0) * ldvf : NULL,
+                          ldvf, st);
         }
     }
     for (int64_t u = 0; u < nt; u++) {
@@ -509,12 +626,16 @@ static void fwd_task(const job_t *J, int64_t task, float *ws) {
         float *o = J->o + at(J->xs, b, h, S->i0);
         for (int r = 0; r < S->nr; r++) {
             const float l = S->l[r], il = l > 0 ? 1.0f / l : 0.0f;
-            const V ilv = vset1(il);
             float *orow = o + r * J->xs[2];
+#if PVT
+            for (int64_t c = 0; c < Dv; c++) orow[c] = S->acc[c * QT + r] * il;   /* acc holds columns */
+#else
+            const V ilv = vset1(il);
             const float *arow = S->acc + r * dvp;
             int64_t c = 0;
             for (; c + VL <= Dv; c += VL) vst(orow + c, vmul(vld(arow + c), ilv));
             if (c < Dv) vst_n(orow + c, vmul(vld(arow + c), ilv), (int)(Dv - c));
+#endif
             if (J->lse) J->lse[b * J->ls[0] + h * J->ls[1] + S->i0 + r] = l > 0 ? S->m[r] + logf(l) : -INFINITY;
         }
     }
@@ -526,7 +647,7 @@ static int fwd_entry(job_t *J, int nthreads) {
     J->tt = clamp64(J->tt, 1, TTMAX);
     J->pf = min64(J->Nk, J->left + J->right + 1) > 2048;   /* long rows: values streamed from memory */
     J->ntasks = J->B * J->Hq * ((J->ntiles + J->tt - 1) / J->tt);
-    J->ws = (size_t)((int64_t)KC * QT + (J->dt == QKV_F32 ? 0 : (int64_t)KC * J->D)
+    J->ws = (size_t)((int64_t)KC * QT + (J->dt == QKV_F32 ? 0 : (int64_t)KC * (J->D + PVT * J->Dv))
                      + J->tt * (QT * J->D + QT * J->dvp + 2 * QT));
     J->task = fwd_task;
     return qkv_run_job(J, nthreads);
@@ -555,7 +676,8 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
     row_ranges(&R, i0, nr, J->Nq, J->Nk, J->left, J->right);
     const int32_t *lo = R.lo, *hi = R.hi;
     const int64_t *hl = R.hl, *hr = R.hr, *fl = R.fl, *fr = R.fr;
-    float lsev[QT], delv[QT];
+    float lsev[QT], delv[QT], ones[QT];
+    for (int r = 0; r < QT; r++) ones[r] = 1.0f;
     for (int r = 0; r < QT; r++) {
         const int sees_any = r < nr && lo[r] < hi[r];
         lsev[r] = sees_any ? J->lse[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
@@ -594,12 +716,23 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
                 vst(pd, ds);
             }
         }
+#if PVT
+        /* dQ, transposed in acc (acc[c·QT + r]), += dS·k over the union of the row vectors' keys here (dS is 0
+         * in the chunk wherever a row does not see a key) */
+        int64_t ua = c1, ue = c0;
+        int sa = NV, sb = 0;
+        for (int s = 0; s < NV; s++)
+            if (max64(hl[s], c0) < min64(hr[s], c1))
+                ua = min64(ua, max64(hl[s], c0)), ue = max64(ue, min64(hr[s], c1)), sa = s < sa ? s : sa, sb = s + 1;
+        if (ua < ue) pvt_any(D, sa, sb - sa, dst + (ua - c0) * QT, kc + (ua - c0) * ldk, ldk, ue - ua, acc, ones);
+#else
         /* dQ (tile rows, by RB-row blocks over the keys they see) += dS·k */
         for (int r0 = 0; r0 < QT; r0 += RB) {
             int64_t a, e;
             block_keys(&R, r0, c0, c1, &a, &e);
-            if (a < e) outer_any(RB, dst + r0, 1, QT, kc, ldk, a - c0, e - c0, acc + r0 * dp, dp, D);
+            if (a < e) outer_any(RB, dst + r0, 1, QT, kc, ldk, a - c0, e - c0, acc + r0 * dp, dp, D, CW);
         }
+#endif
         /* dK += dSᵀ·q and dV += pᵀ·dO, by KG-key groups over the rows that see them */
         for (int64_t j = c0; j < c1; j += KG) {
             const int nk = (int)min64(KG, c1 - j);
@@ -608,11 +741,16 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
             rb = ra;
             while (rb < QT && lo[rb] < j + nk && lo[rb] < hi[rb]) rb++;   /* ... through the last that sees < j+nk */
             if (ra >= rb) continue;
-            outer_any(nk, dst + (j - c0) * QT, QT, 1, qrows, ldq, ra, rb, dk + j * D, D, D);
-            outer_any(nk, st + (j - c0) * QT, QT, 1, grows, ldg, ra, rb, dv + j * Dv, Dv, Dv);
+            outer_any(nk, dst + (j - c0) * QT, QT, 1, qrows, ldq, ra, rb, dk + j * D, D, D, OCW);
+            outer_any(nk, st + (j - c0) * QT, QT, 1, grows, ldg, ra, rb, dv + j * Dv, Dv, Dv, OCW);
         }
     }
+#if PVT
+    for (int r = 0; r < nr; r++)
+        for (int64_t c = 0; c < D; c++) dq[r * D + c] = acc[c * QT + r];
+#else
     for (int r = 0; r < nr; r++) memcpy(dq + r * D, acc + r * dp, sizeof(float) * D);
+#endif
 }
 
 /* Task: a share (part) of one kv head's query tiles, all its query heads, into that share's dK/dV. */
@@ -637,7 +775,7 @@ static int bwd_entry(job_t *J, int nthreads) {
 }
 
 /* ----------------------------------------------------------------------------------------------- decoding
- * Rows r = g·Nq + i of kv head hk's G query heads, keys [j0, j1) of one split, in blocks of VL keys. Scores
+ * Rows r = g·Nq + i of kv head hk's G query heads, keys [j0, j1) of one split, in blocks of DEC_NB keys. Scores
  * run along the head dimension: per key, DCH vectors of k are loaded (and converted) once into registers and
  * multiplied with every row's q; the per-(row, key) partial vectors are summed across lanes afterwards, VL
  * keys at a time (vsum_lanes), giving a vector of VL keys per row for the online softmax. P·V broadcasts
@@ -699,7 +837,7 @@ INL void dec_pv_kern(const int nr, const int nv, const int tail, const int dt, f
 #pragma GCC unroll 4
         for (int c = 0; c < CWD; c++) a[r][c] = r < nr && c < nv ? vmul(vld(acc + (r0 + r) * dvpad + (c0 + c) * VL), s) : vzero();
     }
-    const float *p = pb + r0 * VL;
+    const float *p = pb + r0 * DEC_NB;
     for (int kk = 0; kk < nb; kk++) {
         const char *vr = v + kk * ldv;
         V x[CWD];
@@ -709,7 +847,7 @@ INL void dec_pv_kern(const int nr, const int nv, const int tail, const int dt, f
 #pragma GCC unroll 4
         for (int r = 0; r < RD; r++) {
             if (r < nr) {
-                const V pr = vset1(p[r * VL + kk]);
+                const V pr = vset1(p[r * DEC_NB + kk]);
 #pragma GCC unroll 4
                 for (int c = 0; c < CWD; c++)
                     if (c < nv) a[r][c] = vfma(pr, x[c], a[r][c]);
@@ -745,15 +883,18 @@ static void dec_pv(int dt, float *acc, int64_t dvpad, const float *pb, const flo
 #undef DP_DT
 }
 
-/* Task: split s of (b, hk): partial out and lse of its rows over the split's keys.
- * ws: R·dpad (q rows) + R·dvpad (acc) + DEC_RG·VL·VL (partial dot products) + R·VL (p) + R·VL (sums) + 2R. */
+/* Task: split s of (b, hk): partial out and lse of its rows over the split's keys, by blocks of DEC_NB keys
+ * (scores by VL keys, then one online-softmax step and one P·V pass per block: the accumulators are loaded and
+ * rescaled once per DEC_NB keys).
+ * ws: R·dpad (q rows) + R·dvpad (acc) + DEC_RG·VL·VL (partial dot products) + 2·R·DEC_NB (scores, p) + R·VL
+ * (sums) + 2R. */
 static void dec_task(const job_t *J, int64_t task, float *ws) {
     const int64_t G = J->Hq / J->Hk, Nq = J->Nq, R = G * Nq, D = J->D, Dv = J->Dv;
     const int64_t dpad = rup(D, VL), dvpad = rup(Dv, VL), ns = J->nsplit;
     const int64_t s = task % ns, bh = task / ns, b = bh / J->Hk, hk = bh % J->Hk;
     const int64_t j0 = J->jlo + s * J->split, j1 = min64(j0 + J->split, J->jhi), off = J->Nk - Nq;
-    float *qr = ws, *acc = qr + R * dpad, *A = acc + R * dvpad, *pb = A + DEC_RG * VL * VL, *lv = pb + R * VL;
-    float *mv = lv + R * VL, *al = mv + R;
+    float *qr = ws, *acc = qr + R * dpad, *A = acc + R * dvpad, *sb = A + DEC_RG * VL * VL, *pb = sb + R * DEC_NB;
+    float *lv = pb + R * DEC_NB, *mv = lv + R * VL, *al = mv + R;
     int64_t lo[DEC_ROWS_MAX], hi[DEC_ROWS_MAX];
     for (int64_t i = 0; i < Nq; i++) {
         lo[i] = clamp64(i + off - J->left, 0, J->Nk), hi[i] = clamp64(i + off + J->right + 1, 0, J->Nk);
@@ -770,37 +911,57 @@ static void dec_task(const job_t *J, int64_t task, float *ws) {
     const int64_t ko = at(J->ks, b, hk, 0), vo = at(J->vs, b, hk, 0);
     const V sc = vset1(J->scale), l2e = vset1(LOG2E), ninf = vset1(-INFINITY);
     const int64_t es = J->dt == QKV_F32 ? 4 : 2, kl = (D * es + 63) / 64, vl = (Dv * es + 63) / 64;
-    for (int64_t jb = j0; jb < j1; jb += VL) {
-        const int nb = (int)min64(VL, j1 - jb);
-        /* the keys and values of the block after next, to L1: two streams with rows ldk, ldv apart, which the
-         * hardware's prefetch alone leaves ~30% below a plain read's speed */
-        for (int64_t j = jb + 2 * VL; J->pf && j < min64(jb + 3 * VL, j1); j++) {
-            const char *kr = (const char *)J->k + (ko + j * J->ks[2]) * es, *vr = (const char *)J->v + (vo + j * J->vs[2]) * es;
-            for (int64_t l = 0; l < kl; l++) __builtin_prefetch(kr + 64 * l, 0, 3);
-            for (int64_t l = 0; l < vl; l++) __builtin_prefetch(vr + 64 * l, 0, 3);
-        }
-        for (int64_t r0 = 0; r0 < R; r0 += DEC_RG) {     /* rows by groups: their partial sums stay in L1 */
-            const int64_t rg = min64(DEC_RG, R - r0);
-            dec_scores(J->dt, A, qr + r0 * dpad, rg, dpad, (const char *)J->k + (ko + jb * J->ks[2]) * es,
-                       J->ks[2] * es, nb, D);
-            for (int64_t r = r0; r < r0 + rg; r++) {
-                const int64_t i = r % Nq, a = max64(lo[i], jb), e = min64(hi[i], jb + nb);
-                if (a >= e) {                     /* no key of this block: nothing moves */
-                    al[r] = 1.0f;
-                    vst(pb + r * VL, vzero());
-                    continue;
+    for (int64_t jb = j0; jb < j1; jb += DEC_NB) {
+        const int64_t nbb = min64(DEC_NB, j1 - jb);
+        for (int64_t u = 0; u < nbb; u += VL) {          /* scores, VL keys at a time */
+            const int64_t ju = jb + u;
+            const int nb = (int)min64(VL, nbb - u);
+            /* the keys and values of the vector after next, to L1: two streams with rows ldk, ldv apart, which
+             * the hardware's prefetch alone leaves ~30% below a plain read's speed */
+            for (int64_t j = ju + 2 * VL; J->pf && j < min64(ju + 3 * VL, j1); j++) {
+                const char *kr = (const char *)J->k + (ko + j * J->ks[2]) * es;
+                const char *vr = (const char *)J->v + (vo + j * J->vs[2]) * es;
+                for (int64_t l = 0; l < kl; l++) __builtin_prefetch(kr + 64 * l, 0, 3);
+                for (int64_t l = 0; l < vl; l++) __builtin_prefetch(vr + 64 * l, 0, 3);
+            }
+            for (int64_t r0 = 0; r0 < R; r0 += DEC_RG) {     /* rows by groups: their partial sums stay in L1 */
+                const int64_t rg = min64(DEC_RG, R - r0);
+                dec_scores(J->dt, A, qr + r0 * dpad, rg, dpad, (const char *)J->k + (ko + ju * J->ks[2]) * es,
+                           J->ks[2] * es, nb, D);
+                for (int64_t r = r0; r < r0 + rg; r++) {
+                    const int64_t i = r % Nq, a = max64(lo[i], ju), e = min64(hi[i], ju + nb);
+                    vst(sb + r * DEC_NB + u, a < e ? vsel(miota(ju, a, e), ninf, vsum_lanes(A + (r - r0) * VL * VL))
+                                                   : ninf);
                 }
-                const M vis = miota(jb, a, e);
-                const V x = vsel(vis, ninf, vsum_lanes(A + (r - r0) * VL * VL));
-                const float m0 = mv[r], m1 = fmaxf(m0, vhmax(x) * J->scale);   /* scale > 0 */
-                const float alpha = m0 == -INFINITY ? 0.0f : exp2f((m0 - m1) * LOG2E);
-                const V p = vmaskz(vis, vexp2(vmul(vfms(x, sc, vset1(m1)), l2e)));
-                vst(lv + r * VL, vfma(vld(lv + r * VL), vset1(alpha), p));
-                vst(pb + r * VL, p);
-                mv[r] = m1, al[r] = alpha;
             }
         }
-        dec_pv(J->dt, acc, dvpad, pb, al, R, (const char *)J->v + (vo + jb * J->vs[2]) * es, J->vs[2] * es, nb, Dv);
+        for (int64_t r = 0; r < R; r++) {                /* the online softmax, once per block */
+            const int64_t i = r % Nq;
+            float *pr = pb + r * DEC_NB;
+            const float *xr = sb + r * DEC_NB;
+            if (max64(lo[i], jb) >= min64(hi[i], jb + nbb)) {   /* no key of this block: nothing moves */
+                al[r] = 1.0f;
+                memset(pr, 0, sizeof(float) * DEC_NB);
+                continue;
+            }
+            V mx = ninf;
+            for (int64_t u = 0; u < nbb; u += VL) mx = vmax(mx, vld(xr + u));
+            const float m0 = mv[r], m1 = fmaxf(m0, vhmax(mx) * J->scale);   /* scale > 0 */
+            const float alpha = m0 == -INFINITY ? 0.0f : exp2f((m0 - m1) * LOG2E);
+            const V mv1 = vset1(m1);
+            V sum = vzero();
+            for (int64_t u = 0; u < nbb; u += VL) {
+                const V x = vld(xr + u);
+                /* a masked score (−inf) gives 0; a NaN score gives NaN (the caller sees it in the result) */
+                const V p = vmaskz(mseen(x), vexp2(vmul(vfms(x, sc, mv1), l2e)));
+                vst(pr + u, p);
+                sum = vadd(sum, p);
+            }
+            vst(lv + r * VL, vfma(vld(lv + r * VL), vset1(alpha), sum));
+            mv[r] = m1, al[r] = alpha;
+        }
+        dec_pv(J->dt, acc, dvpad, pb, al, R, (const char *)J->v + (vo + jb * J->vs[2]) * es, J->vs[2] * es,
+               (int)nbb, Dv);
     }
     for (int64_t r = 0; r < R; r++) {
         const int64_t g = r / Nq, i = r % Nq, row = (b * J->Hq + hk * G + g) * Nq + i;
@@ -811,15 +972,26 @@ static void dec_task(const job_t *J, int64_t task, float *ws) {
     }
 }
 
+/* K and V bytes from which decoding fetches ahead: a quarter of the L3 as the C library reports it, at least
+ * 8 MiB. */
+static double dec_pf_bytes(void) {
+    double l3 = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    l3 = (double)sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return l3 / 4 > (double)(8 << 20) ? l3 / 4 : (double)(8 << 20);
+}
+
 /* Partial results per split; the caller (attn_cpu.c) sets the splits and merges them. */
 static int dec_entry(job_t *J, int nthreads) {
     const int64_t R = (J->Hq / J->Hk) * J->Nq;
     if (J->Nq > DEC_ROWS_MAX) return -2;
     J->ntasks = J->B * J->Hk * J->nsplit;
-    /* fetch ahead when K and V come from memory rather than from cache: 8 MiB and more (measured: ~20% faster
-     * from memory, ~25% slower at 4 MiB, which stays in cache between calls) */
-    J->pf = (double)J->B * J->Hk * (J->jhi - J->jlo) * (J->D + J->Dv) * (J->dt == QKV_F32 ? 4 : 2) >= 8 << 20;
-    J->ws = (size_t)(R * rup(J->D, VL) + R * rup(J->Dv, VL) + DEC_RG * VL * VL + 2 * R * VL + 2 * R);
+    /* fetch ahead when K and V come from memory rather than from cache: beyond a quarter of the L3 (at least 8
+     * MiB). Measured on a 260 MB L3: from memory (128 MiB) 23 vs 30 ms with and without; at 16-32 MiB, which
+     * stays in cache between calls, 7-11% slower with it (the fetches stall on lines the cache holds). */
+    J->pf = (double)J->B * J->Hk * (J->jhi - J->jlo) * (J->D + J->Dv) * (J->dt == QKV_F32 ? 4 : 2) >= dec_pf_bytes();
+    J->ws = (size_t)(R * rup(J->D, VL) + R * rup(J->Dv, VL) + DEC_RG * VL * VL + 2 * R * DEC_NB + R * VL + 2 * R);
     J->task = dec_task;
     return qkv_run_job(J, nthreads);
 }

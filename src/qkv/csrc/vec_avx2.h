@@ -11,14 +11,36 @@
 #include <string.h>
 
 #define VL 8        /* lanes */
+#ifndef NV
 #define NV 2        /* vectors of query rows per tile: 16 rows */
+#endif
+#ifndef KG
 #define KG 6        /* keys per QK micro-kernel: 12 accumulators + 2 query vectors + 1 broadcast */
+#endif
+#ifndef RB
 #define RB 4        /* rows per PV micro-kernel */
+#endif
+#ifndef PW
 #define PW 3        /* value vectors per PV / outer-product block: 24 columns, 12 accumulators */
-#define OG 4        /* outputs per outer-product micro-kernel: 12 accumulators */
+#endif
+#ifndef OG
+#define OG 6        /* outputs per outer-product micro-kernel: dQ 4 rows × PW, dK/dV KG keys × OPW */
+#endif
+#ifndef PVT
+#define PVT 1       /* the forward's P·V transposed: KG columns × NV row vectors (measured 5-10% faster) */
+#endif
+#ifndef OPW
+#define OPW 2       /* value vectors per dK/dV block: 16 columns, 12 accumulators (D = 64 in 4 full blocks) */
+#endif
+#ifndef DCH
 #define DCH 8       /* decoding: key vectors held in registers */
+#endif
+#ifndef RD
 #define RD 4        /* decoding: rows per PV block */
+#endif
+#ifndef CWD
 #define CWD 2       /* decoding: value vectors per PV block */
+#endif
 
 typedef __m256 V;
 typedef __m256 M;   /* all-ones lanes where true */

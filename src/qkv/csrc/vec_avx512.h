@@ -17,6 +17,9 @@
 #define RB 8        /* rows per PV micro-kernel */
 #define PW 2        /* value vectors per PV / outer-product block: 32 columns, 16 accumulators */
 #define OG 8        /* outputs per outer-product micro-kernel */
+#ifndef PVT
+#define PVT 1       /* the forward's P·V transposed: KG columns × NV row vectors (measured 5-10% faster) */
+#endif
 #define DCH 8       /* decoding: key vectors held in registers */
 #define RD 4        /* decoding: rows per PV block */
 #define CWD 4       /* decoding: value vectors per PV block (RD·CWD accumulators) */
