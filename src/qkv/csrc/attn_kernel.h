@@ -676,8 +676,11 @@ static void tile_bwd(const job_t *J, int64_t b, int64_t h, int64_t t, float *dk,
     row_ranges(&R, i0, nr, J->Nq, J->Nk, J->left, J->right);
     const int32_t *lo = R.lo, *hi = R.hi;
     const int64_t *hl = R.hl, *hr = R.hr, *fl = R.fl, *fr = R.fr;
-    float lsev[QT], delv[QT], ones[QT];
+    float lsev[QT], delv[QT];
+#if PVT
+    float ones[QT];         /* the dQ pass's alpha: no rescaling */
     for (int r = 0; r < QT; r++) ones[r] = 1.0f;
+#endif
     for (int r = 0; r < QT; r++) {
         const int sees_any = r < nr && lo[r] < hi[r];
         lsev[r] = sees_any ? J->lse[b * J->ls[0] + h * J->ls[1] + i0 + r] : 0.0f;
