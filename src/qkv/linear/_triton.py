@@ -10,18 +10,16 @@ Shapes: q, k ``(B, Hk, N, D)``, v ``(B, H, N, Dv)``, beta/g ``(B, H, N)``; state
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
-import importlib.util
 import math
 import os
-import sys
-import threading
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..engines.triton.load import Recorder, exec_kernels, interpreting
+from ..engines.triton.load import recording as record_launches
 from ._validate import DeltaCall, LinearCall, finish_linear
 
 __all__ = ["BACKENDS", "MAX_DIM", "reasons", "resolve", "run_linear", "run_delta", "recording", "kernels",
@@ -31,15 +29,9 @@ BACKENDS = ("auto", "torch", "triton")
 #: The largest head dim (D or Dv, features included) the kernels take; one state block holds all of D.
 MAX_DIM = 256
 _FMAPS = {"identity": 0, "elu1": 1, "relu": 2}
-_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-def interpreting() -> bool:
-    """Whether Triton's interpreter is switched on (``TRITON_INTERPRET=1``): then CPU tensors run the kernels."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
 
 @functools.cache
 def _triton_missing() -> str | None:
@@ -54,56 +46,24 @@ def kernels(interpret: bool):
     """The kernel module, compiled (``interpret=False``) or for Triton's interpreter: ``_triton_kernels.py``
     executed once per mode, so that one process can run interpreted kernels on CPU tensors and still compile the
     same kernels for a GPU target."""
-    name = f"{__package__}._triton_kernels_{'interpreted' if interpret else 'compiled'}"
-    mod = sys.modules.get(name)
-    if mod is not None:
-        return mod
-    with _LOCK:
-        mod = sys.modules.get(name)
-        if mod is None:
-            path = os.path.join(os.path.dirname(__file__), "_triton_kernels.py")
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            mod._INTERPRET = interpret
-            spec.loader.exec_module(mod)
-            sys.modules[name] = mod
-    return mod
+    return exec_kernels(f"{__package__}._triton_kernels_{'interpreted' if interpret else 'compiled'}",
+                        os.path.join(os.path.dirname(__file__), "_triton_kernels.py"), interpret)
 
 
 # (arch, calls) while recording launches for a compile target (see recording), else None
 _TARGET: contextvars.ContextVar = contextvars.ContextVar("qkv_linear_triton_target", default=None)
 
 
-@contextlib.contextmanager
 def recording(arch: int):
     """Inside this block the launchers run no kernel: they record each launch they would make on a GPU of ``arch``
     (80, 90) as ``(kernel name, JITFunction, args, kwargs)`` in the yielded list, so that ``qkv kernels`` can
     compile them for that target without a GPU. Tensors may be CPU tensors."""
-    calls: list = []
-    token = _TARGET.set((arch, calls))
-    try:
-        yield calls
-    finally:
-        _TARGET.reset(token)
-
-
-class _Recorder:
-    def __init__(self, calls):
-        self.calls = calls
-
-    def __getattr__(self, name):
-        fn = getattr(kernels(interpret=False), name)
-        calls = self.calls
-
-        class _Launch:
-            def __getitem__(self, grid):
-                return lambda *a, **kw: calls.append((name, fn, a, kw))
-        return _Launch()
+    return record_launches(_TARGET, arch)
 
 
 def _k():
     if _TARGET.get() is not None:
-        return _Recorder(_TARGET.get()[1])
+        return Recorder(_TARGET.get()[1], lambda: kernels(interpret=False))
     return kernels(interpret=interpreting())
 
 

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import configs
+from . import configs, load
 from .load import interpreting, module
 from .plan import build as build_plan
 
@@ -39,31 +39,11 @@ _PROGRAMS_PER_SM = 8
 _TARGET: contextvars.ContextVar = contextvars.ContextVar("qkv_triton_target", default=None)
 
 
-@contextlib.contextmanager
 def recording(arch: int):
     """Inside this block the launchers do not run kernels: they record each launch they would make on a GPU of
     ``arch`` (80, 90, ...) — yields the list of ``(kernel name, JITFunction, args, kwargs)`` — so that the
     launches can be compiled for that target without a GPU (``qkv kernels``). Tensors may be CPU tensors."""
-    calls: list = []
-    token = _TARGET.set((arch, calls))
-    try:
-        yield calls
-    finally:
-        _TARGET.reset(token)
-
-
-class _Recorder:
-    def __init__(self, calls):
-        self.calls = calls
-
-    def __getattr__(self, name):
-        fn = getattr(module(interpret=False), name)
-        calls = self.calls
-
-        class _Launch:
-            def __getitem__(self, grid):
-                return lambda *a, **kw: calls.append((name, fn, a, kw))
-        return _Launch()
+    return load.recording(_TARGET, arch)
 
 
 def device_problem(t: torch.Tensor) -> str | None:
@@ -99,7 +79,7 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 def _k(t: torch.Tensor):
     if _TARGET.get() is not None:
-        return _Recorder(_TARGET.get()[1])
+        return load.Recorder(_TARGET.get()[1], lambda: module(interpret=False))
     problem = device_problem(t)
     if problem:
         raise ValueError(problem)
