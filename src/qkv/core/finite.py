@@ -22,10 +22,9 @@ class NonFiniteInputs(ValueError):
 def nonfinite_names(q, k, v, bias=None) -> list[str]:
     """Which of q, k, v hold a NaN or inf, and whether bias holds a NaN or +inf (-inf is masking). One summing
     pass over each and one device-to-host read for all of them (a sum that overflows counts as non-finite)."""
-    named = [(n, t, torch.float64 if t.dtype == torch.float64 else torch.float32)
+    named = [(n, t, torch.float64 if n == "bias" or t.dtype == torch.float64 else torch.float32)
              for n, t in (("q", q), ("k", k), ("v", v), ("bias", bias))
              if t is not None and t.numel() and t.device.type != "meta"]
-    named = [(n, t, torch.float64 if n == "bias" else acc) for n, t, acc in named]
     if not named:
         return []
     sums = torch.stack([t.detach().sum(dtype=acc).to(torch.float64) for _, t, acc in named]).tolist()
